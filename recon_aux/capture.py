@@ -1,0 +1,284 @@
+"""Forward hooks that find the tapped conv layer and hold its output until ``aux.loss`` uses it.
+
+A batch's path: the model's forward pre-hook notes the input tensor (the images) and whether this
+is a *training* forward (``model.training`` and grad enabled); the tapped layer's forward hook
+keeps its output; the model's forward (post-)hook files the pair as a :class:`Capture`.
+``FeatureTap.take(images)`` hands the capture whose forward consumed ``images`` to the loss.
+
+Release rules (so nothing grows over thousands of steps): a capture is dropped when it is
+taken; when a backward pass reaches its feature map (its graph is then spent); on
+``optimizer.step()`` (the owner calls :meth:`FeatureTap.release_all`); at the next training
+forward once ``aux.loss`` has been called after it (the step's loss phase is over); and, as a last
+resort, beyond ``max_pending`` captures (the oldest, with a warning).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Capture", "FeatureTap", "PairingError", "conv_layer_names"]
+
+
+class PairingError(RuntimeError):
+    """``aux.loss(images)`` found no (or no unambiguous) training forward for ``images``."""
+
+
+@dataclass(eq=False)
+class Capture:
+    """The tapped layer's output from one training forward, and the input that forward received."""
+
+    feature: Tensor
+    input_ref: weakref.ref | None
+    batch_size: int
+    index: int
+    closed: bool = field(default=False)
+
+    def received(self, images: Tensor) -> bool:
+        return self.input_ref is not None and self.input_ref() is images
+
+
+class _Hook:
+    """A hook that calls back into its tap through weak references.
+
+    It ignores calls from any module other than the instance it was registered on, and a deep copy
+    of a hooked model shares the same (inert for the copy) hook object instead of copying the tap:
+    momentum encoders made with ``copy.deepcopy`` after ``attach`` are never captured.
+    """
+
+    def __init__(self, tap: FeatureTap, method: str, module: nn.Module, *extra) -> None:
+        self._tap = weakref.ref(tap)
+        self._method = method
+        self._module = weakref.ref(module)
+        self._extra = extra
+
+    def __call__(self, module: nn.Module, *args):
+        tap = self._tap()
+        if tap is None or module is not self._module():
+            return None
+        getattr(tap, self._method)(module, *self._extra, *args)
+        return None
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class _ReleaseOnBackward:
+    """Tensor hook: the backward pass reached a captured feature map, so release that capture."""
+
+    def __init__(self, tap: FeatureTap, capture: Capture) -> None:
+        self._tap, self._capture = weakref.ref(tap), weakref.ref(capture)
+
+    def __call__(self, grad: Tensor) -> None:
+        tap, cap = self._tap(), self._capture()
+        if tap is not None and cap is not None:
+            tap.release(cap)
+
+
+def conv_layer_names(model: nn.Module) -> list[str]:
+    """Names of every ``nn.Conv2d`` in ``model`` (registration order)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+class FeatureTap:
+    """Captures the output of one layer of ``model`` in training forwards.
+
+    Args:
+        model: The module whose forward receives the images.
+        layer: Module name to tap (``"features.10"``), or None for the Conv2d that runs last in
+            the forward pass, found from execution order at the first forward.
+        max_pending: Most unconsumed captures kept.
+
+    Attributes:
+        layer_name: The tapped layer's name; None until the first forward when chosen
+            automatically.
+        pending: Captures waiting for ``take``.
+    """
+
+    def __init__(self, model: nn.Module, layer: str | None = None, max_pending: int = 64) -> None:
+        self._model = weakref.ref(model)
+        self.max_pending = max_pending
+        self.layer_name: str | None = None
+        self.pending: list[Capture] = []
+        self._handles: list = []
+        self._select_handles: list = []
+        self._depth = 0
+        self._active = False
+        self._probe: dict | None = None
+        self._input_ref: weakref.ref | None = None
+        self._feature: Tensor | None = None
+        self._last_conv: tuple[str, Tensor] | None = None
+        self._count = 0
+        self._skipped: str | None = None
+        self._warned_overflow = False
+
+        modules = dict(model.named_modules())
+        convs = conv_layer_names(model)
+        if layer is None:
+            if not convs:
+                raise ValueError(
+                    f"{type(model).__name__} has no nn.Conv2d: recon_aux reconstructs the image "
+                    "from the last convolutional feature map. Pass layer='NAME' to tap another "
+                    "module that outputs N x C x h x w, or attach to the convolutional encoder."
+                )
+            for name in convs:
+                self._select_handles.append(modules[name].register_forward_hook(
+                    _Hook(self, "_on_conv", modules[name], name)))
+        else:
+            if layer not in modules or layer == "":
+                raise ValueError(
+                    f"layer={layer!r} is not a module of {type(model).__name__}. Its conv layers "
+                    f"are: {convs if convs else 'none'}."
+                )
+            self._tap_layer(layer, modules[layer])
+        self._handles.append(model.register_forward_pre_hook(_Hook(self, "_on_model_pre", model)))
+        self._handles.append(model.register_forward_hook(
+            _Hook(self, "_on_model_post", model), always_call=True))
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _tap_layer(self, name: str, module: nn.Module) -> None:
+        self.layer_name = name
+        self._handles.append(module.register_forward_hook(_Hook(self, "_on_layer", module)))
+
+    def _on_model_pre(self, model: nn.Module, args: tuple) -> None:
+        self._depth += 1
+        if self._depth > 1:  # the model's forward called itself: one capture per outer call
+            return
+        self._feature, self._last_conv = None, None
+        if self._probe is not None:
+            self._active = True
+            return
+        self._active = model.training and torch.is_grad_enabled()
+        if not self._active:
+            self._skipped = "in eval mode" if not model.training else "under torch.no_grad()"
+            return
+        # A new training forward: captures whose step's loss phase is over are spent.
+        self.pending = [c for c in self.pending if not c.closed]
+        first = args[0] if args else None
+        self._input_ref = weakref.ref(first) if torch.is_tensor(first) else None
+
+    def _on_conv(self, module: nn.Module, name: str, inputs: tuple, output) -> None:
+        if self._depth > 0:
+            self._last_conv = (name, output if self._active else None)
+
+    def _on_layer(self, module: nn.Module, inputs: tuple, output) -> None:
+        if self._depth > 0 and self._active:
+            self._feature = output
+
+    def _on_model_post(self, model: nn.Module, args: tuple, output) -> None:
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        if self.layer_name is None:
+            if self._last_conv is None:
+                return  # the forward failed or ran no conv; choose at a later forward
+            name, self._feature = self._last_conv
+            for h in self._select_handles:
+                h.remove()
+            self._select_handles = []
+            self._tap_layer(name, dict(model.named_modules())[name])
+        feature, self._feature, self._last_conv = self._feature, None, None
+        if not self._active or feature is None:
+            return
+        self._active = False
+        if not torch.is_tensor(feature) or feature.dim() != 4:
+            raise ValueError(
+                f"the tapped layer {self.layer_name!r} returned "
+                f"{tuple(feature.shape) if torch.is_tensor(feature) else type(feature).__name__}; "
+                "recon_aux needs an N x C x h x w feature map. Tap a conv layer (layer='NAME')."
+            )
+        if self._probe is not None:
+            self._probe["feature"] = feature
+            return
+        self._count += 1
+        cap = Capture(feature, self._input_ref, int(feature.shape[0]), self._count)
+        if feature.requires_grad:
+            feature.register_hook(_ReleaseOnBackward(self, cap))
+        self.pending.append(cap)
+        if len(self.pending) > self.max_pending:
+            self.pending.pop(0)
+            if not self._warned_overflow:
+                self._warned_overflow = True
+                warnings.warn(
+                    f"recon_aux: more than max_pending={self.max_pending} training forwards were "
+                    "captured without aux.loss, backward or optimizer.step(); releasing the "
+                    "oldest. Call aux.loss(images) after the forwards you want reconstructed, or "
+                    "raise max_pending.", RuntimeWarning, stacklevel=2,
+                )
+
+    # -- use -----------------------------------------------------------------------------------
+    def take(self, images: Tensor) -> Capture:
+        """Remove and return the capture of the forward that consumed ``images``.
+
+        The capture whose forward received this very tensor wins; otherwise the one pending
+        capture with the same batch size. Anything else is a :class:`PairingError`.
+        """
+        match = next((c for c in self.pending if c.received(images)), None)
+        if match is None:
+            same = [c for c in self.pending if c.batch_size == images.shape[0]]
+            if len(same) == 1:
+                match = same[0]
+            else:
+                raise PairingError(self._pairing_message(images, same))
+        self.pending.remove(match)
+        for c in self.pending:
+            c.closed = True
+        return match
+
+    def _pairing_message(self, images: Tensor, same: list[Capture]) -> str:
+        n = images.shape[0]
+        if not self.pending:
+            why = (f" The last forward of the model was not captured: it ran {self._skipped}."
+                   if self._skipped else " No forward of the model has been seen yet.")
+            return (
+                f"aux.loss(images) found no training forward to pair with (batch of {n}). Call it "
+                "after the model's forward on these images, in train mode (model.train()) with "
+                "grad enabled; forwards under torch.no_grad() or in eval mode are not "
+                "captured, and each capture is released by backward and optimizer.step()." + why
+            )
+        sizes = [c.batch_size for c in self.pending]
+        if not same:
+            return (
+                f"aux.loss(images) got a batch of {n} images, which no pending training forward "
+                f"received; the pending forwards had batch sizes {sizes}. Pass the tensor the "
+                "model received (e.g. the normalised copy), or images of the same batch."
+            )
+        return (
+            f"aux.loss(images) got a batch of {n} images that is not the tensor any pending "
+            f"forward received, and {len(same)} pending forwards have that batch size "
+            f"(pending batch sizes: {sizes}): the pairing is ambiguous. Pass the exact tensor "
+            "given to the model (aux.loss(x) after model(x)), or call aux.loss right after each "
+            "forward."
+        )
+
+    def release(self, capture: Capture) -> None:
+        if capture in self.pending:
+            self.pending.remove(capture)
+
+    def release_all(self) -> None:
+        self.pending.clear()
+
+    @contextlib.contextmanager
+    def probe(self) -> Iterator[dict]:
+        """Within this block the next forward's tapped feature is stored in the yielded dict
+        (key ``"feature"``) whatever the mode or grad state, and no capture is filed."""
+        if self._probe is not None:
+            raise RuntimeError("FeatureTap.probe() is not re-entrant.")
+        self._probe = box = {}
+        try:
+            yield box
+        finally:
+            self._probe = None
+
+    def remove(self) -> None:
+        """Remove every hook this tap registered and drop all captures."""
+        for h in self._handles + self._select_handles:
+            h.remove()
+        self._handles, self._select_handles = [], []
+        self.release_all()

@@ -1,0 +1,345 @@
+"""``attach``: the two lines that add the reconstruction objective to an existing training loop.
+
+.. code-block:: python
+
+    aux = recon_aux.attach(encoder, optimizer)   # once, before the loop
+    loss = loss + aux.loss(images)               # each step, after encoder(images)
+
+:class:`ReconAux` ties the pieces together: a :class:`~recon_aux.capture.FeatureTap` on the
+encoder's last conv layer, a :class:`~recon_aux.head.ReconstructionHead` built from the first
+captured feature map, and a :class:`~recon_aux.perceptual.PerceptualLoss`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .capture import FeatureTap
+from .config import ReconAuxConfig
+from .head import ReconstructionHead
+from .perceptual import PerceptualLoss, check_images
+
+__all__ = ["ReconAux", "attach", "NonFiniteLossError"]
+
+# model -> weak reference to the ReconAux attached to it (one at a time).
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The reconstruction or one of the loss components is NaN or infinite."""
+
+
+class _StepHook:
+    def __init__(self, aux: ReconAux) -> None:
+        self._aux = weakref.ref(aux)
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        aux = self._aux()
+        if aux is not None:
+            aux.steps += 1
+            aux.tap.release_all()
+
+
+class ReconAux(nn.Module):
+    """The auxiliary reconstruction objective attached to an encoder (Hizioglu, 2020, Figure 1).
+
+    A generator reconstructs each training batch from the encoder's last convolutional feature
+    map; ``weight * (l2_weight * L2 + lpips_weight * LPIPS)`` is added to the method's loss, and
+    its gradient flows back into the encoder. Nothing in the model's code changes: the feature map
+    is read by forward hooks. Build it with :func:`attach`.
+
+    As an ``nn.Module`` its parameters and ``state_dict()`` hold the head only (the frozen LPIPS
+    network is never registered), plus an ``_extra_state`` entry with the head's geometry so that
+    ``load_state_dict`` can rebuild a head that has not been built yet. When ``aux`` is an
+    attribute of a LightningModule, ``self.parameters()`` therefore hands the optimizer the head
+    once and no LPIPS weights; attach without an optimizer in that case.
+
+    Attributes:
+        config: The :class:`~recon_aux.config.ReconAuxConfig` in force.
+        tap: The :class:`~recon_aux.capture.FeatureTap` (hooks and pending captures).
+        head: The :class:`ReconstructionHead`, or None until the first ``loss`` (or
+            ``input_shape`` at attach) shows the feature map's shape.
+        perceptual: The :class:`PerceptualLoss`.
+        last: Detached ``l2``, ``lpips``, ``total``, ``reconstruction`` and ``images`` of the
+            latest ``loss`` call, for logging and pictures.
+        calls, steps: ``loss`` calls and ``optimizer.step()`` calls seen.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        layer: str | None = None,
+        config: ReconAuxConfig | Mapping | str | Path | None = None,
+        input_shape: Sequence[int] | None = None,
+        **overrides: Any,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"attach() needs an nn.Module, got {type(model).__name__}.")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, "
+                            f"got {type(optimizer).__name__}.")
+        previous = _ATTACHED.get(model)
+        if previous is not None and previous() is not None and not previous()._removed:
+            raise RuntimeError(
+                f"a ReconAux is already attached to this {type(model).__name__} (layer "
+                f"{previous().layer_name!r}). Use that one, or call its .remove() first."
+            )
+        self.config = cfg = ReconAuxConfig.from_any(config, **overrides)
+        self.perceptual = PerceptualLoss(
+            l2_weight=cfg.l2_weight, lpips_weight=cfg.lpips_weight, net=cfg.net,
+            input_range=cfg.input_range, mean=cfg.mean, std=cfg.std, resize_to=cfg.resize_to,
+            weights=cfg.lpips_weights, range_tolerance=cfg.range_tolerance,
+            check_inputs=cfg.check_inputs,
+        )
+        self.head: ReconstructionHead | None = None
+        self.tap = FeatureTap(model, layer, max_pending=cfg.max_pending)
+        self._model = weakref.ref(model)
+        self._optimizer = optimizer
+        self._head_spec: dict | None = None
+        self._removed = False
+        self.last: dict[str, Tensor] = {}
+        self.calls = 0
+        self.steps = 0
+        self._step_handle = (optimizer.register_step_post_hook(_StepHook(self))
+                             if optimizer is not None else None)
+        _ATTACHED[model] = weakref.ref(self)
+        if input_shape is not None:
+            self._build_from_dry_forward(model, tuple(input_shape))
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def layer_name(self) -> str | None:
+        """Name of the tapped layer (None until the first forward when chosen automatically)."""
+        return self.tap.layer_name
+
+    # -- the loss --------------------------------------------------------------------------------
+    def loss(self, images: Tensor) -> Tensor:
+        """The auxiliary loss for ``images`` (``N x 3 x H x W``, in the configured encoding).
+
+        Call it after the model's training forward on ``images`` (several views per step: one
+        call per view). Returns ``weight * (l2_weight * L2 + lpips_weight * LPIPS)`` as a scalar
+        float32 tensor whose gradient reaches the head and the encoder.
+        """
+        if self._removed:
+            raise RuntimeError("this ReconAux was removed; attach a new one.")
+        check_images(images, "images")
+        capture = self.tap.take(images)
+        feature = capture.feature
+        if capture.batch_size != images.shape[0]:
+            raise ValueError(f"images hold {images.shape[0]} samples but the forward they were "
+                             f"paired with produced {capture.batch_size}.")
+        if self.head is None:
+            self._build_head(tuple(feature.shape[1:]), tuple(images.shape[-2:]), feature.device)
+        self.calls += 1
+        reconstruction = self.head(feature, images.shape[-2:])
+        parts = self.perceptual.components(reconstruction, images)
+        total = self.config.weight * parts["total"]
+        if self.config.check_inputs:
+            self._check_finite(reconstruction, parts, total)
+        self.last = {
+            "l2": parts["l2"].detach(), "lpips": parts["lpips"].detach(), "total": total.detach(),
+            "reconstruction": reconstruction.detach(), "images": images.detach(),
+        }
+        return total
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Same as :meth:`loss`."""
+        return self.loss(images)
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """Reconstructions of ``images`` by the current encoder and head, in eval mode.
+
+        Runs one extra forward of the attached model (no grad, eval mode; training flags are
+        restored afterwards). For pictures; nothing is captured or trained.
+        """
+        model = self._model()
+        if model is None or self.head is None:
+            raise RuntimeError("reconstruct() needs the attached model and a built head "
+                               "(call loss() once, or attach with input_shape=...).")
+        check_images(images, "images")
+        flags = _training_flags(model)
+        head_mode = self.head.training
+        try:
+            model.eval()
+            self.head.eval()
+            with self.tap.probe() as box:
+                model(images)
+            return self.head(box["feature"], images.shape[-2:])
+        finally:
+            _restore_training_flags(model, flags)
+            self.head.train(head_mode)
+
+    def _check_finite(self, reconstruction: Tensor, parts: dict, total: Tensor) -> None:
+        values = torch.stack([parts["l2"].detach(), parts["lpips"].detach(), total.detach()])
+        if bool(torch.isfinite(values).all()):
+            return
+        if not bool(torch.isfinite(reconstruction).all()):
+            component = "reconstruction"
+        else:
+            component = next(k for k, v in zip(("l2", "lpips", "total"), values.tolist())
+                             if not math.isfinite(v))
+        raise NonFiniteLossError(
+            f"recon_aux: non-finite {component} at aux.loss call {self.calls} (optimizer step "
+            f"{self.steps}); l2, lpips, total = {values.tolist()}. The encoder's features or the "
+            "head diverged: lower the learning rate or the auxiliary weight, or check the "
+            "images for NaN/Inf."
+        )
+
+    # -- head ------------------------------------------------------------------------------------
+    def _build_head(self, feature_shape: tuple, image_size: tuple, device) -> None:
+        cfg = self.config
+        c, h, w = (int(v) for v in feature_shape)
+        spec = dict(
+            in_channels=c, in_size=[h, w], out_size=[int(v) for v in image_size],
+            width=cfg.head_width, min_width=cfg.head_min_width, norm=cfg.head_norm,
+            upsample=cfg.head_upsample, output_range=list(cfg.input_range),
+            mean=None if cfg.mean is None else list(cfg.mean),
+            std=None if cfg.std is None else list(cfg.std),
+        )
+        self.head = ReconstructionHead(**spec).to(device)
+        self._head_spec = spec
+        if self._optimizer is not None:
+            self._add_param_group(self._optimizer)
+
+    def _add_param_group(self, optimizer: torch.optim.Optimizer) -> None:
+        group: dict[str, Any] = {"params": list(self.head.parameters())}
+        if self.config.lr is not None:
+            group["lr"] = self.config.lr
+        if self.config.weight_decay is not None:
+            group["weight_decay"] = self.config.weight_decay
+        scheduled = any("initial_lr" in g for g in optimizer.param_groups)
+        optimizer.add_param_group(group)
+        if scheduled:
+            optimizer.param_groups[-1].setdefault("initial_lr", optimizer.param_groups[-1]["lr"])
+            warnings.warn(
+                "recon_aux: the head's parameter group joined the optimizer after an LR scheduler "
+                "was created, so that scheduler keeps the head's learning rate constant. To have "
+                "it scheduled, attach with input_shape=(3, H, W) before creating the scheduler.",
+                UserWarning, stacklevel=4,
+            )
+
+    def _build_from_dry_forward(self, model: nn.Module, input_shape: tuple) -> None:
+        """Build the head now from one forward on zeros that changes nothing in the model."""
+        if len(input_shape) != 3:
+            raise ValueError(f"input_shape must be (C, H, W), got {input_shape}.")
+        ref = next(iter(model.parameters()), None)
+        device = ref.device if ref is not None else torch.device("cpu")
+        flags = _training_flags(model)
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        try:
+            model.eval()
+            with torch.no_grad(), self.tap.probe() as box:
+                model(torch.zeros((2, *input_shape), device=device))
+        finally:
+            _restore_training_flags(model, flags)
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+        if "feature" not in box:
+            raise RuntimeError(f"the dry forward on input_shape={input_shape} reached no tapped "
+                               "layer; check the model and the layer name.")
+        self._build_head(tuple(box["feature"].shape[1:]), input_shape[1:], device)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        return {"version": 1, "head_spec": self._head_spec, "layer_name": self.layer_name}
+
+    def set_extra_state(self, state: dict) -> None:
+        spec = state.get("head_spec")
+        if state.get("layer_name") not in (None, self.layer_name) and self.layer_name is not None:
+            raise ValueError(f"checkpoint was made with layer {state['layer_name']!r}, this "
+                             f"ReconAux taps {self.layer_name!r}.")
+        if spec is None:
+            return
+        if self.head is None:
+            model = self._model()
+            ref = next(iter(model.parameters()), None) if model is not None else None
+            c, (h, w) = spec["in_channels"], spec["in_size"]
+            self._build_head((c, h, w), tuple(spec["out_size"]),
+                             ref.device if ref is not None else torch.device("cpu"))
+        if spec != self._head_spec:
+            raise ValueError(f"checkpoint head {spec} differs from this ReconAux's head "
+                             f"{self._head_spec}; use the same config and encoder.")
+
+    # -- lifetime --------------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Remove every hook (model, layer, optimizer) and drop pending captures.
+
+        The head's parameter group stays in the optimizer (torch cannot remove groups).
+        """
+        self.tap.remove()
+        if self._step_handle is not None:
+            self._step_handle.remove()
+            self._step_handle = None
+        model = self._model()
+        if model is not None and _ATTACHED.get(model) is not None:
+            if _ATTACHED[model]() is self:
+                del _ATTACHED[model]
+        self._removed = True
+
+    def __enter__(self) -> ReconAux:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_name!r}, weight={self.config.weight}"
+
+
+def _training_flags(model: nn.Module) -> dict[nn.Module, bool]:
+    return {m: m.training for m in model.modules()}
+
+
+def _restore_training_flags(model: nn.Module, flags: dict[nn.Module, bool]) -> None:
+    for m, flag in flags.items():
+        m.training = flag
+
+
+def attach(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    layer: str | None = None,
+    config: ReconAuxConfig | Mapping | str | Path | None = None,
+    input_shape: Sequence[int] | None = None,
+    **overrides: Any,
+) -> ReconAux:
+    """Attach the L2 + LPIPS reconstruction objective to ``model`` (line 1 of 2).
+
+    Args:
+        model: The encoder (any ``nn.Module`` whose forward receives the images).
+        optimizer: The loop's optimizer; the head's parameters join it as a new param group when
+            the head is built. None when the optimizer is created later (then use
+            ``aux.parameters()``, or let a LightningModule that holds ``aux`` collect them).
+        layer: Module name to tap; None picks the Conv2d that runs last in the forward pass.
+        config: A :class:`ReconAuxConfig`, a dict, or a YAML file path.
+        input_shape: ``(C, H, W)``: build the head now from a dry forward (no state of the
+            model changes), e.g. before an LR scheduler or ``configure_optimizers`` exists.
+        **overrides: Config fields (``weight=0.5``, ``net="vgg"``, ``mean=..., std=...``).
+
+    Returns:
+        The :class:`ReconAux`; ``aux.loss(images)`` is line 2.
+
+    Example:
+        >>> aux = recon_aux.attach(encoder, optimizer)
+        >>> for images, _ in loader:
+        ...     loss = method_loss(encoder(images))
+        ...     loss = loss + aux.loss(images)
+        ...     optimizer.zero_grad(); loss.backward(); optimizer.step()
+    """
+    return ReconAux(model, optimizer, layer=layer, config=config, input_shape=input_shape,
+                    **overrides)

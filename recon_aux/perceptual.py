@@ -1,0 +1,212 @@
+"""L2 + LPIPS: the reconstruction loss of the paper (section 3.2, Figure 2)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .weights import CONV_INDICES, resolve_backbone_weights
+
+__all__ = ["PerceptualLoss", "RangeError", "build_lpips", "check_images"]
+
+# Conv index -> LPIPS slice, for lpips.pretrained_networks (slices keep torchvision's indices).
+_SLICE_BOUNDS = {"alex": (2, 5, 8, 10, 12), "vgg": (4, 9, 16, 23, 30)}
+
+
+class RangeError(ValueError):
+    """Images are not in the range the loss was told about."""
+
+
+def check_images(images: Tensor, name: str = "images") -> None:
+    """Raise a ValueError unless ``images`` is a float ``N x 3 x H x W`` tensor."""
+    if not torch.is_tensor(images):
+        raise ValueError(f"{name} must be a float N x 3 x H x W tensor, got "
+                         f"{type(images).__name__}.")
+    if images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"{name} must be a float N x 3 x H x W tensor, got a {images.dim()}-D "
+                         f"{images.dtype} tensor of shape {tuple(images.shape)}. Batch single "
+                         "images with x[None] and convert uint8 pixels with .float() / 255.")
+    if images.shape[1] != 3:
+        raise ValueError(f"{name} has {images.shape[1]} channel(s), shape {tuple(images.shape)}; "
+                         "the loss needs RGB N x 3 x H x W (replicate grey images to 3 channels).")
+
+
+def build_lpips(net: str = "alex", weights: str = "auto") -> nn.Module:
+    """An ``lpips.LPIPS`` metric (v0.1 linear layers) with ImageNet backbone weights found offline.
+
+    The network is frozen (``requires_grad=False``) and in eval mode. ``weights="random"`` leaves
+    the backbone at random init (plumbing tests only) and warns.
+    """
+    import lpips  # imported lazily: building the network is the only use
+
+    if net not in CONV_INDICES:
+        raise ValueError(f"net={net!r} is not supported; choose one of {sorted(CONV_INDICES)}.")
+    # pnet_rand=True: the package would otherwise ask torchvision to download the backbone.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # torchvision's 'pretrained' deprecation notices
+        # use_dropout=True: the shipped linear weights are keyed 'linK.model.1.weight' (after a
+        # Dropout), and lpips loads them with strict=False: without it they would silently stay
+        # random. Dropout is inactive in eval mode.
+        metric = lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=True,
+                             use_dropout=True, verbose=False)
+    if weights == "random":
+        warnings.warn(
+            "PerceptualLoss(weights='random'): the LPIPS backbone is RANDOMLY initialised. This "
+            "is not LPIPS and is only fit for tests of plumbing; never report numbers made with it.",
+            UserWarning, stacklevel=3,
+        )
+    else:
+        state, source = resolve_backbone_weights(net, weights)
+        bounds = _SLICE_BOUNDS[net]
+        mapped = {}
+        for key, value in state.items():
+            idx = int(key.split(".")[0])
+            slice_no = next(i for i, b in enumerate(bounds) if idx < b) + 1
+            mapped[f"slice{slice_no}.{key}"] = value
+        missing, unexpected = metric.net.load_state_dict(mapped, strict=False)
+        convs = [k for k in missing if k.endswith(("weight", "bias"))]
+        if convs or unexpected:
+            raise RuntimeError(f"LPIPS backbone load from {source}: missing {convs}, "
+                               f"unexpected {unexpected}")
+        metric.weights_source = source
+    for p in metric.parameters():
+        p.requires_grad_(False)
+    return metric.eval()
+
+
+class PerceptualLoss(nn.Module):
+    """``l2_weight * L2 + lpips_weight * LPIPS`` between a reconstruction and its target images.
+
+    Follows the paper (Hizioglu, 2020, section 3.2: "the addition of L2 and perceptual similarity
+    gave the best results") with LPIPS v0.1 (Zhang et al., CVPR 2018; the ``lpips`` package of
+    richzhang/PerceptualSimilarity) on ImageNet-pretrained AlexNet or VGG16 features.
+
+    Images may be given in ``input_range`` or normalised with ``mean``/``std`` as training
+    pipelines do; the loss maps them to [0, 1] for L2 and to LPIPS's [-1, 1] itself. Images that
+    stray outside the declared range by more than ``range_tolerance`` raise :class:`RangeError`
+    (never clamped: the most common LPIPS bug is feeding [0, 1] images as if they were [-1, 1]).
+
+    The LPIPS network is frozen, in eval mode, and held outside the module's registry: it has no
+    entry in ``parameters()`` or ``state_dict()``, so it never reaches an optimizer or a checkpoint.
+    ``.to(device)`` moves it; it always computes in float32, also under autocast.
+
+    Attributes:
+        l2_weight, lpips_weight: The mix. L2 is the mean squared error in [0, 1] pixel units.
+        net: "alex" or "vgg".
+        input_range, mean, std: How the images are encoded.
+        resize_to: Size both images are bilinearly upsampled to before LPIPS (None: as given).
+        lpips: The frozen ``lpips.LPIPS`` module, or None when ``lpips_weight == 0``.
+
+    Example:
+        >>> loss_fn = PerceptualLoss(input_range=(0, 1))
+        >>> loss = loss_fn(reconstruction, images)  # both N x 3 x H x W in [0, 1]
+    """
+
+    def __init__(
+        self,
+        l2_weight: float = 1.0,
+        lpips_weight: float = 1.0,
+        net: str = "alex",
+        input_range: Sequence[float] = (0.0, 1.0),
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        resize_to: int | Sequence[int] | None = None,
+        weights: str = "auto",
+        range_tolerance: float = 0.01,
+        check_inputs: bool = True,
+    ) -> None:
+        super().__init__()
+        if l2_weight < 0 or lpips_weight < 0 or (l2_weight == 0 and lpips_weight == 0):
+            raise ValueError(f"weights must be >= 0 and not both 0, got l2_weight={l2_weight}, "
+                             f"lpips_weight={lpips_weight}.")
+        lo, hi = (float(v) for v in input_range)
+        if not hi > lo:
+            raise ValueError(f"input_range={tuple(input_range)} must be (low, high), high > low.")
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std, or neither.")
+        self.l2_weight, self.lpips_weight = float(l2_weight), float(lpips_weight)
+        self.net, self.input_range = net, (lo, hi)
+        self.range_tolerance, self.check_inputs = float(range_tolerance), check_inputs
+        if isinstance(resize_to, int):
+            resize_to = (resize_to, resize_to)
+        self.resize_to = tuple(resize_to) if resize_to is not None else None
+        stats = None if mean is None else torch.tensor([list(mean), list(std)], dtype=torch.float32)
+        self.register_buffer("_norm", stats, persistent=False)
+        lp = build_lpips(net, weights) if lpips_weight > 0 else None
+        object.__setattr__(self, "lpips", lp)  # not registered: no parameters, no state_dict
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.lpips is not None:
+            self.lpips._apply(fn)
+            self.lpips.float()  # device moves only; LPIPS stays float32
+        if self._norm is not None:
+            self._norm = self._norm.float()
+        return self
+
+    def to_unit(self, images: Tensor, name: str = "images") -> Tensor:
+        """Map images from their encoding to [0, 1] (float32). Shape N x 3 x H x W."""
+        check_images(images, name)
+        x = images.float()
+        if self._norm is not None:
+            n = self._norm.to(x.device)
+            if n.shape[1] not in (1, 3):
+                raise ValueError(f"mean/std have {n.shape[1]} values; give 1 or 3.")
+            x = x * n[1].view(1, -1, 1, 1) + n[0].view(1, -1, 1, 1)
+        lo, hi = self.input_range
+        return (x - lo) / (hi - lo)
+
+    def _check_range(self, **named: Tensor) -> None:
+        """One host sync for all tensors: each must lie in [0, 1] up to the tolerance."""
+        stats = torch.stack([s for u in named.values() for s in (u.amin(), u.amax())]).tolist()
+        tol = self.range_tolerance
+        for i, name in enumerate(named):
+            umin, umax = stats[2 * i], stats[2 * i + 1]
+            if umin >= -tol and umax <= 1 + tol:
+                continue
+            lo, hi = self.input_range
+            seen = (lo + umin * (hi - lo), lo + umax * (hi - lo))
+            how = "after undoing mean/std " if self._norm is not None else ""
+            raise RangeError(
+                f"{name} {how}span [{seen[0]:.3g}, {seen[1]:.3g}], outside the declared "
+                f"input_range={self.input_range} (tolerance {tol:g} of the range). Declare the "
+                "encoding your images really have: input_range=(0, 1) for ToTensor images, "
+                "(-1, 1) for images scaled to [-1, 1], (0, 255) for raw pixels, and mean=/std= "
+                "when the pipeline normalised them. Values are never clamped."
+            )
+
+    def components(self, reconstruction: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """``{"l2", "lpips", "total"}`` as scalar float32 tensors (with grad)."""
+        with torch.autocast(reconstruction.device.type, enabled=False):
+            r = self.to_unit(reconstruction, "reconstruction")
+            t = self.to_unit(target, "target images")
+            if r.shape != t.shape:
+                raise ValueError(f"reconstruction {tuple(r.shape)} and target {tuple(t.shape)} "
+                                 "must have the same shape.")
+            if self.check_inputs:
+                self._check_range(**{"target images": t, "reconstruction": r.detach()})
+            l2 = F.mse_loss(r, t)
+            if self.lpips is not None:
+                if self.resize_to is not None and tuple(r.shape[-2:]) != self.resize_to:
+                    r = F.interpolate(r, size=self.resize_to, mode="bilinear", align_corners=False)
+                    t = F.interpolate(t, size=self.resize_to, mode="bilinear", align_corners=False)
+                self.lpips.to(r.device)
+                lp = self.lpips(2 * r - 1, 2 * t - 1).mean()
+            else:
+                lp = torch.zeros((), device=r.device)
+            total = self.l2_weight * l2 + self.lpips_weight * lp
+        return {"l2": l2, "lpips": lp, "total": total}
+
+    def forward(self, reconstruction: Tensor, target: Tensor) -> Tensor:
+        """Scalar loss. Both inputs N x 3 x H x W in the declared encoding."""
+        return self.components(reconstruction, target)["total"]
+
+    def extra_repr(self) -> str:
+        return (f"l2_weight={self.l2_weight}, lpips_weight={self.lpips_weight}, net={self.net!r}, "
+                f"input_range={self.input_range}, resize_to={self.resize_to}")
