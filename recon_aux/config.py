@@ -1,4 +1,4 @@
-"""Configuration of the auxiliary objective: one dataclass, built from a dict, a YAML file or kwargs.
+"""Configuration of the auxiliary objective: one dataclass, from a dict, a YAML file or kwargs.
 
 Every knob of :func:`recon_aux.attach` lives here, so a training config's ``recon:`` block maps
 one-to-one onto :class:`ReconAuxConfig`. Unknown keys and wrong types are errors that name the key
@@ -90,10 +90,10 @@ class ReconAuxConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.l2_weight == 0 and self.lpips_weight == 0:
-            raise ConfigError("l2_weight and lpips_weight are both 0: the objective would be empty.")
+            raise ConfigError("l2_weight and lpips_weight are both 0: the objective is empty.")
         lo, hi = self.input_range
         if not hi > lo:
-            raise ConfigError(f"input_range={self.input_range} must be (low, high) with high > low.")
+            raise ConfigError(f"input_range={self.input_range} must be (low, high), high > low.")
         if (self.mean is None) != (self.std is None):
             raise ConfigError("give both mean and std (the normalisation your pipeline applied).")
         if self.std is not None and any(s <= 0 for s in self.std):

@@ -58,7 +58,7 @@ def build_lpips(net: str = "alex", weights: str = "auto") -> nn.Module:
     if weights == "random":
         warnings.warn(
             "PerceptualLoss(weights='random'): the LPIPS backbone is RANDOMLY initialised. This "
-            "is not LPIPS and is only fit for tests of plumbing; never report numbers made with it.",
+            "is not LPIPS and only fit for tests of plumbing; never report numbers made with it.",
             UserWarning, stacklevel=3,
         )
     else:

@@ -34,7 +34,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["WeightsError", "resolve_backbone_weights", "load_weights_file", "sha256_of", "cache_dir"]
+__all__ = [
+    "WeightsError", "resolve_backbone_weights", "load_weights_file", "sha256_of", "cache_dir",
+]
 
 # torchvision's checkpoint file names; the 8 hex digits are the sha256 prefix of the file.
 TORCHVISION_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
@@ -90,7 +92,7 @@ def _hub_checkpoint_dir() -> Path:
 
 
 def _strip_features_prefix(state: dict[str, torch.Tensor], net: str, source: str):
-    """Keep the conv weights of ``features`` as ``{"N.weight", "N.bias"}`` and check their shapes."""
+    """Keep the conv weights of ``features`` as ``{"N.weight", "N.bias"}``; check all are there."""
     out = {}
     for key, value in state.items():
         key = key[len("features."):] if key.startswith("features.") else key

@@ -1,12 +1,24 @@
 """Backbones of the papers recon-aux builds on: AlexNet (DeepCluster/SeLa), AlexNetCIFAR, NIN (AET).
 
 Every backbone is a :class:`Backbone`: ``forward(x)`` returns the final representation
-``(N, out_dim)``, ``forward_features(x, layers)`` the activations at named ``probe_points``, and
-``last_conv`` the ``nn.Conv2d`` that runs last (whose output the reconstruction head decodes).
-Classifier / pseudo-label heads are not part of the backbones.
+``(N, out_dim)``, ``forward_features(x, layers)`` the activations at named ``probe_points``,
+``feature_shape(name)`` / ``feature_dim(name)`` their sizes, and ``last_conv`` the ``nn.Conv2d``
+that runs last (whose output the reconstruction head decodes). Classifier and pseudo-label heads
+are not part of the backbones. Build one by name with :func:`build_backbone`.
 """
 
 from ._base import Backbone, count_parameters
 from .alexnet import AlexNet, AlexNetCIFAR, SobelFilter
+from .nin import NIN
+from .registry import BACKBONES, build_backbone
 
-__all__ = ["AlexNet", "AlexNetCIFAR", "Backbone", "SobelFilter", "count_parameters"]
+__all__ = [
+    "BACKBONES",
+    "NIN",
+    "AlexNet",
+    "AlexNetCIFAR",
+    "Backbone",
+    "SobelFilter",
+    "build_backbone",
+    "count_parameters",
+]

@@ -188,6 +188,10 @@ def _out_shape(module: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
     if isinstance(module, nn.MaxPool2d | nn.AvgPool2d):
         _, h, w = shape
         return (shape[0], *_conv_hw((h, w), module))
+    if isinstance(module, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):
+        _, h, w = shape
+        out_h, out_w = _pair(module.output_size)
+        return (shape[0], h if out_h is None else out_h, w if out_w is None else out_w)
     if isinstance(module, nn.Flatten):
         return (math.prod(shape),)
     if isinstance(module, nn.Linear):
