@@ -157,6 +157,10 @@ class AlexNet(_AlexNetBase):
     ``classifier`` Sequentials; here each probe point is its own submodule (``conv1.0`` is the
     conv of conv1, ``fc6.1`` the linear of fc6), so state dicts need a key mapping to load theirs.
 
+    Note: DeepCluster's ``main.py`` clusters the fc7 output *before* its ReLU (it drops the last
+    ReLU while computing features); read it with a forward hook on ``model.fc7[1]`` (the Linear).
+    SeLa's CIFAR kNN uses the post-ReLU fc7, i.e. ``forward``.
+
     Probe points (activations after ReLU, before pooling, as in SeLa's linear probes) and shapes
     for a 224 input: conv1 (96, 55, 55), conv2 (256, 27, 27), conv3 (384, 13, 13),
     conv4 (384, 13, 13), conv5 (256, 13, 13), fc6 (4096,), fc7 (4096,).
