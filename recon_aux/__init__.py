@@ -10,8 +10,8 @@ Unsupervised Representation Learning"):
 from .capture import FeatureTap, PairingError
 from .config import ConfigError, ReconAuxConfig
 from .head import ReconstructionHead
-from .objective import NonFiniteLossError, ReconAux, attach
-from .perceptual import PerceptualLoss, RangeError
+from .objective import ReconAux, attach
+from .perceptual import NonFiniteLossError, PerceptualLoss, RangeError
 from .weights import WeightsError
 
 __version__ = "0.1.0"

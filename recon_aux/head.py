@@ -39,7 +39,7 @@ class ReconstructionHead(nn.Module):
     ==========================================  ================  ======  =========
     encoder (tapped layer, 32x32 / 224x224 in)  feature map       stages  params
     ==========================================  ================  ======  =========
-    AlexNet-CIFAR width 1.0 (conv5)             256 x 4 x 4       3       0.15 M
+    AlexNet-CIFAR width 1.0 (conv5)             256 x 4 x 4       3       0.13 M
     resnet18, 32x32 input (layer4.1.conv2)      512 x 1 x 1       5       0.53 M
     resnet18, 224x224 input (layer4.1.conv2)    512 x 7 x 7       5       0.53 M
     ==========================================  ================  ======  =========

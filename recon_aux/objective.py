@@ -25,16 +25,15 @@ from torch import Tensor, nn
 from .capture import FeatureTap
 from .config import ReconAuxConfig
 from .head import ReconstructionHead
-from .perceptual import PerceptualLoss, check_images
+from .perceptual import NonFiniteLossError, PerceptualLoss, check_images
 
 __all__ = ["ReconAux", "attach", "NonFiniteLossError"]
 
+_DIVERGED = ("The encoder's features or the head diverged: lower the learning rate or the "
+             "auxiliary weight, or check the images for NaN/Inf.")
+
 # model -> weak reference to the ReconAux attached to it (one at a time).
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The reconstruction or one of the loss components is NaN or infinite."""
 
 
 class _StepHook:
@@ -96,12 +95,13 @@ class ReconAux(nn.Module):
                 f"{previous().layer_name!r}). Use that one, or call its .remove() first."
             )
         self.config = cfg = ReconAuxConfig.from_any(config, **overrides)
-        self.perceptual = PerceptualLoss(
-            l2_weight=cfg.l2_weight, lpips_weight=cfg.lpips_weight, net=cfg.net,
-            input_range=cfg.input_range, mean=cfg.mean, std=cfg.std, resize_to=cfg.resize_to,
-            weights=cfg.lpips_weights, range_tolerance=cfg.range_tolerance,
-            check_inputs=cfg.check_inputs,
-        )
+        with torch.random.fork_rng(devices=[]):  # attach draws nothing from the user's RNG
+            self.perceptual = PerceptualLoss(
+                l2_weight=cfg.l2_weight, lpips_weight=cfg.lpips_weight, net=cfg.net,
+                input_range=cfg.input_range, mean=cfg.mean, std=cfg.std,
+                resize_to=cfg.resize_to, weights=cfg.lpips_weights,
+                range_tolerance=cfg.range_tolerance, check_inputs=cfg.check_inputs,
+            )
         self.head: ReconstructionHead | None = None
         self.tap = FeatureTap(model, layer, max_pending=cfg.max_pending)
         self._model = weakref.ref(model)
@@ -143,7 +143,11 @@ class ReconAux(nn.Module):
             self._build_head(tuple(feature.shape[1:]), tuple(images.shape[-2:]), feature.device)
         self.calls += 1
         reconstruction = self.head(feature, images.shape[-2:])
-        parts = self.perceptual.components(reconstruction, images)
+        try:
+            parts = self.perceptual.components(reconstruction, images)
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(f"recon_aux: at aux.loss call {self.calls} (optimizer step "
+                                     f"{self.steps}): {exc} {_DIVERGED}") from exc
         total = self.config.weight * parts["total"]
         if self.config.check_inputs:
             self._check_finite(reconstruction, parts, total)
@@ -192,9 +196,7 @@ class ReconAux(nn.Module):
                              if not math.isfinite(v))
         raise NonFiniteLossError(
             f"recon_aux: non-finite {component} at aux.loss call {self.calls} (optimizer step "
-            f"{self.steps}); l2, lpips, total = {values.tolist()}. The encoder's features or the "
-            "head diverged: lower the learning rate or the auxiliary weight, or check the "
-            "images for NaN/Inf."
+            f"{self.steps}); l2, lpips, total = {values.tolist()}. {_DIVERGED}"
         )
 
     # -- head ------------------------------------------------------------------------------------
@@ -208,7 +210,10 @@ class ReconAux(nn.Module):
             mean=None if cfg.mean is None else list(cfg.mean),
             std=None if cfg.std is None else list(cfg.std),
         )
-        self.head = ReconstructionHead(**spec).to(device)
+        # The head's init uses a fork of the global RNG: with and without recon_aux, a seeded
+        # run draws the same data order, augmentations and dropout masks.
+        with torch.random.fork_rng(devices=[]):
+            self.head = ReconstructionHead(**spec).to(device)
         self._head_spec = spec
         if self._optimizer is not None:
             self._add_param_group(self._optimizer)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -13,7 +15,10 @@ from torch import Tensor, nn
 
 from .weights import CONV_INDICES, resolve_backbone_weights
 
-__all__ = ["PerceptualLoss", "RangeError", "build_lpips", "check_images"]
+__all__ = ["PerceptualLoss", "RangeError", "NonFiniteLossError", "build_lpips", "check_images"]
+
+# Smallest H and W each LPIPS backbone accepts (its pooling needs at least this much).
+MIN_SIZE = {"alex": 31, "vgg": 16}
 
 # Conv index -> LPIPS slice, for lpips.pretrained_networks (slices keep torchvision's indices).
 _SLICE_BOUNDS = {"alex": (2, 5, 8, 10, 12), "vgg": (4, 9, 16, 23, 30)}
@@ -21,6 +26,10 @@ _SLICE_BOUNDS = {"alex": (2, 5, 8, 10, 12), "vgg": (4, 9, 16, 23, 30)}
 
 class RangeError(ValueError):
     """Images are not in the range the loss was told about."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The reconstruction or one of the loss components is NaN or infinite."""
 
 
 def check_images(images: Tensor, name: str = "images") -> None:
@@ -37,12 +46,30 @@ def check_images(images: Tensor, name: str = "images") -> None:
                          "the loss needs RGB N x 3 x H x W (replicate grey images to 3 channels).")
 
 
+# (net, weights) -> a built, frozen CPU metric; each PerceptualLoss gets its own deep copy.
+_BUILT: dict[tuple[str, str], nn.Module] = {}
+
+
 def build_lpips(net: str = "alex", weights: str = "auto") -> nn.Module:
     """An ``lpips.LPIPS`` metric (v0.1 linear layers) with ImageNet backbone weights found offline.
 
     The network is frozen (``requires_grad=False``) and in eval mode. ``weights="random"`` leaves
-    the backbone at random init (plumbing tests only) and warns.
+    the backbone at random init (plumbing tests only) and warns. Built once per process and
+    (net, weights); later calls return a copy.
     """
+    if weights == "random":
+        warnings.warn(
+            "PerceptualLoss(weights='random'): the LPIPS backbone is RANDOMLY initialised. This "
+            "is not LPIPS and only fit for tests of plumbing; never report numbers made with it.",
+            UserWarning, stacklevel=3,
+        )
+    key = (net, str(weights))
+    if key not in _BUILT:
+        _BUILT[key] = _build_lpips(net, weights)
+    return copy.deepcopy(_BUILT[key])
+
+
+def _build_lpips(net: str, weights: str) -> nn.Module:
     import lpips  # imported lazily: building the network is the only use
 
     if net not in CONV_INDICES:
@@ -55,13 +82,7 @@ def build_lpips(net: str = "alex", weights: str = "auto") -> nn.Module:
         # random. Dropout is inactive in eval mode.
         metric = lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=True,
                              use_dropout=True, verbose=False)
-    if weights == "random":
-        warnings.warn(
-            "PerceptualLoss(weights='random'): the LPIPS backbone is RANDOMLY initialised. This "
-            "is not LPIPS and only fit for tests of plumbing; never report numbers made with it.",
-            UserWarning, stacklevel=3,
-        )
-    else:
+    if weights != "random":
         state, source = resolve_backbone_weights(net, weights)
         bounds = _SLICE_BOUNDS[net]
         mapped = {}
@@ -170,6 +191,8 @@ class PerceptualLoss(nn.Module):
             umin, umax = stats[2 * i], stats[2 * i + 1]
             if umin >= -tol and umax <= 1 + tol:
                 continue
+            if not (math.isfinite(umin) and math.isfinite(umax)):
+                raise NonFiniteLossError(f"{name} contains NaN or Inf (min {umin}, max {umax}).")
             lo, hi = self.input_range
             seen = (lo + umin * (hi - lo), lo + umax * (hi - lo))
             how = "after undoing mean/std " if self._norm is not None else ""
@@ -183,6 +206,8 @@ class PerceptualLoss(nn.Module):
 
     def components(self, reconstruction: Tensor, target: Tensor) -> dict[str, Tensor]:
         """``{"l2", "lpips", "total"}`` as scalar float32 tensors (with grad)."""
+        check_images(reconstruction, "reconstruction")
+        check_images(target, "target images")
         with torch.autocast(reconstruction.device.type, enabled=False):
             r = self.to_unit(reconstruction, "reconstruction")
             t = self.to_unit(target, "target images")
@@ -196,6 +221,13 @@ class PerceptualLoss(nn.Module):
                 if self.resize_to is not None and tuple(r.shape[-2:]) != self.resize_to:
                     r = F.interpolate(r, size=self.resize_to, mode="bilinear", align_corners=False)
                     t = F.interpolate(t, size=self.resize_to, mode="bilinear", align_corners=False)
+                if min(r.shape[-2:]) < MIN_SIZE[self.net]:
+                    raise ValueError(
+                        f"LPIPS-{self.net} needs images of at least {MIN_SIZE[self.net]}x"
+                        f"{MIN_SIZE[self.net]} pixels, got {tuple(r.shape[-2:])}. Set resize_to="
+                        f"{MIN_SIZE[self.net] + 1 if self.net == 'alex' else 32} (or larger) to "
+                        "upsample before LPIPS."
+                    )
                 self.lpips.to(r.device)
                 lp = self.lpips(2 * r - 1, 2 * t - 1).mean()
             else:
