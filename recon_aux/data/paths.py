@@ -1,0 +1,74 @@
+"""Where data and caches live: ``resolve_data_root`` and ``cache_dir``, plus the data errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = [
+    "DATA_ENV",
+    "CACHE_ENV",
+    "DatasetError",
+    "DatasetNotFoundError",
+    "resolve_data_root",
+    "cache_dir",
+]
+
+DATA_ENV = "RECON_AUX_DATA"
+CACHE_ENV = "RECON_AUX_CACHE"
+
+FIX_HINT = (
+    f"Pass --data-root DIR (data_root=DIR in Python) or set {DATA_ENV}=DIR to a local folder "
+    "that holds the data (e.g. cifar10-jpg.tar.gz, or torchvision's cifar-10-batches-py)."
+)
+
+
+class DatasetError(RuntimeError):
+    """A data set is present but unusable (corrupt archive, bad checksum, odd layout)."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """A data set, or the folder that should hold it, could not be found."""
+
+
+def resolve_data_root(data_root: str | os.PathLike[str] | None = None) -> Path:
+    """Return the data root folder.
+
+    Order: the explicit ``data_root`` argument, else the environment variable
+    ``RECON_AUX_DATA``, else a :class:`DatasetNotFoundError` that tells the user to pass
+    ``--data-root`` or to set ``RECON_AUX_DATA``.
+
+    Args:
+        data_root: Folder holding the data sets, or ``None`` to use the environment.
+
+    Returns:
+        The absolute path of an existing directory.
+
+    Raises:
+        DatasetNotFoundError: Neither is given, or the folder does not exist.
+    """
+    source = "data_root argument"
+    if data_root is None or str(data_root) == "":
+        env = os.environ.get(DATA_ENV, "")
+        if not env:
+            raise DatasetNotFoundError(f"No data root given and {DATA_ENV} is not set. {FIX_HINT}")
+        data_root, source = env, f"{DATA_ENV} environment variable"
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise DatasetNotFoundError(
+            f"Data root {str(root)!r} (from the {source}) is not an existing directory. {FIX_HINT}"
+        )
+    return root.resolve()
+
+
+def cache_dir(create: bool = True) -> Path:
+    """Return the cache folder: ``$RECON_AUX_CACHE``, else ``~/.cache/recon_aux``.
+
+    Args:
+        create: Create the folder (and parents) if missing.
+    """
+    env = os.environ.get(CACHE_ENV, "")
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "recon_aux"
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
