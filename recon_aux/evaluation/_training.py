@@ -1,0 +1,115 @@
+"""Mini-batch training of a probe head on cached feature tensors (not public API)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._common import progress_bar, topk_correct
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed the CPU RNG inside the block without disturbing the caller's RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def step_lr(lr: float, epoch: int, milestones: Sequence[int], gamma: float) -> float:
+    """Learning rate after multiplying by ``gamma`` at each milestone epoch already reached."""
+    return lr * gamma ** sum(epoch >= m for m in milestones)
+
+
+def inverse_sqrt_lr(lr: float, iteration: int, weight_decay: float) -> float:
+    """DeepCluster's ``learning_rate_decay``: lr / sqrt(1 + lr * weight_decay * iteration)."""
+    return lr / math.sqrt(1.0 + lr * weight_decay * iteration)
+
+
+def scaled_milestones(epochs: int, milestones: Sequence[int] | None, fractions: Sequence[float]):
+    """Explicit milestones if given, else ``fractions`` of ``epochs`` (rounded)."""
+    if milestones is not None:
+        return [int(m) for m in milestones]
+    return [max(1, round(f * epochs)) for f in fractions]
+
+
+@torch.no_grad()
+def evaluate(
+    head: nn.Module, features: Tensor, targets: Tensor, device: torch.device, batch_size: int = 1024
+) -> tuple[float, float, float]:
+    """(top1 %, top5 %, mean cross-entropy) of ``head`` on cached features, in eval mode."""
+    head.eval()
+    hits1 = hits5 = 0
+    loss_sum = 0.0
+    for start in range(0, features.shape[0], batch_size):
+        x = features[start : start + batch_size].to(device)
+        y = targets[start : start + batch_size].to(device)
+        logits = head(x)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        c1, c5 = topk_correct(logits, y)
+        hits1 += c1
+        hits5 += c5
+    n = features.shape[0]
+    return 100.0 * hits1 / n, 100.0 * hits5 / n, loss_sum / n
+
+
+def fit(
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_features: Tensor,
+    train_targets: Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr_at: Callable[[int, int], float],
+    seed: int,
+    device: torch.device,
+    progress: bool | None,
+    desc: str,
+) -> dict[str, float]:
+    """Train ``head`` with cross-entropy on shuffled mini-batches of the cached features.
+
+    ``lr_at(epoch, iteration)`` gives the learning rate of every step (iteration counts steps
+    from 0 over all epochs). Batches of a single sample are skipped (BatchNorm cannot train on
+    them). Returns the mean loss and accuracy (%) of the last epoch.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    n = train_features.shape[0]
+    iteration = 0
+    loss_sum, correct, seen = 0.0, 0, 0
+    for epoch in progress_bar(range(epochs), enabled=progress, total=epochs, desc=desc):
+        head.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            index = order[start : start + batch_size]
+            if index.numel() < 2:
+                continue
+            lr = lr_at(epoch, iteration)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = train_features[index].to(device, non_blocking=True)
+            y = train_targets[index].to(device, non_blocking=True)
+            logits = head(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            iteration += 1
+            loss_sum += float(loss.detach()) * index.numel()
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += index.numel()
+    if seen and not math.isfinite(loss_sum):
+        raise FloatingPointError(
+            f"{desc}: training loss became {loss_sum}; lower lr or check the features for "
+            "huge values."
+        )
+    return {
+        "train_loss": loss_sum / max(seen, 1),
+        "train_top1": 100.0 * correct / max(seen, 1),
+    }
