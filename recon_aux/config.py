@@ -51,6 +51,7 @@ class ReconAuxConfig:
         head_min_width: Floor for the channel count, which halves at every upsampling stage.
         head_norm: "batch", "group" or "none".
         head_upsample: "nearest" or "bilinear".
+        head_out_scale: 1, 2 or 4: doublings done by the head's sub-pixel output conv.
         lr, weight_decay: Of the head's parameter group; None takes the optimizer's defaults.
         max_pending: Most captured forwards kept while waiting for ``aux.loss``; beyond it the
             oldest is released with a warning.
@@ -71,6 +72,7 @@ class ReconAuxConfig:
     head_min_width: int = 16
     head_norm: str = "batch"
     head_upsample: str = "nearest"
+    head_out_scale: int = 2
     lr: float | None = None
     weight_decay: float | None = None
     max_pending: int = 64

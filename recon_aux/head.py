@@ -26,10 +26,14 @@ class ReconstructionHead(nn.Module):
     """Upsampling decoder: feature map ``N x C x h x w`` -> image ``N x 3 x H x W``.
 
     The paper's "simple generator" (Hizioglu, 2020, section 3.2 and Figure 1) takes the output of
-    the encoder's last convolutional layer and reconstructs the input image. Here it is a 1x1 stem
-    followed by ``ceil(log2(H / h))`` stages of (x2 upsample, 3x3 conv, norm, ReLU), whose width
-    halves at each stage down to ``min_width``, and a final 3x3 conv. When the stages do not land
-    exactly on the requested size (e.g. h=3 for H=32), a bilinear resize closes the gap. The
+    the encoder's last convolutional layer and reconstructs the input image. The thesis gives no
+    architecture; here it is a 1x1 stem, then x2 upsampling stages (upsample, 3x3 conv, norm,
+    ReLU) whose width halves at each stage down to ``min_width``, and a final 3x3 conv whose
+    output is a sub-pixel convolution (``PixelShuffle(out_scale)``, Shi et al., 2016) for the
+    last ``log2(out_scale)`` doublings: ``ceil(log2(H / h))`` doublings in all, and no conv at
+    full resolution, where small-channel convolutions are slowest on CPUs. When the doublings do
+    not land exactly on the requested size (e.g. h=3 for H=32), a bilinear resize closes the gap.
+    The
     output passes through a sigmoid scaled to ``output_range`` and, when given, the pipeline's
     ``mean``/``std`` normalisation, so the reconstruction is in the images' own encoding.
 
@@ -50,8 +54,9 @@ class ReconstructionHead(nn.Module):
         in_channels, in_size: Feature map the head was built for (later calls may differ in
             spatial size; convolutions do not care and the output is resized to ``out_size``).
         out_size: Default output size (H, W).
-        stages: Number of x2 upsampling stages.
-        channels: Width after the stem and after each stage.
+        stages: Number of x2 doublings in all (conv stages plus the sub-pixel output).
+        out_scale: Upsampling factor of the sub-pixel output conv.
+        channels: Width after the stem and after each conv stage.
 
     Example:
         >>> head = ReconstructionHead(256, (4, 4), (32, 32))
@@ -69,6 +74,7 @@ class ReconstructionHead(nn.Module):
         min_width: int = 16,
         norm: str = "batch",
         upsample: str = "nearest",
+        out_scale: int = 2,
         output_range: Sequence[float] = (0.0, 1.0),
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
@@ -82,10 +88,16 @@ class ReconstructionHead(nn.Module):
         if upsample not in ("nearest", "bilinear"):
             raise ValueError(f"upsample={upsample!r} is not one of 'nearest', 'bilinear'.")
         self.in_channels, self.in_size, self.out_size = in_channels, (h, w), (H, W)
+        if out_scale not in (1, 2, 4):
+            raise ValueError(f"out_scale={out_scale} must be 1, 2 or 4.")
         self.upsample = upsample
         self.stages = max(0, math.ceil(math.log2(max(H / h, W / w))))
+        # The last log2(out_scale) doublings are a sub-pixel convolution (PixelShuffle): no conv
+        # runs at full resolution, where small-channel convs are slowest.
+        self.out_scale = min(out_scale, 2 ** self.stages)
+        conv_stages = self.stages - int(math.log2(self.out_scale))
         c0 = width if width is not None else min(max(in_channels // 2, 16), 512)
-        self.channels = [c0] + [max(c0 >> (i + 1), min_width) for i in range(self.stages)]
+        self.channels = [c0] + [max(c0 >> (i + 1), min_width) for i in range(conv_stages)]
 
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, c0, 1, bias=norm == "none"), _norm(norm, c0), nn.ReLU(True)
@@ -97,7 +109,10 @@ class ReconstructionHead(nn.Module):
             )
             for cin, cout in zip(self.channels[:-1], self.channels[1:])
         )
-        self.out = nn.Conv2d(self.channels[-1], out_channels, 3, padding=1)
+        self.out = nn.Sequential(
+            nn.Conv2d(self.channels[-1], out_channels * self.out_scale ** 2, 3, padding=1),
+            nn.PixelShuffle(self.out_scale),
+        )
         lo, hi = (float(v) for v in output_range)
         self.output_range = (lo, hi)
         if (mean is None) != (std is None):
@@ -124,12 +139,14 @@ class ReconstructionHead(nn.Module):
         for block in self.blocks:
             align = False if self.upsample == "bilinear" else None
             x = block(F.interpolate(x, scale_factor=2.0, mode=self.upsample, align_corners=align))
+        x = self.out(x)
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         lo, hi = self.output_range
-        y = lo + (hi - lo) * torch.sigmoid(self.out(x))
+        y = lo + (hi - lo) * torch.sigmoid(x)
         return (y - self.mean) / self.std
 
     def extra_repr(self) -> str:
         return (f"in={self.in_channels}x{self.in_size[0]}x{self.in_size[1]}, "
-                f"out={self.out_size}, stages={self.stages}, channels={self.channels}")
+                f"out={self.out_size}, stages={self.stages}, out_scale={self.out_scale}, "
+                f"channels={self.channels}")

@@ -206,7 +206,8 @@ class ReconAux(nn.Module):
         spec = dict(
             in_channels=c, in_size=[h, w], out_size=[int(v) for v in image_size],
             width=cfg.head_width, min_width=cfg.head_min_width, norm=cfg.head_norm,
-            upsample=cfg.head_upsample, output_range=list(cfg.input_range),
+            upsample=cfg.head_upsample, out_scale=cfg.head_out_scale,
+            output_range=list(cfg.input_range),
             mean=None if cfg.mean is None else list(cfg.mean),
             std=None if cfg.std is None else list(cfg.std),
         )
