@@ -225,6 +225,19 @@ def test_tar_cache_reused(tmp_path: Path, tmp_cache: Path, monkeypatch: pytest.M
     np.testing.assert_array_equal(first.images, second.images)
 
 
+def test_unwritable_cache_warns(
+    tmp_path: Path, tmp_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _make_tree(_split_files(), tar=tmp_path / "toy.tar.gz")
+
+    def read_only(*args: object) -> None:
+        raise PermissionError("read-only file system (faked by the test)")
+
+    monkeypatch.setattr(ds_mod, "_write_cache", read_only)
+    with pytest.warns(UserWarning, match="Could not write the decoded cache.*RECON_AUX_CACHE"):
+        assert len(load_dataset(tmp_path / "toy.tar.gz")) == 9
+
+
 def test_class_folders_only(tmp_path: Path, tmp_cache: Path) -> None:
     rng = np.random.default_rng(1)
     _make_tree({f"{c}/{i}.png": _random_image(rng) for c in "ba" for i in range(2)}, tmp_path)
@@ -306,6 +319,66 @@ def test_torchvision_files_corrupt(tmp_path: Path, tmp_cache: Path) -> None:
     (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"junk")
     with pytest.raises(DatasetError, match="torchvision rejected"):
         load_dataset("cifar10", data_root=tmp_path)
+
+
+def test_torchvision_cifar10_layout(
+    tmp_path: Path, tmp_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fake cifar-10-batches-py (md5 check patched out): channels-last uint8, labels, classes."""
+    import pickle
+
+    import torchvision.datasets.cifar as tv_cifar
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batches[name] = (rng.integers(0, 256, (2, 3072), dtype=np.uint8), [1, 7])
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": batches[name][0], "labels": batches[name][1]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": TORCHVISION_CIFAR10_CLASSES}, f)
+    monkeypatch.setattr(tv_cifar.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
+    a = load_dataset("cifar10", data_root=tmp_path, train=False)
+    assert a.images.shape == (2, 32, 32, 3) and a.images.flags.c_contiguous
+    np.testing.assert_array_equal(a.images[1, 0, 0], batches["test_batch"][0][1, [0, 1024, 2048]])
+    assert a.targets.tolist() == [1, 7] and a.classes == TORCHVISION_CIFAR10_CLASSES
+    assert len(load_dataset("cifar10", data_root=tmp_path, train=True)) == 10
+
+
+def test_torchvision_svhn_layout(
+    tmp_path: Path, tmp_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fake SVHN .mat under <root>/svhn (md5 check patched out): NHWC, label 10 -> 0."""
+    import scipy.io
+    import torchvision.datasets as tvd
+
+    (tmp_path / "svhn").mkdir()
+    x = np.random.default_rng(5).integers(0, 256, (32, 32, 3, 3), dtype=np.uint8)
+    scipy.io.savemat(
+        tmp_path / "svhn" / "test_32x32.mat", {"X": x, "y": np.array([[10], [3], [1]])}
+    )
+    monkeypatch.setattr(tvd.SVHN, "_check_integrity", lambda self: True)
+    a = load_dataset("svhn", data_root=tmp_path, train=False)
+    assert a.images.shape == (3, 32, 32, 3)
+    np.testing.assert_array_equal(a.images[2], x[..., 2])
+    assert a.targets.tolist() == [0, 3, 1] and a.classes[0] == "0"
+
+
+def test_download_failure_is_explained(tmp_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.error
+
+    import torchvision.datasets as tvd
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("no network (faked by the test)")
+
+    monkeypatch.setattr(tvd, "CIFAR100", offline)
+    monkeypatch.delenv("RECON_AUX_DATA", raising=False)
+    with pytest.raises(DatasetNotFoundError, match="download into .* failed.*--data-root"):
+        load_dataset("cifar100", download=True)
 
 
 def test_unknown_name(tmp_path: Path, tmp_cache: Path) -> None:

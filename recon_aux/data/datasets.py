@@ -245,7 +245,14 @@ def _load_image_tree(source: Path, train: bool, image_size: int | None) -> Image
             entries = _read_tree_tar(source, image_size)
         splits = _assemble_tree(entries, source)
         _check_known_counts(source, splits)
-        _write_cache(cache_file, splits)
+        try:
+            _write_cache(cache_file, splits)
+        except OSError as exc:
+            warnings.warn(
+                f"Could not write the decoded cache {cache_file} ({exc}); the next load will "
+                "decode again. Set RECON_AUX_CACHE to a writable folder.",
+                stacklevel=2,
+            )
     return _pick_split(splits, train, source)
 
 
@@ -585,7 +592,7 @@ def _load_fashion_mnist(root: Path | None, train: bool, download: bool) -> Image
     tv_raw = _torchvision_cache() / "FashionMNIST" / "raw"
     folders = []
     if root is not None:
-        folders += [root / "fashion-mnist", root / "FashionMNIST" / "raw", root]
+        folders += [root / "fashion-mnist", root / "FashionMNIST" / "raw"]
     folders += [DEBIAN_FASHION_MNIST, tv_raw]
     found = next((f for f in folders if all(_find_idx(f, s) for s in stems)), None)
     if found is None and download:
