@@ -38,7 +38,8 @@ VARIANTS = {
 }
 
 
-def build(width: float, recon: dict | None, template: nn.Module | None, lpips_weights: str):
+def build(width: float, recon: dict | None, template: nn.Module | None, lpips_weights: str,
+          head_width: int | None = None):
     encoder = copy.deepcopy(template) if template is not None else AlexNetCIFAR(width=width)
     classifier = nn.Linear(encoder.out_dim, 10)
     params = list(encoder.parameters()) + list(classifier.parameters())
@@ -46,7 +47,7 @@ def build(width: float, recon: dict | None, template: nn.Module | None, lpips_we
     aux = None
     if recon is not None:
         aux = recon_aux.attach(encoder, opt, input_shape=(3, 32, 32), lpips_weights=lpips_weights,
-                               **recon)
+                               head_width=head_width, **recon)
     return encoder, classifier, opt, aux
 
 
@@ -65,7 +66,7 @@ def step(parts, images, labels) -> float:
 def run_width(width: float, args) -> dict[str, float]:
     torch.manual_seed(0)
     template = AlexNetCIFAR(width=width)
-    variants = {name: build(width, recon, template, args.lpips_weights)
+    variants = {name: build(width, recon, template, args.lpips_weights, args.head_width)
                 for name, recon in VARIANTS.items()}
     images = torch.rand(args.batch_size, 3, 32, 32)
     labels = torch.randint(0, 10, (args.batch_size,))
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--lpips-weights", default="auto", help="'auto', a path, or 'random'")
+    p.add_argument("--head-width", type=int, default=None,
+                   help="head_width of ReconAuxConfig (default: sized with the encoder)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -47,7 +47,7 @@ class ReconAuxConfig:
             ``input_range`` before it is an error.
         check_inputs: Check image range and loss finiteness every call (one host sync).
         head_width: Channels of the head's first stage; None sizes it with the encoder
-            (half the tapped layer's channels, between 16 and 512).
+            (a quarter of the tapped layer's channels, between 16 and 512).
         head_min_width: Floor for the channel count, which halves at every upsampling stage.
         head_norm: "batch", "group" or "none".
         head_upsample: "nearest" or "bilinear".

