@@ -97,7 +97,7 @@ def test_non_finite_names_step_and_component(tiny_alexnet):
     aux.loss(x).backward()
     opt.step()
     with torch.no_grad():
-        aux.head.out.bias.fill_(float("nan"))
+        aux.head.out[0].bias.fill_(float("nan"))
     tiny_alexnet(x)
     with pytest.raises(NonFiniteLossError, match=r"aux.loss call 2 \(optimizer step 1\): "
                                                  "reconstruction contains NaN"):
