@@ -56,7 +56,9 @@ class EngineContext:
         device: Where training runs.
         epoch, step: Current epoch (0-based) and global optimizer step.
         epochs, steps_per_epoch: Schedule length.
-        num_samples: Size of the training set (global, all ranks).
+        num_samples: Size of the training set (global, all ranks); positions 0..num_samples-1.
+        targets: True labels of the training set (``num_samples``), for diagnostics such as
+            NMI only; never for training.
         seed: The run's base seed.
         rank, world_size: Distributed position (0, 1 when not distributed).
         extract: ``extract(layer) -> (features, indices)``: features of every training image,
@@ -75,6 +77,7 @@ class EngineContext:
     epochs: int
     steps_per_epoch: int
     num_samples: int
+    targets: Tensor
     seed: int
     rank: int
     world_size: int
