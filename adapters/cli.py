@@ -1,0 +1,63 @@
+"""``recon-aux`` command line.
+
+    recon-aux train CONFIG [key=value ...]    # one run of a method, base or +recon
+
+Examples::
+
+    recon-aux train benchmarks/configs/smoke/deepcluster.yaml
+    recon-aux train benchmarks/configs/smoke/sela.yaml recon=null train.epochs=2
+    torchrun --nproc_per_node=2 -m adapters.cli train benchmarks/configs/smoke/aet.yaml
+
+The run prints one log line per epoch and, last, one JSON line with the final metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .config import RunConfigError, load_run_config
+from .engine import StopTraining
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .engine import train
+
+    cfg = load_run_config(args.config, args.overrides)
+    if args.resume:
+        cfg["run"]["resume"] = True
+    if args.out_dir:
+        cfg["run"]["out_dir"] = args.out_dir
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        summary = {k: result[k] for k in ("method", "seed", "metrics", "wall_s", "machine",
+                                          "train_images", "test_images")}
+        summary["recon"] = result["recon"] is not None
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="recon-aux", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train one method from a YAML config")
+    t.add_argument("config", help="YAML run config")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 recon=null")
+    t.add_argument("--resume", action="store_true", help="continue from run.out_dir's checkpoint")
+    t.add_argument("--out-dir", default=None, help="overrides run.out_dir")
+    t.set_defaults(func=_train)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except RunConfigError as exc:
+        print(f"recon-aux: config error: {exc}", file=sys.stderr)
+        return 2
+    except StopTraining as exc:
+        print(f"recon-aux: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

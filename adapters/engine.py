@@ -1,0 +1,411 @@
+"""The shared training engine of the DeepCluster, SeLa and AET adapters.
+
+Everything that is not specific to a method lives here: data, backbone, one SGD optimizer, the LR
+schedule, seeds, per-epoch atomic checkpoints and exact resume, logging and progress bars,
+evaluation, distributed training, and the two lines of ``recon_aux``::
+
+    aux = recon_aux.attach(backbone, optimizer, ...)              # line 1: in Trainer.__init__
+    loss = out.loss + sum(aux.loss(x) for x in out.recon_inputs)  # line 2: in Trainer._step
+
+With ``recon: null`` in the config the run is the base method and neither line runs.
+
+Reproducibility: the model init, the method's state, the data order and augmentations all derive
+from ``train.seed``; attaching ``recon_aux`` draws nothing from the global RNG, so a base run and
+its +recon twin see the same batches. A run killed after epoch k and resumed with
+``run.resume=true`` ends with bitwise the same metrics on the CPU (tested).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import recon_aux
+from recon_aux.data import BatchLoader, balanced_subset, load_dataset
+from recon_aux.evaluation import (
+    extract_features,
+    knn_eval,
+    linear_probe_eval,
+    nonlinear_probe_eval,
+)
+from recon_aux.models import build_backbone
+from recon_aux.perceptual import NonFiniteLossError
+
+from . import distributed as D
+from .base import EngineContext, Method, StepOutput
+from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import config_diff
+
+__all__ = ["Trainer", "train", "load_method"]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def load_method(name: str) -> type[Method]:
+    """The Method class of ``adapters/<name>.py`` (its module-level ``METHOD``), or of
+    ``"package.module:Class"`` for a method of your own."""
+    if ":" in name:
+        module_name, cls = name.split(":", 1)
+        return getattr(importlib.import_module(module_name), cls)
+    try:
+        module = importlib.import_module(f"adapters.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"adapters.{name}":
+            raise
+        raise ValueError(f"method {name!r} is unknown; methods: deepcluster, sela, aet.") from exc
+    return module.METHOD
+
+
+class StopTraining(RuntimeError):
+    """Raised by ``run.stop_after_epoch``: the process ends as a kill would, checkpoint intact."""
+
+
+class _StepModule(nn.Module):
+    """Backbone + method heads as one module, so DDP can wrap the training step."""
+
+    def __init__(self, backbone: nn.Module, method: Method) -> None:
+        super().__init__()
+        self.backbone, self.method = backbone, method
+
+    def forward(self, views: list[Tensor], indices: Tensor) -> StepOutput:
+        return self.method.training_step(views, indices)
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool | None):
+    if enabled is False:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False,
+                disable=None if enabled is None else not enabled)
+
+
+class Trainer:
+    """Runs one config: ``Trainer(cfg).fit()`` returns the final result dict.
+
+    Attributes:
+        cfg: The validated run config (see :mod:`adapters.config`).
+        out_dir: Where the checkpoint, ``log.jsonl``, ``result.json`` and pictures go.
+        backbone, method, optimizer: The pieces being trained.
+        aux: The :class:`recon_aux.ReconAux`, or None for the base method.
+        history: One dict of averaged scalars per finished epoch.
+    """
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+        tcfg, dcfg = cfg["train"], cfg["data"]
+        if tcfg["threads"]:
+            torch.set_num_threads(int(tcfg["threads"]))
+        want = tcfg["device"]
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want)
+        D.init(self.device)
+        self.rank, self.world = D.rank(), D.world_size()
+        self.seed = int(tcfg["seed"])
+        _seed_everything(self.seed)
+
+        train = load_dataset(dcfg["dataset"], data_root=dcfg["root"], train=True)
+        test = load_dataset(dcfg["dataset"], data_root=dcfg["root"], train=False)
+        if dcfg["per_class"]:
+            train = train.subset(balanced_subset(train.targets, dcfg["per_class"], self.seed))
+        if dcfg["test_per_class"]:
+            test = test.subset(balanced_subset(test.targets, dcfg["test_per_class"], self.seed))
+        self.train_set, self.test_set = train, test
+        h, w = train.image_size
+
+        bcfg = dict(cfg["backbone"])
+        self.backbone = build_backbone(bcfg.pop("name"), **bcfg).to(self.device)
+        mcfg = dict(cfg["method"])
+        self.method = load_method(mcfg.pop("name"))(self.backbone, len(train), **mcfg)
+        self.method.to(self.device)
+        self.views = list(dcfg["augment"] or self.method.views)
+        params = [p for p in [*self.backbone.parameters(), *self.method.parameters()]
+                  if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=tcfg["lr"], momentum=tcfg["momentum"],
+                                         weight_decay=tcfg["weight_decay"],
+                                         nesterov=tcfg["nesterov"])
+        self.aux = None
+        if cfg["recon"] is not None:
+            recon = dict(cfg["recon"])
+            layer = recon.pop("layer", None)
+            self.aux = recon_aux.attach(  # line 1 of 2
+                self.backbone, self.optimizer, layer=layer, config=recon, input_shape=(3, h, w))
+        for group in self.optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.step_module: nn.Module = _StepModule(self.backbone, self.method)
+        if self.world > 1:
+            self.step_module = nn.parallel.DistributedDataParallel(self.step_module)
+
+        self.out_dir = Path(cfg["run"]["out_dir"] or _default_out_dir(cfg))
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch, self.global_step = 0, 0
+        self._epoch_logs: dict[str, float] = {}
+        self.steps_per_epoch = len(self._loader(None))
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def _loader(self, indices) -> BatchLoader:
+        return BatchLoader(self.train_set, self.cfg["data"]["batch_size"], indices=indices,
+                           augment=self.views, seed=self.seed, rank=self.rank,
+                           world_size=self.world, drop_last=True)
+
+    def _plain_loader(self, arrays, shard: bool) -> BatchLoader:
+        return BatchLoader(arrays, self.cfg["data"]["eval_batch_size"], augment="none",
+                           shuffle=False, rank=self.rank if shard else 0,
+                           world_size=self.world if shard else 1)
+
+    def extract(self, layer: str) -> tuple[Tensor, Tensor]:
+        """Un-augmented features of every training image, gathered from all ranks."""
+        feats = extract_features(self.backbone, self._plain_loader(self.train_set, shard=True),
+                                 layer, self.device, progress=False)
+        x = D.all_gather_cat(feats[layer].to(self.device))
+        idx = D.all_gather_cat(feats.indices.to(self.device))
+        order = torch.argsort(idx, stable=True)
+        x, idx = x[order], idx[order]
+        keep = torch.ones_like(idx, dtype=torch.bool)
+        keep[1:] = idx[1:] != idx[:-1]  # padding repeats a few samples across ranks
+        return x[keep], idx[keep]
+
+    def _context(self, epoch: int) -> EngineContext:
+        return EngineContext(
+            backbone=self.backbone, device=self.device, epoch=epoch, step=self.global_step,
+            epochs=self.cfg["train"]["epochs"], steps_per_epoch=self.steps_per_epoch,
+            num_samples=len(self.train_set),
+            targets=torch.as_tensor(self.train_set.targets), seed=self.seed, rank=self.rank,
+            world_size=self.world, extract=self.extract, broadcast=D.broadcast,
+            optimizer=self.optimizer, log=self._log,
+        )
+
+    def _log(self, values: dict[str, Any]) -> None:
+        for k, v in values.items():
+            self._epoch_logs[k] = float(v)
+
+    def _set_lr(self, epoch: int) -> None:
+        t = self.cfg["train"]
+        if t["lr_schedule"] == "cosine":
+            factor = 0.5 * (1 + math.cos(math.pi * epoch / max(1, t["epochs"])))
+        elif t["lr_schedule"] == "step":
+            factor = t["gamma"] ** sum(epoch >= m for m in t["milestones"])
+        else:
+            factor = 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+    # -- training --------------------------------------------------------------------------------
+    def _step(self, views: list[Tensor], indices: Tensor, ctx: EngineContext) -> dict[str, float]:
+        self.method.before_step(ctx)
+        out: StepOutput = self.step_module(views, indices)
+        parts = {"method_loss": out.loss}
+        loss = out.loss
+        if self.aux is not None:
+            for x in out.recon_inputs:
+                loss = loss + self.aux.loss(x)  # line 2 of 2
+            parts["recon_loss"] = loss - out.loss
+        for name, value in parts.items():
+            if not torch.isfinite(value.detach()).all():
+                raise NonFiniteLossError(
+                    f"non-finite {name} ({float(value.detach())}) at epoch {ctx.epoch + 1}, step "
+                    f"{self.global_step + 1}; the last good checkpoint is "
+                    f"{self.out_dir / CHECKPOINT} (written at the end of the previous epoch). "
+                    "Lower train.lr or recon.weight.")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.aux is not None and self.world > 1:  # the head is outside the DDP module
+            D.all_reduce_mean_([p.grad for p in self.aux.parameters()])
+        self.optimizer.step()
+        self.global_step += 1
+        logs = {k: float(v.detach()) for k, v in parts.items()}
+        logs.update({k: float(v.detach()) if torch.is_tensor(v) else float(v)
+                     for k, v in out.logs.items()})
+        if self.aux is not None:
+            logs.update({"recon_l2": float(self.aux.last["l2"]),
+                         "recon_lpips": float(self.aux.last["lpips"])})
+        return logs
+
+    def _check_ranks_agree(self) -> None:
+        if self.world == 1:
+            return
+        for name, buf in self.method.named_buffers():
+            total = buf.double().sum().reshape(1).to(self.device)
+            gathered = D.all_gather_cat(total)
+            if not torch.all(gathered == gathered[0]):
+                raise RuntimeError(f"ranks disagree on the method's {name}: {gathered.tolist()}")
+
+    def fit(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        if cfg["run"]["resume"]:
+            self._resume()
+        ctx = self._context(self.start_epoch)
+        self.method.on_train_start(ctx)
+        epochs = cfg["train"]["epochs"]
+        for epoch in range(self.start_epoch, epochs):
+            self._epoch_logs = {}
+            ctx = self._context(epoch)
+            self.backbone.train()
+            self.method.train()
+            self.method.on_epoch_start(ctx)
+            self._check_ranks_agree()
+            self._set_lr(epoch)
+            indices = self.method.epoch_indices(ctx)
+            loader = self._loader(indices)
+            loader.set_epoch(epoch)
+            self.backbone.train()
+            self.method.train()
+            sums: dict[str, float] = {}
+            n = 0
+            desc = f"{cfg['method']['name']} epoch {epoch + 1}/{epochs}"
+            for views, _, idx in _progress(loader, len(loader), desc, cfg["run"]["progress"]):
+                views = [v.to(self.device, non_blocking=True) for v in views]
+                ctx.step = self.global_step
+                logs = self._step(views, idx.to(self.device), ctx)
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n += 1
+            means = torch.tensor([v / max(n, 1) for v in sums.values()], dtype=torch.float64)
+            D.all_reduce_mean_([means])  # the epoch's averages over every rank's batches
+            row = {"epoch": epoch + 1, "step": self.global_step,
+                   "lr": self.optimizer.param_groups[0]["lr"],
+                   **dict(zip(sums, means.tolist())), **self._epoch_logs}
+            self.history.append(row)
+            if self.rank == 0:
+                print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                for k, v in row.items()), flush=True)
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                with open(self.out_dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if cfg["run"]["save_checkpoints"]:
+                    save_checkpoint(self.out_dir / CHECKPOINT, self._state(epoch + 1))
+            D.barrier()
+            if cfg["run"]["stop_after_epoch"] == epoch + 1 and epoch + 1 < epochs:
+                raise StopTraining(f"stopped after epoch {epoch + 1} (run.stop_after_epoch); "
+                                   "continue with run.resume=true")
+        metrics = self.evaluate()
+        result = {
+            "method": cfg["method"]["name"], "recon": cfg["recon"], "seed": self.seed,
+            "metrics": metrics, "history": self.history, "config": _plain(cfg),
+            "wall_s": round(time.perf_counter() - t0, 1), "machine": machine(),
+            "train_images": len(self.train_set), "test_images": len(self.test_set),
+        }
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "result.json").write_text(json.dumps(result, indent=2))
+            if self.aux is not None:
+                self.save_reconstructions(self.out_dir / "reconstructions.png")
+        return result
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """The configured protocols on the final encoder (rank 0's; ranks hold equal weights)."""
+        ecfg, metrics = self.cfg["eval"], {}
+        train = self._plain_loader(self.train_set, shard=False)
+        test = self._plain_loader(self.test_set, shard=False)
+        if ecfg["knn"]:
+            k = dict(ecfg["knn"])
+            layers = k.pop("layers")
+            res = knn_eval(self.backbone, train, test, layers, self.device, progress=False, **k)
+            for layer in layers:
+                metrics[f"knn_{layer}"] = res[layer]["top1"]
+        for kind, fn in (("linear", linear_probe_eval), ("nonlinear", nonlinear_probe_eval)):
+            if ecfg[kind]:
+                p = dict(ecfg[kind])
+                layer = p.pop("layer")
+                metrics[f"{kind}_{layer}"] = fn(self.backbone, train, test, layer, self.device,
+                                                progress=False, **p)["top1"]
+        if self.history:
+            metrics["final_method_loss"] = self.history[-1].get("method_loss", float("nan"))
+        return metrics
+
+    def save_reconstructions(self, path: Path, n: int = 16) -> None:
+        from torchvision.utils import save_image
+
+        pick = np.linspace(0, len(self.test_set) - 1, n).astype(np.int64)
+        images = torch.from_numpy(self.test_set.images[pick]).permute(0, 3, 1, 2).float() / 255
+        images = images.to(self.device)
+        recon = self.aux.reconstruct(images)
+        rows = torch.stack([images.view(2, n // 2, *images.shape[1:]),
+                            recon.view(2, n // 2, *images.shape[1:])], 1)
+        save_image(rows.reshape(-1, *images.shape[1:]).cpu(), path, nrow=n // 2, padding=2)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _state(self, epochs_done: int) -> dict[str, Any]:
+        return {
+            "format": 1, "config": _plain(self.cfg), "epoch": epochs_done,
+            "step": self.global_step, "backbone": self.backbone.state_dict(),
+            "method": self.method.state_dict(), "method_extra": self.method.extra_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "aux": self.aux.state_dict() if self.aux is not None else None,
+            "rng": rng_state(), "history": self.history,
+        }
+
+    def _resume(self) -> None:
+        path = self.out_dir / CHECKPOINT
+        if not path.is_file():
+            if self.rank == 0:
+                print(f"no checkpoint at {path}: starting from scratch", flush=True)
+            return
+        state = load_checkpoint(path)
+        diff = config_diff(state["config"], _plain(self.cfg))
+        if diff:
+            raise CheckpointError(
+                f"{path} was written by a different config; differing keys: {diff}. Use another "
+                "run.out_dir, or the config the checkpoint was made with.")
+        self.backbone.load_state_dict(state["backbone"])
+        self.method.load_state_dict(state["method"])
+        self.method.load_extra_state(state["method_extra"])
+        if self.aux is not None:
+            self.aux.load_state_dict(state["aux"])  # before the optimizer: head group exists
+        self.optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        self.start_epoch, self.global_step = state["epoch"], state["step"]
+        self.history = list(state["history"])
+        if self.rank == 0:
+            print(f"resumed from {path} after epoch {self.start_epoch}", flush=True)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _plain(cfg: Any) -> Any:
+    """Config as plain data (lists for tuples), for JSON and weights_only checkpoints."""
+    if isinstance(cfg, dict):
+        return {k: _plain(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [_plain(v) for v in cfg]
+    return cfg
+
+
+def _default_out_dir(cfg: dict) -> Path:
+    tag = "recon" if cfg["recon"] is not None else "base"
+    return Path("runs") / cfg["name"] / f"{cfg['method']['name']}-{tag}-seed{cfg['train']['seed']}"
+
+
+def machine() -> str:
+    dev = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+           else f"{platform.machine()} CPU")
+    return f"{dev}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def train(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run a validated config to the end; returns the result dict (see :meth:`Trainer.fit`)."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        if trainer.aux is not None:
+            trainer.aux.remove()
+        D.shutdown()
