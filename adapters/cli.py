@@ -1,6 +1,8 @@
 """``recon-aux`` command line.
 
     recon-aux train CONFIG [key=value ...]    # one run of a method, base or +recon
+    recon-aux bench CONFIG [key=value ...]    # methods x {base, +recon} x seeds + references
+    recon-aux ablate CONFIG [key=value ...]   # the auxiliary objective's knobs, one at a time
 
 Examples::
 
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from .config import RunConfigError, load_run_config
 from .engine import StopTraining
@@ -39,6 +42,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from benchmarks.bench import load_bench_config, run_ablate, run_bench
+
+    cfg = load_bench_config(args.config, args.overrides)
+    run = run_bench if args.command == "bench" else run_ablate
+    run(cfg, out=args.out_dir, progress=None)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="recon-aux", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--resume", action="store_true", help="continue from run.out_dir's checkpoint")
     t.add_argument("--out-dir", default=None, help="overrides run.out_dir")
     t.set_defaults(func=_train)
+    for name, what in (("bench", "methods x {base, +recon} x seeds, with reference rows"),
+                       ("ablate", "the auxiliary objective's knobs for one method")):
+        b = sub.add_parser(name, help=what)
+        b.add_argument("config", help="YAML bench config (benchmarks/configs/)")
+        b.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seeds=[0,1]")
+        b.add_argument("--out-dir", type=Path, default=None,
+                       help="results folder (default benchmarks/results/<config name>)")
+        b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

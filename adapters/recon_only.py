@@ -1,0 +1,33 @@
+"""Reference row ``recon-only``: the auxiliary objective alone (an autoencoder).
+
+Without this row a reader cannot tell "the reconstruction objective upgrades the method" from
+"the reconstruction objective alone is better than the method". The method loss is zero; the
+run must have a ``recon:`` block, whose loss is then the only training signal (same head, same
+loss, same data as the +recon runs).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .base import EngineContext, Method, StepOutput
+
+
+class ReconOnly(Method):
+    """No loss of its own: ``recon_aux`` trains the encoder through its head."""
+
+    name = "recon_only"
+    views = ("crop_flip",)
+
+    def on_train_start(self, ctx: EngineContext) -> None:
+        if not any(True for _ in ctx.optimizer.param_groups[1:]):
+            raise ValueError("method recon_only needs a recon: block (the reconstruction "
+                             "objective is its only loss); got recon: null.")
+
+    def training_step(self, views: list[Tensor], indices: Tensor) -> StepOutput:
+        x = views[0]
+        out = self.backbone(x)
+        return StepOutput((out * 0).sum(), recon_inputs=[x])
+
+
+METHOD = ReconOnly

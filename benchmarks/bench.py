@@ -1,0 +1,344 @@
+"""``recon-aux bench`` and ``recon-aux ablate``: the comparisons users read.
+
+``bench CONFIG`` runs the matrix methods x {base, +recon} x seeds, plus the reference rows
+(random-init, supervised, recon-only) on the same backbone and data, evaluates every run with the
+shared protocols, and writes ``benchmarks/results/<name>/``: ``results.json``, ``README.md`` (the
+table, the paper's numbers, the caveats), reconstruction grids and training curves. Finished runs
+are skipped on a re-run, so an interrupted matrix resumes.
+
+``ablate CONFIG`` varies the auxiliary objective's knobs one at a time around a default (overall
+weight including 0, the L2/LPIPS mix, LPIPS net, resize_to, tapped layer) for one method, with the
+same outputs plus a plot of metric vs weight and the paper's Figure 2 (reconstructions trained
+with L2 only, LPIPS only and L2 + LPIPS, side by side).
+
+Bench config (YAML)::
+
+    title: Quick look                         # README title
+    seeds: [0]
+    metrics: [knn_conv5, knn_fc7]             # table columns
+    recon: {weight: 1.0, net: alex}           # the +recon block (also used by recon-only)
+    common: {train.epochs: 2}                 # dotted overrides for every run
+    methods:
+      deepcluster: {config: benchmarks/configs/smoke/deepcluster.yaml, set: {data.per_class: 50}}
+    references: {deepcluster: [random-init, supervised, recon-only]}
+
+Ablate config: ``title``, ``seeds``, ``metrics``, ``method: {config, set}``, ``recon`` (the
+default block) and ``axes: {weight: [0, 0.3, 1, 3], mix: [l2, lpips, l2+lpips], net: [alex, vgg],
+resize_to: [null, 64], layer: [...]}``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adapters.config import RunConfigError, load_run_config
+from adapters.engine import machine, train
+
+from . import report
+
+__all__ = ["run_bench", "run_ablate", "load_bench_config"]
+
+RESULTS = Path("benchmarks/results")
+MIXES = {"l2": (1.0, 0.0), "lpips": (0.0, 1.0), "l2+lpips": (1.0, 1.0)}
+
+
+def load_bench_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise RunConfigError(f"bench config {path} does not exist.")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise RunConfigError(f"override {item!r} is not key=value.")
+        key, raw = item.split("=", 1)
+        node = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    cfg.setdefault("name", path.stem)
+    cfg.setdefault("seeds", [0])
+    cfg.setdefault("title", cfg["name"])
+    return cfg
+
+
+def _dotted(mapping: dict | None) -> list[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in (mapping or {}).items()]
+
+
+def _run_config(source: dict, extra: list[str], name: str) -> dict[str, Any]:
+    cfg = load_run_config(source["config"], [*extra, *_dotted(source.get("set"))])
+    cfg["name"] = name
+    return cfg
+
+
+class Matrix:
+    """A list of planned runs, a results file, and the loop that fills it."""
+
+    def __init__(self, name: str, out: Path | None, progress: bool | None) -> None:
+        self.out = out or RESULTS / name
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results_file = self.out / "results.json"
+        self.runs: list[dict[str, Any]] = []
+        if self.results_file.is_file():
+            self.runs = json.loads(self.results_file.read_text())["runs"]
+        self.plan: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+        self.progress = progress
+        self.run_root = Path("runs") / "bench" / name
+
+    def add(self, run_id: str, cfg: dict[str, Any], meta: dict[str, Any]) -> None:
+        cfg["run"]["out_dir"] = str(self.run_root / run_id)
+        cfg["run"]["progress"] = False
+        self.plan.append((run_id, cfg, meta))
+
+    def execute(self) -> list[dict[str, Any]]:
+        done = {r["id"] for r in self.runs}
+        todo = [p for p in self.plan if p[0] not in done]
+        print(f"{len(self.plan)} runs planned, {len(self.plan) - len(todo)} already done "
+              f"(in {self.results_file}), {len(todo)} to run", flush=True)
+        bar = _bar(len(todo), self.progress)
+        t0 = time.perf_counter()
+        for i, (run_id, cfg, meta) in enumerate(todo):
+            if bar is None:
+                eta = (time.perf_counter() - t0) / i * (len(todo) - i) if i else float("nan")
+                print(f"run {i + 1}/{len(todo)}: {run_id} (ETA {eta / 60:.1f} min)", flush=True)
+            else:
+                bar.set_description(f"run {i + 1}/{len(todo)} {run_id}")
+            result = train(cfg)
+            entry = {"id": run_id, "method": meta.get("method", cfg["method"]["name"]),
+                     "recon": cfg["recon"] if cfg["recon"] is not None else False,
+                     "seed": cfg["train"]["seed"], "reference": meta.get("reference"),
+                     "ablation": meta.get("ablation"), "metrics": result["metrics"],
+                     "config": result["config"], "wall_s": result["wall_s"],
+                     "machine": result["machine"], "history": result["history"],
+                     "train_images": result["train_images"], "test_images": result["test_images"]}
+            self.runs.append(entry)
+            self._save()
+            picture = Path(cfg["run"]["out_dir"]) / "reconstructions.png"
+            if picture.is_file():
+                (self.out / "pictures").mkdir(exist_ok=True)
+                (self.out / "pictures" / f"{run_id}.png").write_bytes(picture.read_bytes())
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        planned = {p[0] for p in self.plan}
+        return [r for r in self.runs if r["id"] in planned]
+
+    def _save(self) -> None:
+        tmp = self.results_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"runs": self.runs}, indent=1))
+        os.replace(tmp, self.results_file)
+
+
+def _bar(total: int, enabled: bool | None):
+    if enabled is False:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    bar = tqdm(total=total, unit="run", disable=None if enabled is None else not enabled)
+    return None if bar.disable else bar
+
+
+def _setup_line(runs: list[dict[str, Any]]) -> str:
+    lines = ["How it was measured:", ""]
+    seen = set()
+    for r in runs:
+        c = r["config"]
+        key = (r["method"], c["backbone"].get("name"))
+        if key in seen:
+            continue
+        seen.add(key)
+        b = ", ".join(f"{k}={v}" for k, v in c["backbone"].items())
+        d, t, e = c["data"], c["train"], c["eval"]
+        lines.append(
+            f"- {r['method']}: backbone {b}; {c['data']['dataset']} {r['train_images']} train "
+            f"images ({d['per_class']}/class) and {r['test_images']} test images; "
+            f"{t['epochs']} epochs, batch {d['batch_size']}, SGD lr {t['lr']} "
+            f"({t['lr_schedule']}), wd {t['weight_decay']}; augment "
+            f"{d['augment'] or 'method default'}; eval {json.dumps(e)}")
+    seeds = sorted({r["seed"] for r in runs})
+    lines.append(f"- seeds {seeds}; machine: {runs[0]['machine'] if runs else machine()}; "
+                 f"total run time {sum(r['wall_s'] for r in runs) / 60:.1f} min.")
+    recon = next((r["recon"] for r in runs if r["recon"]), None)
+    if recon:
+        lines.append(f"- +recon block: {json.dumps(recon)}")
+    return "\n".join(lines)
+
+
+def run_bench(cfg: dict[str, Any], out: Path | None = None,
+              progress: bool | None = None) -> Path:
+    """Run (or resume) a bench config; returns the results folder."""
+    matrix = Matrix(cfg["name"], out, progress)
+    common = _dotted(cfg.get("common"))
+    recon = cfg.get("recon") or {}
+    recon_set = [f"recon={json.dumps(recon)}"]
+    for seed in cfg["seeds"]:
+        for ref_from, rows in (cfg.get("references") or {}).items():
+            src = cfg["methods"][ref_from]
+            for row in rows:
+                extra = [*common, f"train.seed={seed}"]
+                if row == "random-init":
+                    extra += ["recon=null", "train.epochs=0"]
+                elif row == "supervised":
+                    extra += ["recon=null", "method={\"name\": \"supervised\"}"]
+                elif row == "recon-only":
+                    extra += [*recon_set, "method={\"name\": \"recon_only\"}"]
+                else:
+                    raise RunConfigError(f"unknown reference row {row!r}; use random-init, "
+                                         "supervised, recon-only.")
+                rc = _run_config(src, extra, cfg["name"])
+                if row == "supervised":
+                    rc["method"] = {"name": "supervised"}
+                if row == "recon-only":
+                    rc["method"] = {"name": "recon_only"}
+                label = f"{row} ({rc['backbone']['name']})"
+                matrix.add(f"{row}-{rc['backbone']['name']}-seed{seed}", rc,
+                           {"reference": label, "method": row})
+        for method, src in cfg["methods"].items():
+            for variant in ("base", "recon"):
+                extra = [*common, f"train.seed={seed}",
+                         *(recon_set if variant == "recon" else ["recon=null"])]
+                matrix.add(f"{method}-{variant}-seed{seed}", _run_config(src, extra, cfg["name"]),
+                           {"method": method})
+    runs = matrix.execute()
+    _write_report(matrix.out, cfg, runs)
+    return matrix.out
+
+
+def _write_report(out: Path, cfg: dict[str, Any], runs: list[dict[str, Any]],
+                  extra_notes: str = "", extra_pictures: tuple[str, ...] = ()) -> None:
+    metrics = cfg.get("metrics") or sorted({m for r in runs for m in r["metrics"]
+                                            if not m.startswith("final")})
+    pictures = list(extra_pictures)
+    if report.plot_curves(runs, out / "curves.png", ["method_loss", "recon_l2", "recon_lpips"]):
+        pictures.append("curves.png")
+    if (out / "pictures").is_dir():
+        pictures += sorted(f"pictures/{p.name}" for p in (out / "pictures").glob("*.png"))
+    text = report.render_readme(cfg["title"], runs, metrics, _setup_line(runs),
+                                pictures=pictures, notes=cfg.get("notes", "") + extra_notes)
+    (out / "README.md").write_text(text)
+    print(report.render_table(runs, metrics))
+    print(f"results: {out / 'README.md'} (pictures in {out})")
+
+
+def run_ablate(cfg: dict[str, Any], out: Path | None = None,
+               progress: bool | None = None) -> Path:
+    """Run (or resume) an ablation config; returns the results folder."""
+    matrix = Matrix(cfg["name"], out, progress)
+    common = _dotted(cfg.get("common"))
+    default = dict(cfg.get("recon") or {})
+    first_id: dict[str, str] = {}  # run config hash -> id of the run that computes it
+    aliases: dict[str, tuple[str, dict]] = {}  # id shown on another axis -> (run id, ablation)
+    for seed in cfg["seeds"]:
+        for axis, values in cfg["axes"].items():
+            for value in values:
+                recon = copy.deepcopy(default)
+                if axis == "weight" and value == 0:
+                    recon = None  # weight 0 is the base method, not a head that trains alone
+                elif axis == "mix":
+                    if value not in MIXES:
+                        raise RunConfigError(f"mix {value!r} is not one of {sorted(MIXES)}.")
+                    recon["l2_weight"], recon["lpips_weight"] = MIXES[value]
+                else:
+                    recon[axis] = value
+                extra = [*common, f"train.seed={seed}", f"recon={json.dumps(recon)}"]
+                rc = _run_config(cfg["method"], extra, cfg["name"])
+                key = hashlib.sha256(json.dumps([rc["recon"], seed], sort_keys=True)
+                                     .encode()).hexdigest()
+                run_id = f"{axis}={value}-seed{seed}".replace("/", "_").replace(" ", "")
+                if key in first_id:  # the default point appears on every axis: run it once
+                    aliases[run_id] = (first_id[key], {axis: value})
+                    continue
+                first_id[key] = run_id
+                matrix.add(run_id, rc, {"method": rc["method"]["name"],
+                                        "ablation": {axis: value}})
+    runs = matrix.execute()
+    by_id = {r["id"]: r for r in runs}
+    pictures = matrix.out / "pictures"
+    for alias, (target, ablation) in aliases.items():
+        if target in by_id:
+            runs.append({**by_id[target], "id": alias, "ablation": ablation})
+            if (pictures / f"{target}.png").is_file():
+                (pictures / f"{alias}.png").write_bytes((pictures / f"{target}.png").read_bytes())
+    _write_ablation_report(matrix.out, cfg, runs)
+    return matrix.out
+
+
+def _axis_value(run: dict[str, Any], axis: str):
+    abl = run.get("ablation") or {}
+    return abl.get(axis)
+
+
+def _write_ablation_report(out: Path, cfg: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    metrics = cfg.get("metrics") or sorted({m for r in runs for m in r["metrics"]
+                                            if not m.startswith("final")})
+    sections, pictures = [], []
+    for axis, values in cfg["axes"].items():
+        rows = []
+        for value in values:
+            sel = [r for r in runs if str(_axis_value(r, axis)) == str(value)]
+            cells = []
+            for m in metrics:
+                vals = [r["metrics"][m] for r in sel if m in r["metrics"]]
+                mean, std = report._mean_std(vals)
+                cells.append("-" if not vals else
+                             (f"{mean:.1f} ± {std:.1f}" if len(vals) > 1 else f"{mean:.1f}"))
+            rows.append(f"| {axis}={value} | " + " | ".join(cells) + f" | {len(sel)} |")
+        sections.append(f"### {axis}\n\n| setting | " + " | ".join(metrics) + " | seeds |\n|---|"
+                        + "---|" * (len(metrics) + 1) + "\n" + "\n".join(rows) + "\n")
+    if "weight" in cfg["axes"]:
+        points = {m: [(float(_axis_value(r, "weight")), r["metrics"][m]) for r in runs
+                      if _axis_value(r, "weight") is not None and m in r["metrics"]]
+                  for m in metrics}
+        if report.plot_ablation(points, out / "metric_vs_weight.png", "recon weight",
+                                "top-1 %"):
+            pictures.append("metric_vs_weight.png")
+    if "mix" in cfg["axes"] and _figure2(out, cfg):
+        pictures.append("figure2.png")
+    notes = ("\n## Ablation (one knob at a time around the default +recon block)\n\n"
+             + "\n".join(sections)
+             + "\nweight=0 is the base method (recon: null). The default point is run once and "
+               "shown on every axis.\n")
+    _write_report(out, cfg, runs, extra_notes=notes,
+                  extra_pictures=tuple(pictures))
+
+
+def _figure2(out: Path, cfg: dict[str, Any]) -> bool:
+    """The paper's Figure 2: reconstructions with L2 only, LPIPS only, L2 + LPIPS."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.image as mpimg
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    seed = cfg["seeds"][0]
+    panels = []
+    for mix in ("l2", "lpips", "l2+lpips"):
+        pic = out / "pictures" / f"mix={mix}-seed{seed}.png"
+        if pic.is_file():
+            panels.append((mix, mpimg.imread(pic)))
+    if len(panels) < 2:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 2.6))
+    for ax, (mix, img) in zip(axes, panels):
+        ax.imshow(img)
+        ax.set_title(f"trained with {mix.upper().replace('+', ' + ')}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle("inputs (rows 1, 3) and reconstructions (rows 2, 4)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "figure2.png", dpi=120)
+    plt.close(fig)
+    return True

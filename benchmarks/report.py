@@ -1,0 +1,214 @@
+"""Results tables, curves and picture sheets for ``recon-aux bench`` / ``recon-aux ablate``.
+
+Everything here reads the ``results.json`` of a benchmark (``{"runs": [...]}``, one entry per
+finished run) and renders it; nothing trains. The table says, for every method, base and +recon
+as mean +- std over seeds, the paired difference (+recon minus base, per seed) with its std and
+how many seeds improved, and calls a difference smaller than its std "no clear difference".
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PAPER", "summarise", "render_table", "render_readme", "plot_curves",
+           "plot_ablation", "label_of"]
+
+# The paper's numbers (Hizioglu 2020), AlexNet, full data, paper-scale training.
+PAPER = {
+    "table1_cifar10": {  # linear classifier on conv5 / weighted kNN on FC (Table 1, CIFAR-10)
+        "supervised": (91.8, 91.9), "deepcluster": (77.9, 62.3), "sela": (83.4, 77.6),
+        "sela+recon (paper's method)": (83.6, 77.9),
+    },
+    "table3_cifar10_error": {"aet-project + FC": 9.41, "aet-project + FC + recon": 9.01},
+}
+
+REFERENCE_ORDER = ("random-init", "supervised", "recon-only")
+
+
+def label_of(run: dict[str, Any]) -> str:
+    """Row label: reference rows by name, methods as 'name' / 'name +recon'."""
+    ref = run.get("reference")
+    if ref:
+        return ref
+    return run["method"] + (" +recon" if run["recon"] else "")
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(runs: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, Any]:
+    """Per row label and metric: values by seed, mean, std; per method: paired differences."""
+    rows: dict[str, dict[str, dict[int, float]]] = {}
+    for run in runs:
+        by_metric = rows.setdefault(label_of(run), {})
+        for m in metrics:
+            if m in run["metrics"]:
+                by_metric.setdefault(m, {})[run["seed"]] = run["metrics"][m]
+    out: dict[str, Any] = {"rows": {}, "paired": {}}
+    for label, by_metric in rows.items():
+        out["rows"][label] = {m: dict(zip(("mean", "std"), _mean_std(list(v.values()))),
+                                      n=len(v)) for m, v in by_metric.items()}
+    methods = sorted({r["method"] for r in runs if not r.get("reference")})
+    for method in methods:
+        base, plus = rows.get(method, {}), rows.get(method + " +recon", {})
+        for m in metrics:
+            seeds = sorted(set(base.get(m, {})) & set(plus.get(m, {})))
+            if not seeds:
+                continue
+            diffs = [plus[m][s] - base[m][s] for s in seeds]
+            mean, std = _mean_std(diffs)
+            clear = len(diffs) > 1 and abs(mean) > std
+            out["paired"].setdefault(method, {})[m] = {
+                "mean": mean, "std": std, "n": len(diffs),
+                "improved": sum(d > 0 for d in diffs),
+                "verdict": ("+recon better" if mean > 0 else "+recon worse") if clear else
+                           "no clear difference",
+            }
+    return out
+
+
+def _fmt(cell: dict | None) -> str:
+    if not cell or math.isnan(cell["mean"]):
+        return "-"
+    if cell["n"] > 1:
+        return f"{cell['mean']:.1f} ± {cell['std']:.1f}"
+    return f"{cell['mean']:.1f}"
+
+
+def render_table(runs: list[dict[str, Any]], metrics: Sequence[str]) -> str:
+    """Markdown table: reference rows, then per method base, +recon and the paired difference."""
+    s = summarise(runs, metrics)
+    header = "| run | " + " | ".join(metrics) + " |\n|---|" + "---|" * len(metrics) + "\n"
+    lines = []
+    refs = {r["reference"] for r in runs if r.get("reference")}
+    labels = sorted(refs, key=lambda lab: (next((i for i, p in enumerate(REFERENCE_ORDER)
+                                                 if lab.startswith(p)), 99), lab))
+    methods = sorted({r["method"] for r in runs if not r.get("reference")})
+    for label in labels:
+        lines.append(f"| {label} | " + " | ".join(_fmt(s["rows"][label].get(m)) for m in metrics)
+                     + " |")
+    for method in methods:
+        for label in (method, method + " +recon"):
+            if label in s["rows"]:
+                cells = [_fmt(s["rows"][label].get(m)) for m in metrics]
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        paired = s["paired"].get(method)
+        if paired:
+            cells = []
+            for m in metrics:
+                p = paired.get(m)
+                cells.append("-" if p is None else
+                             f"{p['mean']:+.1f} ± {p['std']:.1f} ({p['improved']}/{p['n']} "
+                             f"seeds up; {p['verdict']})")
+            lines.append(f"| {method}: +recon − base (paired) | " + " | ".join(cells) + " |")
+    return header + "\n".join(lines) + "\n"
+
+
+def render_readme(title: str, runs: list[dict[str, Any]], metrics: Sequence[str],
+                  setup: str, pictures: Sequence[str] = (), notes: str = "") -> str:
+    """A results README: how it was measured, the table, the paper's numbers, the caveats."""
+    paper = PAPER["table1_cifar10"]
+    paper_rows = "\n".join(f"| {k} | {v[0]} | {v[1]} |" for k, v in paper.items())
+    aet = PAPER["table3_cifar10_error"]
+    aet_rows = "\n".join(f"| {k} | {v} | {100 - v:.2f} |" for k, v in aet.items())
+    pics = "\n".join(f"![{p}]({p})" for p in pictures)
+    return f"""# {title}
+
+{setup}
+
+## Results (top-1 %, test set)
+
+{render_table(runs, metrics)}
+Rows: `random-init` is the same backbone untrained; `supervised` the same backbone trained with
+labels at the same scale; `recon-only` the auxiliary objective alone (same head and loss, no
+method loss). A paired difference smaller than its std over seeds is reported as "no clear
+difference" (with one seed there is no std and nothing is called clear).
+
+## The paper's numbers, for comparison (not comparable in scale)
+
+Hizioglu (2020), Table 1, CIFAR-10, AlexNet at paper scale (full 50k images, hundreds of
+epochs, GPU): linear probe on conv5 / weighted kNN on FC.
+
+| method | linear conv5 | kNN FC |
+|---|---|---|
+{paper_rows}
+
+Table 3, CIFAR-10, non-linear probe, error rate (and accuracy):
+
+| method | error % | accuracy % |
+|---|---|---|
+{aet_rows}
+
+The runs above are CPU-scale (see the setup line): their absolute numbers are far below the
+paper's, and only the base vs +recon comparison within this table is meaningful.
+
+## Caveat: LPIPS brings ImageNet supervision
+
+LPIPS's AlexNet/VGG backbone was trained on labelled ImageNet, so part of any gain from the LPIPS
+term may be transferred supervision rather than self-supervision; the L2-only setting (see the
+ablation) is the clean comparison.
+
+{notes}
+
+{pics}
+"""
+
+
+def plot_curves(runs: list[dict[str, Any]], path: Path, keys: Sequence[str]) -> bool:
+    """Training curves (per-epoch averages from each run's history); False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    keys = [k for k in keys if any(k in h for r in runs for h in r.get("history", []))]
+    if not keys:
+        return False
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for run in runs:
+            hist = [h for h in run.get("history", []) if key in h]
+            if hist:
+                ax.plot([h["epoch"] for h in hist], [h[key] for h in hist],
+                        label=f"{label_of(run)} s{run['seed']}", marker="o", ms=3)
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_ablation(points: dict[str, list[tuple[float, float]]], path: Path, xlabel: str,
+                  ylabel: str) -> bool:
+    """Metric vs a knob, one line per metric; points are (x, value) over seeds."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, pts in points.items():
+        xs = sorted({x for x, _ in pts})
+        means = [statistics.fmean([v for x2, v in pts if x2 == x]) for x in xs]
+        ax.plot(xs, means, marker="o", label=name)
+        ax.scatter([x for x, _ in pts], [v for _, v in pts], s=8, alpha=0.5)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,103 @@
+"""bench / ablate end to end on a tiny config; the table renderer on fixed inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from benchmarks import bench, report
+
+TOY_RUN = {
+    "method": {"name": "toy_method:Rotation"},
+    "backbone": {"name": "alexnet_cifar", "width": 0.25},
+    "data": {"dataset": "cifar10", "per_class": 10, "test_per_class": 5, "batch_size": 50},
+    "train": {"epochs": 1, "lr": 0.05},
+    "eval": {"knn": {"layers": ["conv5"], "k": 10, "temperature": 0.1}},
+    "run": {"progress": False},
+}
+
+
+@pytest.fixture
+def toy_config(tmp_path, monkeypatch, shared_data):
+    from conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "tests"))
+    monkeypatch.chdir(tmp_path)  # runs/ goes under tmp_path
+    monkeypatch.setenv("RECON_AUX_DATA", str(shared_data))
+    path = tmp_path / "toy_run.yaml"
+    path.write_text(yaml.safe_dump(TOY_RUN))
+    return path
+
+
+@pytest.mark.slow
+def test_bench_end_to_end_and_resume(tmp_path, toy_config, monkeypatch):
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "title": "tiny", "seeds": [0], "metrics": ["knn_conv5"], "recon": {"weight": 1.0},
+        "methods": {"toy": {"config": str(toy_config)}},
+        "references": {"toy": ["random-init", "supervised", "recon-only"]},
+    }))
+    cfg = bench.load_bench_config(cfg_file)
+    out = bench.run_bench(cfg, out=tmp_path / "results", progress=False)
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert sorted(r["id"] for r in runs) == sorted([
+        "random-init-alexnet_cifar-seed0", "supervised-alexnet_cifar-seed0",
+        "recon-only-alexnet_cifar-seed0", "toy-base-seed0", "toy-recon-seed0"])
+    for r in runs:
+        assert {"method", "recon", "seed", "metrics", "config", "wall_s", "machine"} <= set(r)
+    readme = (out / "README.md").read_text()
+    assert "random-init (alexnet_cifar)" in readme and "toy +recon" in readme
+    assert "transferred supervision" in readme and "Table 1" in readme
+    assert (out / "curves.png").is_file()
+    assert (out / "pictures" / "toy-recon-seed0.png").is_file()
+
+    def boom(cfg):  # a resumed matrix must not train finished runs again
+        raise AssertionError("re-ran a finished run")
+
+    monkeypatch.setattr(bench, "train", boom)
+    bench.run_bench(cfg, out=tmp_path / "results", progress=False)
+
+
+@pytest.mark.slow
+def test_ablate_end_to_end(tmp_path, toy_config):
+    cfg_file = tmp_path / "abl.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "title": "tiny ablation", "seeds": [0], "metrics": ["knn_conv5"],
+        "method": {"config": str(toy_config)},
+        "recon": {"weight": 1.0, "l2_weight": 1.0, "lpips_weight": 1.0},
+        "axes": {"weight": [0, 1.0], "mix": ["l2", "lpips", "l2+lpips"]},
+    }))
+    out = bench.run_ablate(bench.load_bench_config(cfg_file), out=tmp_path / "abl",
+                           progress=False)
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert len(runs) == 4  # weight=1 and mix=l2+lpips are the same run
+    assert (out / "figure2.png").is_file() and (out / "metric_vs_weight.png").is_file()
+    text = (out / "README.md").read_text()
+    assert "### weight" in text and "mix=lpips" in text
+
+
+def _run(method, recon, seed, acc, reference=None):
+    return {"method": method, "recon": recon, "seed": seed, "reference": reference,
+            "metrics": {"knn": acc}}
+
+
+def test_table_renderer_fixed_inputs():
+    runs = [
+        _run("random-init", False, 0, 30.0, "random-init"),
+        _run("m", False, 0, 40.0), _run("m", {"weight": 1}, 0, 42.0),
+        _run("m", False, 1, 41.0), _run("m", {"weight": 1}, 1, 44.0),
+        _run("n", False, 0, 50.0), _run("n", {"weight": 1}, 0, 49.0),
+        _run("n", False, 1, 52.0), _run("n", {"weight": 1}, 1, 53.0),
+    ]
+    table = report.render_table(runs, ["knn"])
+    lines = table.strip().splitlines()
+    assert lines[0] == "| run | knn |"
+    assert lines[2] == "| random-init | 30.0 |"
+    assert "| m | 40.5 ± 0.7 |" in lines
+    assert "| m +recon | 43.0 ± 1.4 |" in lines
+    assert "| m: +recon − base (paired) | +2.5 ± 0.7 (2/2 seeds up; +recon better) |" in lines
+    # n: diffs -1 and +1 -> mean 0 with std 1.4: no clear difference
+    assert any(line.startswith("| n: +recon − base (paired) | +0.0 ± 1.4 (1/2 seeds up; no clear"
+                               ) for line in lines)
