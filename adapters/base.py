@@ -56,6 +56,7 @@ class EngineContext:
         device: Where training runs.
         epoch, step: Current epoch (0-based) and global optimizer step.
         epochs, steps_per_epoch: Schedule length.
+        batch_size: Samples per optimizer step over all ranks (0 in hand-made contexts).
         num_samples: Size of the training set (global, all ranks); positions 0..num_samples-1.
         targets: True labels of the training set (``num_samples``), for diagnostics such as
             NMI only; never for training.
@@ -85,6 +86,7 @@ class EngineContext:
     broadcast: Callable[[Tensor], Tensor]
     optimizer: torch.optim.Optimizer
     log: Callable[[dict], None]
+    batch_size: int = 0
 
 
 class Method(nn.Module, ABC):

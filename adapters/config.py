@@ -4,7 +4,8 @@ Schema (every section but ``method`` has defaults; see :data:`DEFAULTS`)::
 
     method:   {name: deepcluster | sela | aet, ...the method's hyperparameters...}
     backbone: {name: alexnet_cifar | alexnet | nin, ...its keyword arguments...}
-    data:     {dataset, root, per_class, test_per_class, batch_size, augment, eval_batch_size}
+    data:     {dataset, root, per_class, test_per_class, batch_size, augment, eval_batch_size,
+               resize (side length the loader resizes/crops images to, e.g. 224)}
     train:    {epochs, lr, momentum, weight_decay, nesterov, lr_schedule, milestones, gamma,
                seed, device, threads}
     eval:     {knn: {layers, k, temperature} | null, linear: {layer, epochs, ...} | null,
@@ -38,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "backbone": {"name": "alexnet_cifar"},
     "data": {
         "dataset": "cifar10", "root": None, "per_class": None, "test_per_class": None,
-        "batch_size": 128, "augment": None, "eval_batch_size": 500,
+        "batch_size": 128, "augment": None, "eval_batch_size": 500, "resize": None,
     },
     "train": {
         "epochs": 1, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False,

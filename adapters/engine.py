@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 import recon_aux
-from recon_aux.data import BatchLoader, balanced_subset, load_dataset
+from recon_aux.data import BatchLoader, balanced_subset, load_dataset, make_augment
 from recon_aux.evaluation import (
     extract_features,
     knn_eval,
@@ -125,13 +125,16 @@ class Trainer:
             test = test.subset(balanced_subset(test.targets, dcfg["test_per_class"], self.seed))
         self.train_set, self.test_set = train, test
         h, w = train.image_size
+        self.size = int(dcfg["resize"] or h)  # e.g. SeLa/DeepCluster upsample CIFAR to 224
+        h = w = self.size
 
         bcfg = dict(cfg["backbone"])
         self.backbone = build_backbone(bcfg.pop("name"), **bcfg).to(self.device)
         mcfg = dict(cfg["method"])
         self.method = load_method(mcfg.pop("name"))(self.backbone, len(train), **mcfg)
         self.method.to(self.device)
-        self.views = list(dcfg["augment"] or self.method.views)
+        self.views = [make_augment(v, size=self.size) if isinstance(v, str) else v
+                      for v in (dcfg["augment"] or self.method.views)]
         params = [p for p in [*self.backbone.parameters(), *self.method.parameters()]
                   if p.requires_grad]
         self.optimizer = torch.optim.SGD(params, lr=tcfg["lr"], momentum=tcfg["momentum"],
@@ -162,7 +165,8 @@ class Trainer:
                            world_size=self.world, drop_last=True)
 
     def _plain_loader(self, arrays, shard: bool) -> BatchLoader:
-        return BatchLoader(arrays, self.cfg["data"]["eval_batch_size"], augment="none",
+        return BatchLoader(arrays, self.cfg["data"]["eval_batch_size"],
+                           augment=make_augment("none", size=self.size),
                            shuffle=False, rank=self.rank if shard else 0,
                            world_size=self.world if shard else 1)
 
@@ -182,6 +186,7 @@ class Trainer:
         return EngineContext(
             backbone=self.backbone, device=self.device, epoch=epoch, step=self.global_step,
             epochs=self.cfg["train"]["epochs"], steps_per_epoch=self.steps_per_epoch,
+            batch_size=self.cfg["data"]["batch_size"] * self.world,
             num_samples=len(self.train_set),
             targets=torch.as_tensor(self.train_set.targets), seed=self.seed, rank=self.rank,
             world_size=self.world, extract=self.extract, broadcast=D.broadcast,
@@ -332,8 +337,8 @@ class Trainer:
         from torchvision.utils import save_image
 
         pick = np.linspace(0, len(self.test_set) - 1, n).astype(np.int64)
-        images = torch.from_numpy(self.test_set.images[pick]).permute(0, 3, 1, 2).float() / 255
-        images = images.to(self.device)
+        raw = torch.from_numpy(self.test_set.images[pick]).permute(0, 3, 1, 2)
+        images = make_augment("none", size=self.size)(raw, torch.Generator()).to(self.device)
         recon = self.aux.reconstruct(images)
         rows = torch.stack([images.view(2, n // 2, *images.shape[1:]),
                             recon.view(2, n // 2, *images.shape[1:])], 1)
