@@ -185,7 +185,9 @@ def run_bench(cfg: dict[str, Any], out: Path | None = None,
     recon_set = [f"recon={json.dumps(recon)}"]
     for seed in cfg["seeds"]:
         for ref_from, rows in (cfg.get("references") or {}).items():
-            src = cfg["methods"][ref_from]
+            src = cfg["methods"].get(ref_from)
+            if src is None:
+                continue
             for row in rows:
                 extra = [*common, f"train.seed={seed}"]
                 if row == "random-init":
@@ -206,6 +208,8 @@ def run_bench(cfg: dict[str, Any], out: Path | None = None,
                 matrix.add(f"{row}-{rc['backbone']['name']}-seed{seed}", rc,
                            {"reference": label, "method": row})
         for method, src in cfg["methods"].items():
+            if src is None:  # switched off on the command line: methods.aet=null
+                continue
             for variant in ("base", "recon"):
                 extra = [*common, f"train.seed={seed}",
                          *(recon_set if variant == "recon" else ["recon=null"])]
