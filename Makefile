@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 RECON_AUX_DATA ?= $(abspath $(wildcard ../shared/data))
 export RECON_AUX_DATA
 
-.PHONY: demo test lint venv clean
+.PHONY: demo demo-recon test lint venv clean
 
 venv: $(VENV)/.installed
 
@@ -26,7 +26,13 @@ test: lint
 	# pytest exits 5 when it collected no test; that is reported, not a failure.
 	$(PY) -m pytest -q || [ $$? -eq 5 ]
 
+# The main job: every method, base and +recon, with reference rows, tables and pictures
+# (benchmarks/results/quick/). A re-run skips finished runs and prints the table.
 demo: venv
+	$(VENV)/bin/recon-aux bench benchmarks/configs/quick.yaml
+
+# The library alone: an encoder trained with the objective, with a reconstruction picture.
+demo-recon: venv
 	$(PY) -m recon_aux.demo
 
 clean:
