@@ -74,8 +74,11 @@ def _dotted(mapping: dict | None) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in (mapping or {}).items()]
 
 
-def _run_config(source: dict, extra: list[str], name: str) -> dict[str, Any]:
-    cfg = load_run_config(source["config"], [*extra, *_dotted(source.get("set"))])
+def _run_config(source: dict, extra: list[str], name: str,
+                final: list[str] = ()) -> dict[str, Any]:
+    """The run config of ``source`` with overrides: ``extra``, then the source's own ``set``,
+    then ``final`` (what defines the row: base/+recon, a reference's epochs or method)."""
+    cfg = load_run_config(source["config"], [*extra, *_dotted(source.get("set")), *final])
     cfg["name"] = name
     return cfg
 
@@ -189,21 +192,15 @@ def run_bench(cfg: dict[str, Any], out: Path | None = None,
             if src is None:
                 continue
             for row in rows:
-                extra = [*common, f"train.seed={seed}"]
-                if row == "random-init":
-                    extra += ["recon=null", "train.epochs=0"]
-                elif row == "supervised":
-                    extra += ["recon=null", "method={\"name\": \"supervised\"}"]
-                elif row == "recon-only":
-                    extra += [*recon_set, "method={\"name\": \"recon_only\"}"]
-                else:
+                final = {
+                    "random-init": ["recon=null", "train.epochs=0"],
+                    "supervised": ["recon=null", "method={name: supervised}"],
+                    "recon-only": [*recon_set, "method={name: recon_only}"],
+                }.get(row)
+                if final is None:
                     raise RunConfigError(f"unknown reference row {row!r}; use random-init, "
                                          "supervised, recon-only.")
-                rc = _run_config(src, extra, cfg["name"])
-                if row == "supervised":
-                    rc["method"] = {"name": "supervised"}
-                if row == "recon-only":
-                    rc["method"] = {"name": "recon_only"}
+                rc = _run_config(src, [*common, f"train.seed={seed}"], cfg["name"], final)
                 label = f"{row} ({rc['backbone']['name']})"
                 matrix.add(f"{row}-{rc['backbone']['name']}-seed{seed}", rc,
                            {"reference": label, "method": row})
@@ -211,10 +208,9 @@ def run_bench(cfg: dict[str, Any], out: Path | None = None,
             if src is None:  # switched off on the command line: methods.aet=null
                 continue
             for variant in ("base", "recon"):
-                extra = [*common, f"train.seed={seed}",
-                         *(recon_set if variant == "recon" else ["recon=null"])]
-                matrix.add(f"{method}-{variant}-seed{seed}", _run_config(src, extra, cfg["name"]),
-                           {"method": method})
+                final = recon_set if variant == "recon" else ["recon=null"]
+                rc = _run_config(src, [*common, f"train.seed={seed}"], cfg["name"], final)
+                matrix.add(f"{method}-{variant}-seed{seed}", rc, {"method": method})
     runs = matrix.execute()
     _write_report(matrix.out, cfg, runs)
     return matrix.out
@@ -256,8 +252,8 @@ def run_ablate(cfg: dict[str, Any], out: Path | None = None,
                     recon["l2_weight"], recon["lpips_weight"] = MIXES[value]
                 else:
                     recon[axis] = value
-                extra = [*common, f"train.seed={seed}", f"recon={json.dumps(recon)}"]
-                rc = _run_config(cfg["method"], extra, cfg["name"])
+                rc = _run_config(cfg["method"], [*common, f"train.seed={seed}"], cfg["name"],
+                                 [f"recon={json.dumps(recon)}"])
                 key = hashlib.sha256(json.dumps([rc["recon"], seed], sort_keys=True)
                                      .encode()).hexdigest()
                 run_id = f"{axis}={value}-seed{seed}".replace("/", "_").replace(" ", "")

@@ -36,7 +36,7 @@ def test_bench_end_to_end_and_resume(tmp_path, toy_config, monkeypatch):
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(yaml.safe_dump({
         "title": "tiny", "seeds": [0], "metrics": ["knn_conv5"], "recon": {"weight": 1.0},
-        "methods": {"toy": {"config": str(toy_config)}},
+        "methods": {"toy": {"config": str(toy_config), "set": {"train.epochs": 1}}},
         "references": {"toy": ["random-init", "supervised", "recon-only"]},
     }))
     cfg = bench.load_bench_config(cfg_file)
@@ -47,6 +47,11 @@ def test_bench_end_to_end_and_resume(tmp_path, toy_config, monkeypatch):
         "recon-only-alexnet_cifar-seed0", "toy-base-seed0", "toy-recon-seed0"])
     for r in runs:
         assert {"method", "recon", "seed", "metrics", "config", "wall_s", "machine"} <= set(r)
+    by_id = {r["id"]: r for r in runs}
+    # a method's own `set` must not override what defines a reference row
+    assert by_id["random-init-alexnet_cifar-seed0"]["config"]["train"]["epochs"] == 0
+    assert by_id["supervised-alexnet_cifar-seed0"]["config"]["method"]["name"] == "supervised"
+    assert by_id["toy-base-seed0"]["recon"] is False
     readme = (out / "README.md").read_text()
     assert "random-init (alexnet_cifar)" in readme and "toy +recon" in readme
     assert "transferred supervision" in readme and "Table 1" in readme
