@@ -302,3 +302,33 @@ def pool_name(pool: PoolSpec) -> str:
     if callable(pool):
         return getattr(pool, "__name__", type(pool).__name__)
     return pool
+
+
+def evaluate_layers(
+    protocol: str,
+    probe: Callable[..., dict[str, Any]],
+    model: nn.Module,
+    train_batches: Iterable[Any],
+    test_batches: Iterable[Any],
+    layer: str | Sequence[str],
+    device: str | torch.device | None,
+    pool: PoolSpec,
+    progress: bool | None,
+    **extract_kwargs: Any,
+) -> dict[str, Any]:
+    """Extract the train and test features of every layer once, then run ``probe`` per layer.
+
+    ``probe(train_x, train_y, test_x, test_y, device)`` returns a result dict, to which
+    ``"protocol"``, ``"feature"`` and ``"pool"`` are added. Returns that dict for one layer name,
+    ``{layer: result}`` for a list. Shared by the ``*_eval`` functions of every protocol.
+    """
+    names = [layer] if isinstance(layer, str) else list(layer)
+    device = resolve_device(device, model)
+    kwargs = {"pool": pool, "progress": progress, **extract_kwargs}
+    train = extract_features(model, train_batches, names, device, **kwargs)
+    test = extract_features(model, test_batches, names, device, **kwargs)
+    results = {}
+    for name in names:
+        result = probe(train[name], train.targets, test[name], test.targets, device)
+        results[name] = {"protocol": protocol, "feature": name, **result, "pool": pool_name(pool)}
+    return results[names[0]] if isinstance(layer, str) else results

@@ -35,7 +35,7 @@ from ._common import (
     resolve_device,
     topk_correct,
 )
-from .features import PoolSpec, extract_features, pool_name
+from .features import PoolSpec, evaluate_layers
 
 REFERENCE = "yukimasano/self-label cifar_utils.py kNN; lightly.utils.benchmarking.knn_predict"
 
@@ -178,24 +178,10 @@ def knn_eval(
         >>> result = knn_eval(backbone, train_loader, test_loader, "conv5")  # doctest: +SKIP
         >>> result["top1"], result["k"], result["feature"]  # doctest: +SKIP
     """
-    names = [layer] if isinstance(layer, str) else list(layer)
-    device = resolve_device(device, model)
-    train = extract_features(model, train_batches, names, device, pool=pool, progress=progress)
-    test = extract_features(model, test_batches, names, device, pool=pool, progress=progress)
-    results = {}
-    for name in names:
-        result = weighted_knn(
-            train[name],
-            train.targets,
-            test[name],
-            test.targets,
-            k=k,
-            temperature=temperature,
-            num_classes=num_classes,
-            chunk_size=chunk_size,
-            device=device,
-            progress=progress,
-        )
-        result = {"protocol": "knn", "feature": name, "pool": pool_name(pool), **result}
-        results[name] = result
-    return results[names[0]] if isinstance(layer, str) else results
+    def probe(train_x, train_y, test_x, test_y, dev):
+        return weighted_knn(train_x, train_y, test_x, test_y, k=k, temperature=temperature,
+                            num_classes=num_classes, chunk_size=chunk_size, device=dev,
+                            progress=progress)
+
+    return evaluate_layers("knn", probe, model, train_batches, test_batches, layer, device,
+                           pool, progress)

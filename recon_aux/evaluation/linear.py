@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from . import _training
 from ._common import check_features_targets, infer_num_classes, resolve_device
-from .features import PoolSpec, extract_features, pool_features, pool_name
+from .features import PoolSpec, evaluate_layers, pool_features, pool_name
 
 REFERENCE = "facebookresearch/deepcluster eval_linear.py (RegLog) + util.py learning_rate_decay"
 LR_SCHEDULES = ("deepcluster", "step", "constant")
@@ -233,27 +233,9 @@ def linear_probe_eval(
         >>> linear_probe_eval(backbone, train_loader, test_loader, "conv5", epochs=10)
         ... # doctest: +SKIP
     """
-    names = [layer] if isinstance(layer, str) else list(layer)
-    device = resolve_device(device, model)
-    train = extract_features(
-        model, train_batches, names, device, pool=pool, target_dim=target_dim, progress=progress
-    )
-    test = extract_features(
-        model, test_batches, names, device, pool=pool, target_dim=target_dim, progress=progress
-    )
-    results = {}
-    for name in names:
-        result = linear_probe(
-            train[name],
-            train.targets,
-            test[name],
-            test.targets,
-            pool="none",
-            target_dim=target_dim,
-            device=device,
-            progress=progress,
-            **probe_kwargs,
-        )
-        result["pool"] = pool_name(pool)
-        results[name] = {"protocol": "linear", "feature": name, **result}
-    return results[names[0]] if isinstance(layer, str) else results
+    def probe(train_x, train_y, test_x, test_y, dev):
+        return linear_probe(train_x, train_y, test_x, test_y, pool="none",
+                            target_dim=target_dim, device=dev, progress=progress, **probe_kwargs)
+
+    return evaluate_layers("linear", probe, model, train_batches, test_batches, layer, device,
+                           pool, progress, target_dim=target_dim)

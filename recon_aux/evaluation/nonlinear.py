@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from . import _training
 from ._common import infer_num_classes, resolve_device
-from .features import PoolSpec, extract_features, pool_name
+from .features import PoolSpec, evaluate_layers, pool_name
 from .linear import _prepare
 
 REFERENCE = (
@@ -230,22 +230,9 @@ def nonlinear_probe_eval(
         >>> nonlinear_probe_eval(nin, train_loader, test_loader, "conv2", epochs=20)
         ... # doctest: +SKIP
     """
-    names = [layer] if isinstance(layer, str) else list(layer)
-    device = resolve_device(device, model)
-    train = extract_features(model, train_batches, names, device, pool=pool, progress=progress)
-    test = extract_features(model, test_batches, names, device, pool=pool, progress=progress)
-    results = {}
-    for name in names:
-        result = nonlinear_probe(
-            train[name],
-            train.targets,
-            test[name],
-            test.targets,
-            pool="none",
-            device=device,
-            progress=progress,
-            **probe_kwargs,
-        )
-        result["pool"] = pool_name(pool)
-        results[name] = {"protocol": "nonlinear", "feature": name, **result}
-    return results[names[0]] if isinstance(layer, str) else results
+    def probe(train_x, train_y, test_x, test_y, dev):
+        return nonlinear_probe(train_x, train_y, test_x, test_y, pool="none", device=dev,
+                               progress=progress, **probe_kwargs)
+
+    return evaluate_layers("nonlinear", probe, model, train_batches, test_batches, layer,
+                           device, pool, progress)
