@@ -116,6 +116,8 @@ class Trainer:
         self.rank, self.world = D.rank(), D.world_size()
         self.seed = int(tcfg["seed"])
         _seed_everything(self.seed)
+        mcfg = dict(cfg["method"])
+        method_cls = load_method(mcfg.pop("name"))  # an unknown method fails before any data
 
         train = load_dataset(dcfg["dataset"], data_root=dcfg["root"], train=True)
         test = load_dataset(dcfg["dataset"], data_root=dcfg["root"], train=False)
@@ -130,8 +132,7 @@ class Trainer:
 
         bcfg = dict(cfg["backbone"])
         self.backbone = build_backbone(bcfg.pop("name"), **bcfg).to(self.device)
-        mcfg = dict(cfg["method"])
-        self.method = load_method(mcfg.pop("name"))(self.backbone, len(train), **mcfg)
+        self.method = method_cls(self.backbone, len(train), **mcfg)
         self.method.to(self.device)
         self.views = [make_augment(v, size=self.size) if isinstance(v, str) else v
                       for v in (dcfg["augment"] or self.method.views)]
