@@ -184,6 +184,8 @@ class FeatureTap:
             self._select_handles = []
             self._tap_layer(name, dict(model.named_modules())[name])
         feature, self._feature, self._last_conv = self._feature, None, None
+        if self._active and feature is None:
+            self._skipped = f"without reaching the tapped layer {self.layer_name!r}"
         if not self._active or feature is None:
             return
         self._active = False

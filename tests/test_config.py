@@ -69,6 +69,25 @@ def test_loss_without_forward(tiny_alexnet):
         aux.loss(torch.rand(2, 3, 32, 32))
 
 
+class StopsEarly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+
+    def forward(self, x, stop: bool = False):
+        y = self.conv1(x)
+        return y.mean() if stop else self.conv2(y).mean()
+
+
+def test_loss_after_forward_that_skips_the_layer():
+    model = StopsEarly()
+    aux = recon_aux.attach(model, layer="conv2")
+    x = torch.rand(2, 3, 32, 32)
+    model(x, stop=True)
+    with pytest.raises(PairingError, match="without reaching the tapped layer 'conv2'"):
+        aux.loss(x)
+
+
 def test_loss_other_batch_size(tiny_alexnet):
     aux = recon_aux.attach(tiny_alexnet)
     tiny_alexnet(torch.rand(4, 3, 32, 32))
