@@ -113,3 +113,37 @@ def fit(
         "train_loss": loss_sum / max(seen, 1),
         "train_top1": 100.0 * correct / max(seen, 1),
     }
+
+
+def fit_and_report(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    settings: dict,
+    *,
+    reference: str,
+    return_classifier: bool,
+    **fit_kwargs,
+) -> dict:
+    """Train a probe on cached features, test it, and return ``settings`` plus the sizes, the
+    fit's record and the accuracies: the result dict shared by the linear and non-linear probes."""
+    fitted = fit(module, optimizer, train_x, train_y, **fit_kwargs)
+    top1, top5, test_loss = evaluate(module, test_x, test_y, fit_kwargs["device"])
+    result = {
+        **settings,
+        "feature_dim": int(train_x.shape[1]),
+        "num_train": int(train_x.shape[0]),
+        "num_test": int(test_x.shape[0]),
+        "augmentation": "none (cached features)",
+        **fitted,
+        "top1": top1,
+        "top5": top5,
+        "test_loss": test_loss,
+        "reference": reference,
+    }
+    if return_classifier:
+        result["classifier"] = module.cpu()
+    return result

@@ -154,28 +154,11 @@ def linear_probe(
             return _training.step_lr(lr, epoch, steps, gamma)
         return lr
 
-    fitted = _training.fit(
-        classifier,
-        optimizer,
-        train_x,
-        train_y,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr_at=lr_at,
-        seed=seed,
-        device=device,
-        progress=progress,
-        desc="linear probe",
-    )
-    top1, top5, test_loss = _training.evaluate(classifier, test_x, test_y, device)
-    result: dict[str, Any] = {
+    settings = {
         "protocol": "linear",
         "pool": pool_name(pool),
         "target_dim": target_dim,
-        "feature_dim": int(train_x.shape[1]),
         "num_classes": num_classes,
-        "num_train": int(train_x.shape[0]),
-        "num_test": int(test_x.shape[0]),
         "epochs": epochs,
         "batch_size": batch_size,
         "lr": lr,
@@ -185,16 +168,13 @@ def linear_probe(
         "milestones": steps,
         "gamma": gamma if lr_schedule == "step" else None,
         "seed": seed,
-        "augmentation": "none (cached features)",
-        **fitted,
-        "top1": top1,
-        "top5": top5,
-        "test_loss": test_loss,
-        "reference": REFERENCE,
     }
-    if return_classifier:
-        result["classifier"] = classifier.cpu()
-    return result
+    return _training.fit_and_report(
+        classifier, optimizer, train_x, train_y, test_x, test_y, settings,
+        reference=REFERENCE, return_classifier=return_classifier, epochs=epochs,
+        batch_size=batch_size, lr_at=lr_at, seed=seed, device=device, progress=progress,
+        desc="linear probe",
+    )
 
 
 def linear_probe_eval(

@@ -156,29 +156,12 @@ def nonlinear_probe(
         head.parameters(), lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
     )
     steps = _training.scaled_milestones(epochs, milestones, (0.5, 0.75))
-    fitted = _training.fit(
-        head,
-        optimizer,
-        train_x,
-        train_targets.long(),
-        epochs=epochs,
-        batch_size=batch_size,
-        lr_at=lambda epoch, _it: _training.step_lr(lr, epoch, steps, gamma),
-        seed=seed,
-        device=device,
-        progress=progress,
-        desc="non-linear probe",
-    )
-    top1, top5, test_loss = _training.evaluate(head, test_x, test_targets.long(), device)
-    result: dict[str, Any] = {
+    settings = {
         "protocol": "nonlinear",
         "head": "Linear(no bias)-BatchNorm1d-ReLU-Linear",
         "pool": pool_name(pool),
-        "feature_dim": int(train_x.shape[1]),
         "hidden": head.hidden,
         "num_classes": num_classes,
-        "num_train": int(train_x.shape[0]),
-        "num_test": int(test_x.shape[0]),
         "epochs": epochs,
         "batch_size": batch_size,
         "lr": lr,
@@ -189,16 +172,13 @@ def nonlinear_probe(
         "milestones": steps,
         "gamma": gamma,
         "seed": seed,
-        "augmentation": "none (cached features)",
-        **fitted,
-        "top1": top1,
-        "top5": top5,
-        "test_loss": test_loss,
-        "reference": REFERENCE,
     }
-    if return_classifier:
-        result["classifier"] = head.cpu()
-    return result
+    return _training.fit_and_report(
+        head, optimizer, train_x, train_targets.long(), test_x, test_targets.long(), settings,
+        reference=REFERENCE, return_classifier=return_classifier, epochs=epochs,
+        batch_size=batch_size, lr_at=lambda epoch, _it: _training.step_lr(lr, epoch, steps, gamma),
+        seed=seed, device=device, progress=progress, desc="non-linear probe",
+    )
 
 
 def nonlinear_probe_eval(
