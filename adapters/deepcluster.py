@@ -102,6 +102,7 @@ _HPARAMS = (
     "k",
     "layer",
     "pca_dim",
+    "pca_epsilon",
     "kmeans_iters",
     "kmeans_backend",
     "top_layer_momentum",
@@ -162,6 +163,10 @@ class DeepCluster(Method):
             i.e. fc7 before ReLU, as the original) or one of its probe points.
         pca_dim: PCA-whitening output dimension (original: 256). Needs ``pca_dim < num_samples``
             and at most the clustered layer's dimension.
+        pca_epsilon: Whitening regulariser as a fraction of the top eigenvalue (original: 0,
+            faiss' default). With 0, features that span fewer than ``pca_dim`` directions (dead
+            fc units, a partial collapse) are an error; > 0 clusters them anyway without
+            amplifying their degenerate directions.
         kmeans_iters: Lloyd iterations (original: 20).
         kmeans_backend: ``"auto"``, ``"torch"`` or ``"faiss"`` (see :mod:`adapters.kmeans`).
         top_layer_momentum: False (original): plain SGD steps for the top layer; True: the
@@ -179,6 +184,7 @@ class DeepCluster(Method):
         k: int = 10000,
         layer: str = "fc7.1",
         pca_dim: int = 256,
+        pca_epsilon: float = 0.0,
         kmeans_iters: int = 20,
         kmeans_backend: str = "auto",
         top_layer_momentum: bool = False,
@@ -196,6 +202,7 @@ class DeepCluster(Method):
             k=k,
             layer=layer,
             pca_dim=pca_dim,
+            pca_epsilon=pca_epsilon,
             kmeans_iters=kmeans_iters,
             kmeans_backend=kmeans_backend,
             top_layer_momentum=top_layer_momentum,
@@ -209,6 +216,11 @@ class DeepCluster(Method):
                 f"2 <= k < {num_samples}; lower method.k or use more images"
             )
         self.pca_dim = _positive_int(pca_dim, "method.pca_dim")
+        if isinstance(pca_epsilon, bool) or not isinstance(pca_epsilon, (int, float)) \
+                or not 0 <= pca_epsilon < 1:
+            raise ValueError(f"method.pca_epsilon={pca_epsilon!r} must be a number in [0, 1) "
+                             "(a fraction of the top eigenvalue; 0 is the original)")
+        self.pca_epsilon = float(pca_epsilon)
         if self.pca_dim >= self.num_samples:
             raise ValueError(
                 f"method.pca_dim={pca_dim} needs more than {pca_dim} training images, got "
@@ -280,7 +292,8 @@ class DeepCluster(Method):
         t_features = time.perf_counter() - t0
         backend = resolve_backend(self.kmeans_backend)
         work = ctx.device if backend == "torch" else torch.device("cpu")
-        points = preprocess_features(features, self.pca_dim, device=work)
+        points = preprocess_features(features, self.pca_dim, device=work,
+                                     epsilon=self.pca_epsilon)
         result = kmeans(
             points,
             self.k,

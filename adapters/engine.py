@@ -228,9 +228,7 @@ class Trainer:
                     "Lower train.lr or recon.weight.")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.aux is not None and self.world > 1:  # the head is outside the DDP module
-            D.all_reduce_mean_([p.grad for p in self.aux.parameters()])
-        self.optimizer.step()
+        self.optimizer.step()  # under DDP, recon_aux averages its head's gradients first
         self.global_step += 1
         logs = {k: float(v.detach()) for k, v in parts.items()}
         logs.update({k: float(v.detach()) if torch.is_tensor(v) else float(v)

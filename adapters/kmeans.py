@@ -132,6 +132,7 @@ def pca_whiten(
     eigen_power: float = -0.5,
     device: torch.device | str | None = None,
     chunk_rows: int = 65536,
+    epsilon: float = 0.0,
 ) -> Tensor:
     """PCA projection to ``dim`` components, each scaled by ``eigenvalue ** eigen_power``.
 
@@ -148,6 +149,11 @@ def pca_whiten(
         x: ``(N, D)`` features.
         dim: Number of components kept; needs ``dim <= D`` and ``dim < N``.
         eigen_power: Exponent of the eigenvalue scaling (-0.5: whitening, 0: plain PCA).
+        epsilon: Added to every eigenvalue before the scaling, as a fraction of the largest
+            eigenvalue (faiss' ``PCAMatrix.epsilon`` is the same regulariser in absolute units;
+            the original DeepCluster leaves it at 0). 0 keeps the exact transform and makes
+            degenerate features an error; > 0 whitens degenerate directions by at most
+            ``(epsilon * largest) ** eigen_power`` instead of amplifying rounding noise.
         device: Where to compute (default: ``x.device``).
         chunk_rows: Rows per chunk.
 
@@ -200,12 +206,17 @@ def pca_whiten(
     eigenvalues = eigenvalues.flip(0)[:dim]
     eigenvectors = eigenvectors.flip(1)[:, :dim]
     top = float(eigenvalues[0])
-    if not eigenvalues[-1] > EIGEN_RTOL * top:
+    if epsilon < 0:
+        raise ValueError(f"PCA epsilon={epsilon} must be >= 0 (a fraction of the top eigenvalue)")
+    if epsilon > 0:
+        eigenvalues = eigenvalues.clamp_min(0) + epsilon * top
+    elif not eigenvalues[-1] > EIGEN_RTOL * top:
         rank = int((eigenvalues > EIGEN_RTOL * top).sum())
         raise ValueError(
             f"the features span only {rank} non-degenerate directions (eigenvalues above "
             f"{EIGEN_RTOL:g} x the largest), fewer than the {dim} PCA components to whiten; "
-            "lower the PCA dimension (method.pca_dim) or cluster a wider layer"
+            "lower the PCA dimension (method.pca_dim), cluster a wider layer, or regularise "
+            "the whitening (method.pca_epsilon, e.g. 1e-3)"
         )
     if gram:
         # Components V = Xc^T U diag(eig)^-1/2 (unit columns), so the output
@@ -220,7 +231,8 @@ def pca_whiten(
 
 
 def preprocess_features(
-    x: Tensor, pca_dim: int = 256, device: torch.device | str | None = None
+    x: Tensor, pca_dim: int = 256, device: torch.device | str | None = None,
+    epsilon: float = 0.0,
 ) -> Tensor:
     """DeepCluster's ``preprocess_features``: PCA-whitening to ``pca_dim``, then unit-L2 rows.
 
@@ -228,11 +240,12 @@ def preprocess_features(
         x: ``(N, D)`` features.
         pca_dim: Output dimension (DeepCluster: 256).
         device: Where to compute (default: ``x.device``).
+        epsilon: Whitening regulariser, a fraction of the top eigenvalue (see :func:`pca_whiten`).
 
     Returns:
         ``(N, pca_dim)`` float32 rows of norm 1.
     """
-    z = pca_whiten(x, pca_dim, -0.5, device=device)
+    z = pca_whiten(x, pca_dim, -0.5, device=device, epsilon=epsilon)
     norms = z.norm(dim=1, keepdim=True)
     if not bool((norms > 0).all()):
         bad = int((norms == 0).sum())

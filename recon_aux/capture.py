@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,9 +32,13 @@ class PairingError(RuntimeError):
 
 @dataclass(eq=False)
 class Capture:
-    """The tapped layer's output from one training forward, and the input that forward received."""
+    """The tapped layer's output from one training forward, and the input that forward received.
 
-    feature: Tensor
+    ``feature`` is one ``N x C x h x w`` tensor, or a tuple of them (one per tapped layer, in the
+    order the layers were named) for a multi-level tap.
+    """
+
+    feature: Tensor | tuple[Tensor, ...]
     input_ref: weakref.ref | None
     batch_size: int
     index: int
@@ -87,24 +91,31 @@ def conv_layer_names(model: nn.Module) -> list[str]:
 
 
 class FeatureTap:
-    """Captures the output of one layer of ``model`` in training forwards.
+    """Captures the output of one layer (or several) of ``model`` in training forwards.
 
     Args:
         model: The module whose forward receives the images.
-        layer: Module name to tap (``"features.10"``), or None for the Conv2d that runs last in
-            the forward pass, found from execution order at the first forward.
+        layer: Module name to tap (``"features.10"``); a list of names for a multi-level tap
+            (``["layer3", "layer4"]``: each capture then holds one feature map per name, in that
+            order); or None for the Conv2d that runs last in the forward pass, found from
+            execution order at the first forward.
         max_pending: Most unconsumed captures kept.
 
     Attributes:
-        layer_name: The tapped layer's name; None until the first forward when chosen
+        layer_names: The tapped layers' names; empty until the first forward when chosen
             automatically.
+        layer_name: ``layer_names`` as one string (``"layer3+layer4"``), None before the choice.
+        multi_level: True when ``layer`` was a list (captures hold tuples).
         pending: Captures waiting for ``take``.
     """
 
-    def __init__(self, model: nn.Module, layer: str | None = None, max_pending: int = 64) -> None:
+    def __init__(self, model: nn.Module, layer: str | Sequence[str] | None = None,
+                 max_pending: int = 64) -> None:
         self._model = weakref.ref(model)
         self.max_pending = max_pending
-        self.layer_name: str | None = None
+        self.layer_names: list[str] = []
+        self.multi_level = not (layer is None or isinstance(layer, str))
+        self._outputs: dict[str, Tensor] = {}
         self.pending: list[Capture] = []
         self._handles: list = []
         self._select_handles: list = []
@@ -112,7 +123,6 @@ class FeatureTap:
         self._active = False
         self._probe: dict | None = None
         self._input_ref: weakref.ref | None = None
-        self._feature: Tensor | None = None
         self._last_conv: tuple[str, Tensor] | None = None
         self._count = 0
         self._skipped: str | None = None
@@ -131,26 +141,38 @@ class FeatureTap:
                 self._select_handles.append(modules[name].register_forward_hook(
                     _Hook(self, "_on_conv", modules[name], name)))
         else:
-            if layer not in modules or layer == "":
-                raise ValueError(
-                    f"layer={layer!r} is not a module of {type(model).__name__}. Its conv layers "
-                    f"are: {convs if convs else 'none'}."
-                )
-            self._tap_layer(layer, modules[layer])
+            names = [layer] if isinstance(layer, str) else list(layer)
+            if not names or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"layer={layer!r} must be a module name or a non-empty list of "
+                                 "module names (e.g. ['layer3', 'layer4']).")
+            if len(set(names)) != len(names):
+                raise ValueError(f"layer={names} names a module twice; name each level once.")
+            for name in names:
+                if name not in modules or name == "":
+                    raise ValueError(
+                        f"layer={name!r} is not a module of {type(model).__name__}. Its conv "
+                        f"layers are: {convs if convs else 'none'}."
+                    )
+                self._tap_layer(name, modules[name])
         self._handles.append(model.register_forward_pre_hook(_Hook(self, "_on_model_pre", model)))
         self._handles.append(model.register_forward_hook(
             _Hook(self, "_on_model_post", model), always_call=True))
 
+    @property
+    def layer_name(self) -> str | None:
+        return "+".join(self.layer_names) if self.layer_names else None
+
     # -- hooks ---------------------------------------------------------------------------------
     def _tap_layer(self, name: str, module: nn.Module) -> None:
-        self.layer_name = name
-        self._handles.append(module.register_forward_hook(_Hook(self, "_on_layer", module)))
+        self.layer_names.append(name)
+        self._handles.append(module.register_forward_hook(
+            _Hook(self, "_on_layer", module, name)))
 
     def _on_model_pre(self, model: nn.Module, args: tuple) -> None:
         self._depth += 1
         if self._depth > 1:  # the model's forward called itself: one capture per outer call
             return
-        self._feature, self._last_conv = None, None
+        self._outputs, self._last_conv = {}, None
         if self._probe is not None:
             self._active = True
             return
@@ -167,41 +189,52 @@ class FeatureTap:
         if self._depth > 0:
             self._last_conv = (name, output if self._active else None)
 
-    def _on_layer(self, module: nn.Module, inputs: tuple, output) -> None:
+    def _on_layer(self, module: nn.Module, name: str, inputs: tuple, output) -> None:
         if self._depth > 0 and self._active:
-            self._feature = output
+            self._outputs[name] = output
 
     def _on_model_post(self, model: nn.Module, args: tuple, output) -> None:
         self._depth -= 1
         if self._depth > 0:
             return
-        if self.layer_name is None:
+        if not self.layer_names:
             if self._last_conv is None:
                 return  # the forward failed or ran no conv; choose at a later forward
-            name, self._feature = self._last_conv
+            name, output = self._last_conv
+            if output is not None:
+                self._outputs[name] = output
             for h in self._select_handles:
                 h.remove()
             self._select_handles = []
             self._tap_layer(name, dict(model.named_modules())[name])
-        feature, self._feature, self._last_conv = self._feature, None, None
-        if self._active and feature is None:
-            self._skipped = f"without reaching the tapped layer {self.layer_name!r}"
-        if not self._active or feature is None:
+        outputs, self._outputs, self._last_conv = self._outputs, {}, None
+        missing = [n for n in self.layer_names if n not in outputs]
+        if self._active and missing:
+            self._skipped = f"without reaching the tapped layer {'+'.join(missing)!r}"
+        if not self._active or missing:
             return
         self._active = False
-        if not torch.is_tensor(feature) or feature.dim() != 4:
-            raise ValueError(
-                f"the tapped layer {self.layer_name!r} returned "
-                f"{tuple(feature.shape) if torch.is_tensor(feature) else type(feature).__name__}; "
-                "recon_aux needs an N x C x h x w feature map. Tap a conv layer (layer='NAME')."
-            )
+        feats = [outputs[n] for n in self.layer_names]
+        for name, f in zip(self.layer_names, feats):
+            if not torch.is_tensor(f) or f.dim() != 4:
+                raise ValueError(
+                    f"the tapped layer {name!r} returned "
+                    f"{tuple(f.shape) if torch.is_tensor(f) else type(f).__name__}; recon_aux "
+                    "needs an N x C x h x w feature map. Tap a conv layer (layer='NAME')."
+                )
+        if len({int(f.shape[0]) for f in feats}) != 1:
+            raise ValueError(f"the tapped layers {self.layer_names} returned different batch "
+                             f"sizes {[int(f.shape[0]) for f in feats]}; tap layers of one "
+                             "forward path.")
+        feature = tuple(feats) if self.multi_level else feats[0]
         if self._probe is not None:
             self._probe["feature"] = feature
             return
         self._count += 1
-        cap = Capture(feature, self._input_ref, int(feature.shape[0]), self._count)
-        if feature.requires_grad:
-            feature.register_hook(_ReleaseOnBackward(self, cap))
+        cap = Capture(feature, self._input_ref, int(feats[0].shape[0]), self._count)
+        for f in feats:
+            if f.requires_grad:
+                f.register_hook(_ReleaseOnBackward(self, cap))
         self.pending.append(cap)
         if len(self.pending) > self.max_pending:
             self.pending.pop(0)

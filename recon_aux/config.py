@@ -55,6 +55,11 @@ class ReconAuxConfig:
         lr, weight_decay: Of the head's parameter group; None takes the optimizer's defaults.
         max_pending: Most captured forwards kept while waiting for ``aux.loss``; beyond it the
             oldest is released with a warning.
+        sync_grads: Under ``torch.distributed`` (world size > 1), average the head's gradients
+            over ranks just before ``optimizer.step()`` (the head lives outside your
+            ``DistributedDataParallel`` module). Needs the optimizer passed to ``attach``;
+            turn off when the head is inside a DDP-wrapped module (e.g. Lightning), which
+            averages it already.
     """
 
     weight: float = 1.0
@@ -76,6 +81,7 @@ class ReconAuxConfig:
     lr: float | None = None
     weight_decay: float | None = None
     max_pending: int = 64
+    sync_grads: bool = True
     _choices: typing.ClassVar[dict[str, tuple[str, ...]]] = {
         "net": ("alex", "vgg"),
         "head_norm": ("batch", "group", "none"),

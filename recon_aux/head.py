@@ -52,9 +52,18 @@ class ReconstructionHead(nn.Module):
 
     (The table is checked by ``tests/test_head.py``.)
 
+    Multi-level input (``in_channels`` a sequence, e.g. ``layer=["layer3", "layer4"]``), after
+    RePre (Wang et al., IJCAI 2022), which fuses several encoder levels in a light conv decoder:
+    each level gets its own 1x1 lateral stem (conv, norm, ReLU) to the head's width; the laterals
+    are resized (``upsample`` mode) to the finest level's size and summed, and decoding continues
+    from there as above. ``in_size`` is then the finest level's size.
+
     Attributes:
         in_channels, in_size: Feature map the head was built for (later calls may differ in
-            spatial size; convolutions do not care and the output is resized to ``out_size``).
+            spatial size; convolutions do not care and the output is resized to ``out_size``);
+            ``in_channels`` is a tuple for a multi-level head.
+        levels: Number of fused feature maps (1 for the single-level head).
+        multi_level: True when built with a sequence of channel counts (forward takes a list).
         out_size: Default output size (H, W).
         stages: Number of x2 doublings in all (conv stages plus the sub-pixel output).
         out_scale: Upsampling factor of the sub-pixel output conv.
@@ -68,7 +77,7 @@ class ReconstructionHead(nn.Module):
 
     def __init__(
         self,
-        in_channels: int,
+        in_channels: int | Sequence[int],
         in_size: Sequence[int],
         out_size: Sequence[int],
         out_channels: int = 3,
@@ -84,7 +93,12 @@ class ReconstructionHead(nn.Module):
         super().__init__()
         h, w = (int(v) for v in in_size)
         H, W = (int(v) for v in out_size)
-        if min(in_channels, h, w, H, W) < 1:
+        multi = not isinstance(in_channels, int)
+        level_channels = [int(c) for c in in_channels] if multi else [int(in_channels)]
+        if multi and not level_channels:
+            raise ValueError("in_channels is an empty sequence; give one channel count per level.")
+        in_channels = tuple(level_channels) if multi else level_channels[0]
+        if min(*level_channels, h, w, H, W) < 1:
             raise ValueError(f"bad head geometry: in_channels={in_channels}, in_size={(h, w)}, "
                              f"out_size={(H, W)}; all must be >= 1.")
         if upsample not in ("nearest", "bilinear"):
@@ -98,12 +112,19 @@ class ReconstructionHead(nn.Module):
         # runs at full resolution, where small-channel convs are slowest.
         self.out_scale = min(out_scale, 2 ** self.stages)
         conv_stages = self.stages - int(math.log2(self.out_scale))
-        c0 = width if width is not None else min(max(in_channels // 4, 16), 512)
+        c0 = width if width is not None else min(max(max(level_channels) // 4, 16), 512)
         self.channels = [c0] + [max(c0 >> (i + 1), min_width) for i in range(conv_stages)]
+        self.levels = len(level_channels)
+        self.multi_level = multi
 
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, c0, 1, bias=norm == "none"), _norm(norm, c0), nn.ReLU(True)
-        )
+        def stem(cin: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, c0, 1, bias=norm == "none"), _norm(norm, c0), nn.ReLU(True))
+
+        if multi:
+            self.laterals = nn.ModuleList(stem(c) for c in level_channels)
+        else:
+            self.stem = stem(in_channels)
         self.blocks = nn.ModuleList(
             nn.Sequential(
                 nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none"), _norm(norm, cout),
@@ -127,19 +148,17 @@ class ReconstructionHead(nn.Module):
         self.register_buffer("mean", m, persistent=False)
         self.register_buffer("std", s, persistent=False)
 
-    def forward(self, features: Tensor, out_size: Sequence[int] | None = None) -> Tensor:
+    def forward(self, features: Tensor | Sequence[Tensor],
+                out_size: Sequence[int] | None = None) -> Tensor:
         """Reconstruct ``N x 3 x H x W`` images from ``N x C x h x w`` features.
 
-        ``out_size`` defaults to the size the head was built for (multi-crop loops pass each
-        crop's own size).
+        ``features`` is a sequence of maps, one per level, for a multi-level head. ``out_size``
+        defaults to the size the head was built for (multi-crop loops pass each crop's own size).
         """
-        if features.dim() != 4 or features.shape[1] != self.in_channels:
-            raise ValueError(f"ReconstructionHead expects N x {self.in_channels} x h x w features, "
-                             f"got shape {tuple(features.shape)}.")
         size = tuple(int(v) for v in (out_size or self.out_size))
-        x = self.stem(features)
+        align = False if self.upsample == "bilinear" else None
+        x = self._fuse(features) if self.multi_level else self._single(features)
         for block in self.blocks:
-            align = False if self.upsample == "bilinear" else None
             x = block(F.interpolate(x, scale_factor=2.0, mode=self.upsample, align_corners=align))
         x = self.out(x)
         if tuple(x.shape[-2:]) != size:
@@ -147,6 +166,33 @@ class ReconstructionHead(nn.Module):
         lo, hi = self.output_range
         y = lo + (hi - lo) * torch.sigmoid(x)
         return (y - self.mean) / self.std
+
+    def _single(self, features: Tensor) -> Tensor:
+        if not torch.is_tensor(features) or features.dim() != 4 \
+                or features.shape[1] != self.in_channels:
+            got = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
+            raise ValueError(f"ReconstructionHead expects N x {self.in_channels} x h x w features, "
+                             f"got {got}.")
+        return self.stem(features)
+
+    def _fuse(self, features: Sequence[Tensor]) -> Tensor:
+        shapes = [tuple(f.shape) if torch.is_tensor(f) else type(f).__name__
+                  for f in (features if isinstance(features, (list, tuple)) else [features])]
+        if (not isinstance(features, (list, tuple)) or len(features) != self.levels
+                or any(not torch.is_tensor(f) or f.dim() != 4 or f.shape[1] != c
+                       for f, c in zip(features, self.in_channels))):
+            raise ValueError(f"this multi-level ReconstructionHead expects {self.levels} feature "
+                             f"maps with channels {list(self.in_channels)} (N x C x h x w each), "
+                             f"got {shapes}.")
+        size = max((tuple(f.shape[-2:]) for f in features), key=lambda hw: hw[0] * hw[1])
+        align = False if self.upsample == "bilinear" else None
+        x = 0
+        for f, lateral in zip(features, self.laterals):
+            y = lateral(f)
+            if tuple(y.shape[-2:]) != size:
+                y = F.interpolate(y, size=size, mode=self.upsample, align_corners=align)
+            x = x + y
+        return x
 
     def extra_repr(self) -> str:
         return (f"in={self.in_channels}x{self.in_size[0]}x{self.in_size[1]}, "

@@ -47,6 +47,18 @@ class _StepHook:
             aux.tap.release_all()
 
 
+class _SyncHook:
+    """Optimizer step pre-hook: average the head's gradients over ranks (DDP-style)."""
+
+    def __init__(self, aux: ReconAux) -> None:
+        self._aux = weakref.ref(aux)
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        aux = self._aux()
+        if aux is not None:
+            aux.sync_gradients()
+
+
 class ReconAux(nn.Module):
     """The auxiliary reconstruction objective attached to an encoder (Hizioglu, 2020, Figure 1).
 
@@ -77,7 +89,7 @@ class ReconAux(nn.Module):
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         *,
-        layer: str | None = None,
+        layer: str | Sequence[str] | None = None,
         config: ReconAuxConfig | Mapping | str | Path | None = None,
         input_shape: Sequence[int] | None = None,
         **overrides: Any,
@@ -113,6 +125,8 @@ class ReconAux(nn.Module):
         self.steps = 0
         self._step_handle = (optimizer.register_step_post_hook(_StepHook(self))
                              if optimizer is not None else None)
+        self._sync_handle = (optimizer.register_step_pre_hook(_SyncHook(self))
+                             if optimizer is not None and cfg.sync_grads else None)
         _ATTACHED[model] = weakref.ref(self)
         if input_shape is not None:
             self._build_from_dry_forward(model, tuple(input_shape))
@@ -140,7 +154,7 @@ class ReconAux(nn.Module):
             raise ValueError(f"images hold {images.shape[0]} samples but the forward they were "
                              f"paired with produced {capture.batch_size}.")
         if self.head is None:
-            self._build_head(tuple(feature.shape[1:]), tuple(images.shape[-2:]), feature.device)
+            self._build_head(feature, tuple(images.shape[-2:]))
         self.calls += 1
         reconstruction = self.head(feature, images.shape[-2:])
         try:
@@ -185,6 +199,32 @@ class ReconAux(nn.Module):
             _restore_training_flags(model, flags)
             self.head.train(head_mode)
 
+    def sync_gradients(self) -> None:
+        """Average the head's gradients over all ranks of the default process group.
+
+        Called automatically before ``optimizer.step()`` when ``attach`` got the optimizer and
+        ``sync_grads`` is on; a no-op outside ``torch.distributed`` or with one rank. Every rank
+        must reach it (as with DDP's own reduction); a rank whose head got no gradient this step
+        contributes zeros.
+        """
+        if (self.head is None or not torch.distributed.is_available()
+                or not torch.distributed.is_initialized()
+                or torch.distributed.get_world_size() < 2):
+            return
+        params = [p for p in self.head.parameters() if p.requires_grad]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in params])
+        torch.distributed.all_reduce(flat)
+        flat /= torch.distributed.get_world_size()
+        offset = 0
+        for p in params:
+            g = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+
     def _check_finite(self, reconstruction: Tensor, parts: dict, total: Tensor) -> None:
         values = torch.stack([parts["l2"].detach(), parts["lpips"].detach(), total.detach()])
         if bool(torch.isfinite(values).all()):
@@ -200,11 +240,20 @@ class ReconAux(nn.Module):
         )
 
     # -- head ------------------------------------------------------------------------------------
-    def _build_head(self, feature_shape: tuple, image_size: tuple, device) -> None:
+    def _build_head(self, feature: Tensor | tuple[Tensor, ...], image_size: tuple) -> None:
+        """Build the head for ``feature`` (one map, or a tuple for a multi-level tap)."""
+        feats = list(feature) if isinstance(feature, tuple) else [feature]
+        channels = [int(f.shape[1]) for f in feats]
+        h, w = max(((int(f.shape[-2]), int(f.shape[-1])) for f in feats), key=lambda s: s[0] * s[1])
+        self._build_head_from(channels if isinstance(feature, tuple) else channels[0], (h, w),
+                              image_size, feats[0].device)
+
+    def _build_head_from(self, channels: int | list[int], in_size: tuple, image_size: tuple,
+                         device) -> None:
         cfg = self.config
-        c, h, w = (int(v) for v in feature_shape)
+        h, w = (int(v) for v in in_size)
         spec = dict(
-            in_channels=c, in_size=[h, w], out_size=[int(v) for v in image_size],
+            in_channels=channels, in_size=[h, w], out_size=[int(v) for v in image_size],
             width=cfg.head_width, min_width=cfg.head_min_width, norm=cfg.head_norm,
             upsample=cfg.head_upsample, out_scale=cfg.head_out_scale,
             output_range=list(cfg.input_range),
@@ -257,7 +306,7 @@ class ReconAux(nn.Module):
         if "feature" not in box:
             raise RuntimeError(f"the dry forward on input_shape={input_shape} reached no tapped "
                                "layer; check the model and the layer name.")
-        self._build_head(tuple(box["feature"].shape[1:]), input_shape[1:], device)
+        self._build_head(box["feature"], input_shape[1:])
 
     # -- checkpoints -----------------------------------------------------------------------------
     def get_extra_state(self) -> dict:
@@ -273,9 +322,9 @@ class ReconAux(nn.Module):
         if self.head is None:
             model = self._model()
             ref = next(iter(model.parameters()), None) if model is not None else None
-            c, (h, w) = spec["in_channels"], spec["in_size"]
-            self._build_head((c, h, w), tuple(spec["out_size"]),
-                             ref.device if ref is not None else torch.device("cpu"))
+            self._build_head_from(spec["in_channels"], tuple(spec["in_size"]),
+                                  tuple(spec["out_size"]),
+                                  ref.device if ref is not None else torch.device("cpu"))
         if spec != self._head_spec:
             raise ValueError(f"checkpoint head {spec} differs from this ReconAux's head "
                              f"{self._head_spec}; use the same config and encoder.")
@@ -287,9 +336,10 @@ class ReconAux(nn.Module):
         The head's parameter group stays in the optimizer (torch cannot remove groups).
         """
         self.tap.remove()
-        if self._step_handle is not None:
-            self._step_handle.remove()
-            self._step_handle = None
+        for handle in (self._step_handle, self._sync_handle):
+            if handle is not None:
+                handle.remove()
+        self._step_handle = self._sync_handle = None
         model = self._model()
         if model is not None and _ATTACHED.get(model) is not None:
             if _ATTACHED[model]() is self:
@@ -319,7 +369,7 @@ def attach(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     *,
-    layer: str | None = None,
+    layer: str | Sequence[str] | None = None,
     config: ReconAuxConfig | Mapping | str | Path | None = None,
     input_shape: Sequence[int] | None = None,
     **overrides: Any,
@@ -331,7 +381,8 @@ def attach(
         optimizer: The loop's optimizer; the head's parameters join it as a new param group when
             the head is built. None when the optimizer is created later (then use
             ``aux.parameters()``, or let a LightningModule that holds ``aux`` collect them).
-        layer: Module name to tap; None picks the Conv2d that runs last in the forward pass.
+        layer: Module name to tap; None picks the Conv2d that runs last in the forward pass; a
+            list of names (``["layer3", "layer4"]``) feeds a head that fuses those levels.
         config: A :class:`ReconAuxConfig`, a dict, or a YAML file path.
         input_shape: ``(C, H, W)``: build the head now from a dry forward (no state of the
             model changes), e.g. before an LR scheduler or ``configure_optimizers`` exists.

@@ -95,8 +95,24 @@ def test_pca_errors_name_the_fix():
     with pytest.raises(ValueError, match="more than 16 samples"):
         pca_whiten(torch.randn(16, 32), 16)
     low_rank = torch.randn(200, 3) @ torch.randn(3, 32)
-    with pytest.raises(ValueError, match="only 3 non-degenerate directions"):
+    with pytest.raises(ValueError, match="only 3 non-degenerate directions.*pca_epsilon"):
         pca_whiten(low_rank, 8)
+
+
+def test_pca_epsilon_regularises_degenerate_directions():
+    torch.manual_seed(0)
+    low_rank = torch.randn(200, 3) @ torch.randn(3, 32)
+    z = pca_whiten(low_rank, 8, epsilon=1e-3)
+    assert torch.isfinite(z).all()
+    # the 3 real directions keep (nearly) unit scatter; the degenerate ones stay near zero
+    scatter = (z * z).sum(0)
+    assert torch.all(scatter[:3] > 0.99) and torch.all(scatter[3:] < 1e-6)
+    # on full-rank data a tiny epsilon is (nearly) the exact transform
+    x = torch.randn(300, 16)
+    torch.testing.assert_close(pca_whiten(x, 8, epsilon=1e-9).abs(), pca_whiten(x, 8).abs(),
+                               atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=">= 0"):
+        pca_whiten(x, 8, epsilon=-1.0)
 
 
 # ------------------------------------------------------------------------------------ k-means

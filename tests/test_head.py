@@ -59,3 +59,16 @@ def test_documented_parameter_counts():
         assert aux.head.stages == stages
         assert f"{count(aux.head):.2f} M" in doc, (fmap, count(aux.head))
         aux.remove()
+
+
+def test_multi_level_head_shapes_and_errors():
+    head = ReconstructionHead([64, 128], (8, 8), (32, 32))
+    assert head.levels == 2 and head.multi_level and head.channels[0] == 32  # 128 // 4
+    out = head([torch.randn(2, 64, 8, 8), torch.randn(2, 128, 4, 4)])
+    assert out.shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="expects 2 feature maps"):
+        head(torch.randn(2, 64, 8, 8))
+    with pytest.raises(ValueError, match="channels \\[64, 128\\]"):
+        head([torch.randn(2, 64, 8, 8), torch.randn(2, 64, 4, 4)])
+    with pytest.raises(ValueError, match="empty"):
+        ReconstructionHead([], (8, 8), (32, 32))
