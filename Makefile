@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 lint: venv
-	$(VENV)/bin/ruff check recon_aux adapters benchmarks tests
+	$(VENV)/bin/ruff check recon_aux adapters benchmarks examples tests
 
 test: lint
 	# pytest exits 5 when it collected no test; that is reported, not a failure.

@@ -220,7 +220,7 @@ def test_forward_features_returns_exactly_the_requested_layers() -> None:
 
 # ---------------------------------------------------------------- registry
 def test_build_backbone() -> None:
-    assert set(BACKBONES) == {"alexnet", "alexnet_cifar", "nin"}
+    assert set(BACKBONES) == {"alexnet", "alexnet_cifar", "nin", "resnet18_cifar"}
     model = build_backbone("alexnet_cifar", width=0.25)
     assert isinstance(model, AlexNetCIFAR) and model.conv_channels[0] == 24
     assert isinstance(build_backbone("NIN", num_blocks=3), NIN)
@@ -254,3 +254,18 @@ def test_wrong_input_gives_clear_error(model: Backbone, x: torch.Tensor, message
 def test_feature_shape_checks_size() -> None:
     with pytest.raises(ValueError, match="expects 32x32 inputs"):
         AlexNetCIFAR(width=0.25).feature_dim("conv5", input_size=64)
+
+
+def test_resnet18_cifar_shapes_params_and_tap():
+    from recon_aux.models import ResNet18CIFAR, build_backbone
+
+    full = ResNet18CIFAR()
+    assert round(count_parameters(full) / 1e6, 1) == 11.2  # torchvision resnet18 minus fc
+    model = build_backbone("resnet18_cifar", width=0.25)
+    assert model.widths == (16, 32, 64, 128) and model.out_dim == 128
+    x = torch.rand(2, 3, 32, 32)
+    feats = model.forward_features(x, ["layer4", "pool"])
+    assert feats["layer4"].shape == (2, 128, 4, 4) == (2, *model.feature_shape("layer4"))
+    assert feats["pool"].shape == (2, 128) and model(x).shape == (2, 128)
+    assert model(torch.rand(2, 3, 16, 16)).shape == (2, 128)  # multi-crop sizes
+    assert [n for n, m in model.named_modules() if m is model.last_conv] == ["layer4.1.conv2"]

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from .augment import BatchAugment, make_augment, torch_threads
@@ -31,17 +32,24 @@ class IndexedDataset(Dataset):
         arrays: The underlying images ``(N, H, W, 3)`` uint8 and targets ``(N,)``.
         transform: Called on each ``(3, H, W)`` uint8 image tensor (e.g. a torchvision v2
             transform), or ``None`` to return that tensor unchanged.
+        as_pil: Hand the transform a ``PIL.Image`` instead (torchvision v1 and lightly
+            transforms such as ``lightly.transforms.SimCLRTransform``, which end in
+            ``ToTensor``).
 
     Example:
         >>> ds = IndexedDataset(arrays)  # doctest: +SKIP
         >>> image, target, index = ds[7]  # uint8 (3, 32, 32), int, 7  # doctest: +SKIP
+        >>> ds = IndexedDataset(arrays, SimCLRTransform(32), as_pil=True)  # doctest: +SKIP
+        >>> (view0, view1), target, index = ds[7]  # doctest: +SKIP
     """
 
     def __init__(
-        self, arrays: ImageArrays, transform: Callable[[torch.Tensor], object] | None = None
+        self, arrays: ImageArrays, transform: Callable[[object], object] | None = None,
+        as_pil: bool = False,
     ) -> None:
         self.arrays = arrays
         self.transform = transform
+        self.as_pil = bool(as_pil)
 
     def __len__(self) -> int:
         return len(self.arrays)
@@ -51,7 +59,10 @@ class IndexedDataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         index %= len(self)
-        image = torch.from_numpy(self.arrays.images[index]).permute(2, 0, 1).contiguous()
+        if self.as_pil:
+            image = Image.fromarray(self.arrays.images[index])
+        else:
+            image = torch.from_numpy(self.arrays.images[index]).permute(2, 0, 1).contiguous()
         out = self.transform(image) if self.transform is not None else image
         return out, int(self.arrays.targets[index]), index
 

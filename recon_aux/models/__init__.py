@@ -11,10 +11,12 @@ from ._base import Backbone, count_parameters
 from .alexnet import AlexNet, AlexNetCIFAR, SobelFilter
 from .nin import NIN
 from .registry import BACKBONES, build_backbone
+from .resnet import ResNet18CIFAR
 
 __all__ = [
     "BACKBONES",
     "NIN",
+    "ResNet18CIFAR",
     "AlexNet",
     "AlexNetCIFAR",
     "Backbone",

@@ -10,12 +10,14 @@ from typing import Any
 from ._base import Backbone
 from .alexnet import AlexNet, AlexNetCIFAR
 from .nin import NIN
+from .resnet import ResNet18CIFAR
 
 __all__ = ["BACKBONES", "build_backbone"]
 
 #: Registered backbones (read-only).
 BACKBONES: Mapping[str, type[Backbone]] = MappingProxyType(
-    {"alexnet": AlexNet, "alexnet_cifar": AlexNetCIFAR, "nin": NIN}
+    {"alexnet": AlexNet, "alexnet_cifar": AlexNetCIFAR, "nin": NIN,
+     "resnet18_cifar": ResNet18CIFAR}
 )
 
 
@@ -24,7 +26,8 @@ def build_backbone(name: str, **kwargs: Any) -> Backbone:
 
     Args:
         name: ``"alexnet"`` (:class:`AlexNet`, 224 input), ``"alexnet_cifar"``
-            (:class:`AlexNetCIFAR`, 32 input) or ``"nin"`` (:class:`NIN`, AET's CIFAR network).
+            (:class:`AlexNetCIFAR`, 32 input), ``"nin"`` (:class:`NIN`, AET's CIFAR network) or
+            ``"resnet18_cifar"`` (:class:`ResNet18CIFAR`, lightly's CIFAR-10 benchmark network).
             Case-insensitive; ``-`` is read as ``_``.
         **kwargs: Passed to the class, e.g. ``width=0.5`` for ``"alexnet_cifar"``.
 

@@ -1,0 +1,85 @@
+"""SimCLR on CIFAR-10 as a PyTorch Lightning module, plus the recon-aux objective.
+
+The module follows lightly's ``examples/pytorch_lightning/simclr.py``; the only additions are
+the two lines marked ``# recon-aux``. Lightning creates the optimizer later (in
+``configure_optimizers``), so ``attach`` gets no optimizer but ``input_shape``: the head is built
+at once from a dry forward that changes nothing in the backbone, and, being a submodule of this
+LightningModule, it is in ``self.parameters()`` (once; the frozen LPIPS network is not), in the
+Lightning checkpoint (LPIPS is not), moved by Lightning to the device, and averaged by Lightning's
+DDP like any other layer.
+
+    python examples/lightning_simclr.py --data-root ../shared/data --epochs 10
+    python examples/lightning_simclr.py --data-root ../shared/data --epochs 20 \
+        --resume lightning_logs/version_0/checkpoints/last.ckpt
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytorch_lightning as pl
+import torch
+from common import NORMALIZE, backbone, knn_report, parser, save_pictures, train_loader
+from lightly.loss import NTXentLoss
+from lightly.models.modules import SimCLRProjectionHead
+from lightly.transforms import SimCLRTransform
+from torch import nn
+
+import recon_aux
+
+
+class SimCLR(pl.LightningModule):
+    def __init__(self, backbone: nn.Module, lr: float = 0.06, recon: bool = True) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projection_head = SimCLRProjectionHead(backbone.out_dim, 512, 128)
+        self.criterion = NTXentLoss()
+        self.lr = lr
+        # recon-aux line 1: no optimizer yet, so build the head now from the input shape.
+        self.aux = (recon_aux.attach(self.backbone, input_shape=(3, 32, 32), **NORMALIZE)
+                    if recon else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection_head(self.backbone(x))
+
+    def training_step(self, batch, batch_index):
+        (x0, x1), _, _ = batch
+        z0, z1 = self.forward(x0), self.forward(x1)
+        loss = self.criterion(z0, z1)
+        if self.aux is not None:
+            loss = loss + self.aux.loss(x0) + self.aux.loss(x1)  # recon-aux line 2
+            self.log_dict({"recon_l2": self.aux.last["l2"], "recon_lpips": self.aux.last["lpips"]})
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def main(argv: list[str] | None = None) -> float | None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--out", default="lightning_logs", help="Lightning's default_root_dir")
+    p.add_argument("--resume", default=None, help="a Lightning checkpoint to continue from")
+    args = p.parse_args(argv)
+    pl.seed_everything(args.seed, verbose=False)
+    model = SimCLR(backbone(args), lr=args.lr, recon=args.recon)
+    loader = train_loader(args, SimCLRTransform(input_size=32, gaussian_blur=0.0))
+    trainer = pl.Trainer(
+        max_epochs=args.epochs, max_steps=args.max_steps or -1, default_root_dir=args.out,
+        accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1,
+        callbacks=[pl.callbacks.ModelCheckpoint(save_last=True)],
+        enable_progress_bar=sys.stderr.isatty(), log_every_n_steps=1,
+    )
+    trainer.fit(model, loader, ckpt_path=args.resume)
+    model.to(args.device)
+    if model.aux is not None and model.aux.last:
+        print(f"recon l2 {model.aux.last['l2']:.4f} lpips {model.aux.last['lpips']:.4f} "
+              f"after {trainer.global_step} steps")
+        if args.pictures:
+            x0 = next(iter(loader))[0][0].to(args.device)
+            save_pictures(model.aux, x0, args.pictures)
+    return knn_report(model.backbone, args) if args.knn else None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
