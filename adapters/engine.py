@@ -62,8 +62,8 @@ def load_method(name: str) -> type[Method]:
     except ModuleNotFoundError as exc:
         if exc.name != f"adapters.{name}":
             raise
-        raise ValueError(f"method {name!r} is unknown; methods: deepcluster, sela, aet, and the "
-                         "reference rows supervised, recon_only.") from exc
+        raise ValueError(f"method {name!r} is unknown; methods: deepcluster, sela, aet, simclr, "
+                         "and the reference rows supervised, recon_only.") from exc
     return module.METHOD
 
 

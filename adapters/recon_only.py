@@ -25,9 +25,11 @@ class ReconOnly(Method):
                              "objective is its only loss); got recon: null.")
 
     def training_step(self, views: list[Tensor], indices: Tensor) -> StepOutput:
-        x = views[0]
-        out = self.backbone(x)
-        return StepOutput((out * 0).sum(), recon_inputs=[x])
+        # Every view the loader yields is encoded and reconstructed, so that in a table of a
+        # two-view method (SimCLR) the recon-only row gets as many reconstructions per step as
+        # the +recon row.
+        zero = sum((self.backbone(x) * 0).sum() for x in views)
+        return StepOutput(zero, recon_inputs=list(views))
 
 
 METHOD = ReconOnly

@@ -13,13 +13,16 @@ from adapters.checkpoint import load_checkpoint
 from adapters.config import load_run_config
 from adapters.engine import StopTraining, train
 
-METHODS = ["deepcluster", "sela", "aet"]
+METHODS = ["deepcluster", "sela", "aet", "simclr"]
 # Tiny: 200 images (20 per class), 2 short epochs, small eval; a few seconds per run.
 TINY = ["data.per_class=20", "data.test_per_class=10", "data.batch_size=50", "train.epochs=2",
         "run.progress=false", "eval.linear=null", "eval.nonlinear=null",
         "eval.knn={layers: [conv2], k: 20, temperature: 0.1}"]
 EXTRA = {"deepcluster": ["method.k=10", "method.pca_dim=32"],
-         "sela": ["method.k=10", "method.nopts=4"], "aet": []}
+         "sela": ["method.k=10", "method.nopts=4"], "aet": [],
+         # the CIFAR ResNet-18 has layer1..layer4 and pool, not conv2
+         "simclr": ["eval.knn={layers: [layer2], k: 20, temperature: 0.1}"]}
+KNN = {"simclr": "knn_layer2"}
 
 
 def config(method: str, out, data, *overrides: str) -> dict:
@@ -33,7 +36,7 @@ def config(method: str, out, data, *overrides: str) -> dict:
 @pytest.mark.parametrize("recon", [False, True])
 def test_short_run_base_and_recon(method, recon, tmp_path, shared_data):
     result = train(config(method, tmp_path, shared_data, *([] if recon else ["recon=null"])))
-    assert "knn_conv2" in result["metrics"]
+    assert KNN.get(method, "knn_conv2") in result["metrics"]
     rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["method_loss"])) for r in rows)
     assert ("recon_l2" in rows[-1]) == recon
@@ -66,4 +69,26 @@ def test_two_process_ddp(method, tmp_path, shared_data):
                       extra=["eval.linear=null", "eval.nonlinear=null",
                              "eval.knn={layers: [conv2], k: 10, temperature: 0.1}",
                              *EXTRA[method]])
-    assert result["recon"] is True and "knn_conv2" in result["metrics"]
+    assert result["recon"] is True and KNN.get(method, "knn_conv2") in result["metrics"]
+
+
+def test_simclr_step_and_recon_only_reconstruct_every_view():
+    from adapters.recon_only import ReconOnly
+    from adapters.simclr import SimCLR
+    from recon_aux.models import build_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18_cifar", width=0.125)
+    method = SimCLR(backbone, num_samples=8)
+    x0, x1 = torch.rand(8, 3, 32, 32), torch.rand(8, 3, 32, 32)
+    out = method.training_step([x0, x1], torch.arange(8))
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss)
+    assert out.recon_inputs[0] is x0 and out.recon_inputs[1] is x1
+    out.loss.backward()
+    assert backbone.conv1[0].weight.grad is not None
+    with pytest.raises(ValueError, match="two views"):
+        method.training_step([x0], torch.arange(8))
+    with pytest.raises(TypeError, match="valid ones: temperature"):
+        SimCLR(backbone, 8, temprature=0.1)
+    only = ReconOnly(backbone, 8).training_step([x0, x1], torch.arange(8))
+    assert float(only.loss) == 0.0 and len(only.recon_inputs) == 2
