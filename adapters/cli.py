@@ -47,7 +47,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     cfg = load_bench_config(args.config, args.overrides)
     run = run_bench if args.command == "bench" else run_ablate
-    run(cfg, out=args.out_dir, progress=None)
+    run(cfg, out=args.out_dir, progress=None, replace_changed=args.replace_changed)
     return 0
 
 
@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         b.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seeds=[0,1]")
         b.add_argument("--out-dir", type=Path, default=None,
                        help="results folder (default benchmarks/results/<config name>)")
+        b.add_argument("--replace-changed", action="store_true",
+                       help="re-run finished runs whose config changed (the old results are "
+                            "kept under 'superseded' in results.json, out of the tables)")
         b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     try:

@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from adapters.config import RunConfigError, load_run_config
+from adapters.config import RunConfigError, config_diff, load_run_config
 from adapters.engine import machine, train
 
 from . import report
@@ -86,13 +86,17 @@ def _run_config(source: dict, extra: list[str], name: str,
 class Matrix:
     """A list of planned runs, a results file, and the loop that fills it."""
 
-    def __init__(self, name: str, out: Path | None, progress: bool | None) -> None:
+    def __init__(self, name: str, out: Path | None, progress: bool | None,
+                 replace_changed: bool = False) -> None:
         self.out = out or RESULTS / name
         self.out.mkdir(parents=True, exist_ok=True)
         self.results_file = self.out / "results.json"
         self.runs: list[dict[str, Any]] = []
+        self.superseded: list[dict[str, Any]] = []
         if self.results_file.is_file():
-            self.runs = json.loads(self.results_file.read_text())["runs"]
+            saved = json.loads(self.results_file.read_text())
+            self.runs, self.superseded = saved["runs"], saved.get("superseded", [])
+        self.replace_changed = replace_changed
         self.plan: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
         self.progress = progress
         self.run_root = Path("runs") / "bench" / name
@@ -102,7 +106,33 @@ class Matrix:
         cfg["run"]["progress"] = False
         self.plan.append((run_id, cfg, meta))
 
+    def _check_changed(self) -> None:
+        """A finished run whose config differs from the plan's is never silently reused: it is an
+        error, or with ``replace_changed`` it moves to ``superseded`` (kept in results.json, out
+        of the tables) and runs again."""
+        planned = {run_id: cfg for run_id, cfg, _ in self.plan}
+        changed = {}
+        for r in self.runs:
+            if r["id"] in planned:
+                diff = config_diff(_plain(r["config"]), _plain(planned[r["id"]]))
+                if diff:
+                    changed[r["id"]] = diff
+        if not changed:
+            return
+        if not self.replace_changed:
+            lines = [f"  {run_id}: {', '.join(diff[:6])}" for run_id, diff in changed.items()]
+            raise RunConfigError(
+                f"{self.results_file} holds {len(changed)} finished run(s) whose config differs "
+                "from this bench config:\n" + "\n".join(lines) + "\nRe-run them with "
+                "--replace-changed (the old results move to 'superseded' in results.json and "
+                "leave the tables), or write to another folder with --out-dir.")
+        for r in [r for r in self.runs if r["id"] in changed]:
+            self.runs.remove(r)
+            self.superseded.append({**r, "superseded_because": changed[r["id"]]})
+        self._save()
+
     def execute(self) -> list[dict[str, Any]]:
+        self._check_changed()
         done = {r["id"] for r in self.runs}
         todo = [p for p in self.plan if p[0] not in done]
         print(f"{len(self.plan)} runs planned, {len(self.plan) - len(todo)} already done "
@@ -138,8 +168,16 @@ class Matrix:
 
     def _save(self) -> None:
         tmp = self.results_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"runs": self.runs}, indent=1))
+        saved: dict[str, Any] = {"runs": self.runs}
+        if self.superseded:
+            saved["superseded"] = self.superseded
+        tmp.write_text(json.dumps(saved, indent=1))
         os.replace(tmp, self.results_file)
+
+
+def _plain(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` as results.json stores it (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(cfg))
 
 
 def _bar(total: int, enabled: bool | None):
@@ -180,9 +218,9 @@ def _setup_line(runs: list[dict[str, Any]]) -> str:
 
 
 def run_bench(cfg: dict[str, Any], out: Path | None = None,
-              progress: bool | None = None) -> Path:
+              progress: bool | None = None, replace_changed: bool = False) -> Path:
     """Run (or resume) a bench config; returns the results folder."""
-    matrix = Matrix(cfg["name"], out, progress)
+    matrix = Matrix(cfg["name"], out, progress, replace_changed)
     common = _dotted(cfg.get("common"))
     recon = cfg.get("recon") or {}
     recon_set = [f"recon={json.dumps(recon)}"]
@@ -233,9 +271,9 @@ def _write_report(out: Path, cfg: dict[str, Any], runs: list[dict[str, Any]],
 
 
 def run_ablate(cfg: dict[str, Any], out: Path | None = None,
-               progress: bool | None = None) -> Path:
+               progress: bool | None = None, replace_changed: bool = False) -> Path:
     """Run (or resume) an ablation config; returns the results folder."""
-    matrix = Matrix(cfg["name"], out, progress)
+    matrix = Matrix(cfg["name"], out, progress, replace_changed)
     common = _dotted(cfg.get("common"))
     default = dict(cfg.get("recon") or {})
     first_id: dict[str, str] = {}  # run config hash -> id of the run that computes it

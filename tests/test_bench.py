@@ -64,6 +64,23 @@ def test_bench_end_to_end_and_resume(tmp_path, toy_config, monkeypatch):
     monkeypatch.setattr(bench, "train", boom)
     bench.run_bench(cfg, out=tmp_path / "results", progress=False)
 
+    # a changed config is never served from the old results: an error naming the keys, or,
+    # with replace_changed, the old run moves to "superseded" and runs again
+    changed = bench.load_bench_config(
+        cfg_file, ["methods.toy.set={train.epochs: 1, train.lr: 0.01}"])
+    with pytest.raises(bench.RunConfigError, match="toy-base-seed0: train.lr"):
+        bench.run_bench(changed, out=tmp_path / "results", progress=False)
+    trained = []
+    monkeypatch.setattr(bench, "train", lambda c: trained.append(c) or dict(
+        runs[0], metrics={"knn_conv5": 1.0}, config=c, train_images=1, test_images=1))
+    bench.run_bench(changed, out=tmp_path / "results", progress=False, replace_changed=True)
+    saved = json.loads((out / "results.json").read_text())
+    # the references are built from the method's config, so all five rows changed
+    assert len(trained) == 5 and all(c["train"]["lr"] == 0.01 for c in trained)
+    assert sorted(r["id"] for r in saved["superseded"]) == sorted(r["id"] for r in runs)
+    assert all(r["superseded_because"] == ["train.lr"] for r in saved["superseded"])
+    assert len(saved["runs"]) == 5
+
 
 @pytest.mark.slow
 def test_ablate_end_to_end(tmp_path, toy_config):
