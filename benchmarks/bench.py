@@ -294,7 +294,8 @@ def run_ablate(cfg: dict[str, Any], out: Path | None = None,
                                  [f"recon={json.dumps(recon)}"])
                 key = hashlib.sha256(json.dumps([rc["recon"], seed], sort_keys=True)
                                      .encode()).hexdigest()
-                run_id = f"{axis}={value}-seed{seed}".replace("/", "_").replace(" ", "")
+                shown = "+".join(map(str, value)) if isinstance(value, list) else value
+                run_id = f"{axis}={shown}-seed{seed}".replace("/", "_").replace(" ", "")
                 if key in first_id:  # the default point appears on every axis: run it once
                     aliases[run_id] = (first_id[key], {axis: value})
                     continue

@@ -89,12 +89,15 @@ def test_ablate_end_to_end(tmp_path, toy_config):
         "title": "tiny ablation", "seeds": [0], "metrics": ["knn_conv5"],
         "method": {"config": str(toy_config)},
         "recon": {"weight": 1.0, "l2_weight": 1.0, "lpips_weight": 1.0},
-        "axes": {"weight": [0, 1.0], "mix": ["l2", "lpips", "l2+lpips"]},
+        "axes": {"weight": [0, 1.0], "mix": ["l2", "lpips", "l2+lpips"],
+                 "layer": [["conv4.0", "conv5.0"]]},  # the multi-level head
     }))
     out = bench.run_ablate(bench.load_bench_config(cfg_file), out=tmp_path / "abl",
                            progress=False)
     runs = json.loads((out / "results.json").read_text())["runs"]
-    assert len(runs) == 4  # weight=1 and mix=l2+lpips are the same run
+    assert len(runs) == 5  # weight=1 and mix=l2+lpips are the same run
+    multi = next(r for r in runs if r["id"] == "layer=conv4.0+conv5.0-seed0")
+    assert multi["config"]["recon"]["layer"] == ["conv4.0", "conv5.0"]
     assert (out / "figure2.png").is_file() and (out / "metric_vs_weight.png").is_file()
     text = (out / "README.md").read_text()
     assert "### weight" in text and "mix=lpips" in text
