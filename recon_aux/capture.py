@@ -43,9 +43,19 @@ class Capture:
     batch_size: int
     index: int
     closed: bool = field(default=False)
+    #: The input's values (detached), to pair a copy of it (e.g. made by DataParallel's scatter)
+    #: when several pending captures share the batch size.
+    input_value: Tensor | None = None
+    #: Tapped layers that ran more than once in this forward, with their call counts.
+    repeated: dict[str, int] = field(default_factory=dict)
 
     def received(self, images: Tensor) -> bool:
         return self.input_ref is not None and self.input_ref() is images
+
+    def holds_values_of(self, images: Tensor) -> bool:
+        v = self.input_value
+        return (v is not None and v.shape == images.shape and v.dtype == images.dtype
+                and torch.equal(v, images.detach().to(v.device)))
 
 
 class _Hook:
@@ -65,6 +75,13 @@ class _Hook:
     def __call__(self, module: nn.Module, *args):
         tap = self._tap()
         if tap is None or module is not self._module():
+            if tap is not None and getattr(module, "_is_replica", False):
+                raise RuntimeError(
+                    "recon_aux: this module runs as a replica of torch.nn.DataParallel over "
+                    "several GPUs, whose forwards recon_aux cannot capture (each replica runs "
+                    "in its own thread on its own device). Use DistributedDataParallel (one "
+                    "process per GPU, e.g. torchrun), or DataParallel with one visible GPU."
+                )
             return None
         getattr(tap, self._method)(module, *self._extra, *args)
         return None
@@ -116,6 +133,8 @@ class FeatureTap:
         self.layer_names: list[str] = []
         self.multi_level = not (layer is None or isinstance(layer, str))
         self._outputs: dict[str, Tensor] = {}
+        self._calls: dict[str, int] = {}
+        self._input: Tensor | None = None
         self.pending: list[Capture] = []
         self._handles: list = []
         self._select_handles: list = []
@@ -127,6 +146,7 @@ class FeatureTap:
         self._count = 0
         self._skipped: str | None = None
         self._warned_overflow = False
+        self._warned_frozen = False
 
         modules = dict(model.named_modules())
         convs = conv_layer_names(model)
@@ -172,7 +192,7 @@ class FeatureTap:
         self._depth += 1
         if self._depth > 1:  # the model's forward called itself: one capture per outer call
             return
-        self._outputs, self._last_conv = {}, None
+        self._outputs, self._last_conv, self._calls = {}, None, {}
         if self._probe is not None:
             self._active = True
             return
@@ -184,14 +204,17 @@ class FeatureTap:
         self.pending = [c for c in self.pending if not c.closed]
         first = args[0] if args else None
         self._input_ref = weakref.ref(first) if torch.is_tensor(first) else None
+        self._input = first.detach() if torch.is_tensor(first) else None
 
     def _on_conv(self, module: nn.Module, name: str, inputs: tuple, output) -> None:
         if self._depth > 0:
             self._last_conv = (name, output if self._active else None)
+            self._calls[name] = self._calls.get(name, 0) + 1
 
     def _on_layer(self, module: nn.Module, name: str, inputs: tuple, output) -> None:
         if self._depth > 0 and self._active:
             self._outputs[name] = output
+            self._calls[name] = self._calls.get(name, 0) + 1
 
     def _on_model_post(self, model: nn.Module, args: tuple, output) -> None:
         self._depth -= 1
@@ -208,6 +231,8 @@ class FeatureTap:
             self._select_handles = []
             self._tap_layer(name, dict(model.named_modules())[name])
         outputs, self._outputs, self._last_conv = self._outputs, {}, None
+        calls, self._calls = self._calls, {}
+        model_input, self._input = self._input, None
         missing = [n for n in self.layer_names if n not in outputs]
         if self._active and missing:
             self._skipped = f"without reaching the tapped layer {'+'.join(missing)!r}"
@@ -231,10 +256,18 @@ class FeatureTap:
             self._probe["feature"] = feature
             return
         self._count += 1
-        cap = Capture(feature, self._input_ref, int(feats[0].shape[0]), self._count)
+        repeated = {n: calls[n] for n in self.layer_names if calls.get(n, 0) > 1}
+        cap = Capture(feature, self._input_ref, int(feats[0].shape[0]), self._count,
+                      input_value=model_input, repeated=repeated)
         for f in feats:
             if f.requires_grad:
                 f.register_hook(_ReleaseOnBackward(self, cap))
+        if not any(f.requires_grad for f in feats) and not self._warned_frozen:
+            self._warned_frozen = True
+            warnings.warn(
+                f"recon_aux: the tapped layer {self.layer_name!r} output does not require grad "
+                "(a frozen encoder, or a layer before every trainable one): the objective trains "
+                "the head only and cannot change the encoder.", RuntimeWarning, stacklevel=2)
         self.pending.append(cap)
         if len(self.pending) > self.max_pending:
             self.pending.pop(0)
@@ -252,15 +285,27 @@ class FeatureTap:
         """Remove and return the capture of the forward that consumed ``images``.
 
         The capture whose forward received this very tensor wins; otherwise the one pending
-        capture with the same batch size. Anything else is a :class:`PairingError`.
+        capture with the same batch size, or among several of that size the one whose input
+        holds the same values (a copy, e.g. by DataParallel's scatter). Anything else, and a
+        forward in which the tapped layer ran more than once, is a :class:`PairingError`.
         """
         match = next((c for c in self.pending if c.received(images)), None)
         if match is None:
             same = [c for c in self.pending if c.batch_size == images.shape[0]]
+            if len(same) > 1:  # several candidates: the one whose input holds these values
+                same = [c for c in same if c.holds_values_of(images)] or same
             if len(same) == 1:
                 match = same[0]
             else:
                 raise PairingError(self._pairing_message(images, same))
+        if match.repeated:
+            raise PairingError(
+                f"the tapped layer {self.layer_name!r} ran {max(match.repeated.values())} times "
+                "during one forward of the attached model (e.g. a siamese forward that encodes "
+                "two images), so its output cannot be paired with one input. Attach to the "
+                "encoder submodule that sees one image per call (recon_aux.attach(model.encoder, "
+                "...)), or name a layer that runs once per forward (layer='NAME')."
+            )
         self.pending.remove(match)
         for c in self.pending:
             c.closed = True

@@ -45,6 +45,8 @@ class _StepHook:
         if aux is not None:
             aux.steps += 1
             aux.tap.release_all()
+            if aux.head is not None:  # the step consumed them; loops that zero only their
+                aux.head.zero_grad(set_to_none=True)  # own model (net.zero_grad()) stay right
 
 
 class _SyncHook:

@@ -191,3 +191,84 @@ def test_multi_level_tap_errors_name_the_problem():
         recon_aux.attach(model, layer=["features.10", "features.10"])
     with pytest.raises(ValueError, match="non-empty list"):
         recon_aux.attach(model, layer=[])
+
+
+# -- models that encode several images per forward (AET's Regressor, siamese nets) -------------
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x))).mean((2, 3))
+
+
+class Siamese(nn.Module):
+    """Like AET's Regressor: one forward encodes the image and its transformed copy. ``copy``
+    mimics DataParallel's scatter, which hands the submodule copies of the inputs."""
+
+    def __init__(self, copy: bool = False) -> None:
+        super().__init__()
+        self.encoder, self.fc, self.copy = Encoder(), nn.Linear(32, 8), copy
+
+    def forward(self, x1, x2):
+        if self.copy:
+            x1, x2 = x1.clone(), x2.clone()
+        return self.fc(torch.cat([self.encoder(x1), self.encoder(x2)], 1))
+
+
+def test_layer_running_twice_per_forward_is_a_pairing_error_not_a_silent_mismatch():
+    torch.manual_seed(0)
+    net = Siamese()
+    aux = recon_aux.attach(net, lpips_weight=0.0)
+    x1, x2 = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
+    net(x1, x2)
+    with pytest.raises(recon_aux.PairingError, match="ran 2 times during one forward"):
+        aux.loss(x1)  # the capture holds x2's features: never pair it with x1
+
+
+def test_copies_of_the_input_pair_by_value():
+    torch.manual_seed(0)
+    net = Siamese(copy=True)
+    aux = recon_aux.attach(net.encoder, lpips_weight=0.0)
+    x1, x2 = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
+    net(x1, x2)  # two captures of batch 4, neither received x1 itself
+    capture = aux.tap.take(x1)
+    with torch.no_grad():
+        expected = net.encoder.conv2(torch.relu(net.encoder.conv1(x1)))
+    torch.testing.assert_close(capture.feature.detach(), expected)
+    assert aux.tap.take(x2).index == capture.index + 1
+
+
+def test_dataparallel_replicas_get_a_clear_error():
+    model = fresh()
+    aux = recon_aux.attach(model, lpips_weight=0.0)
+    replica = model._replicate_for_data_parallel()  # what DataParallel runs on each GPU
+    with pytest.raises(RuntimeError, match="DistributedDataParallel"):
+        replica(torch.rand(2, 3, 32, 32))
+    assert aux.tap.pending == []
+
+
+def test_head_gradients_are_cleared_after_each_step():
+    # AET's loop zeroes only its own model (net.zero_grad()); the head must not accumulate.
+    model = fresh()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    aux = recon_aux.attach(model, opt, lpips_weight=0.0, input_shape=(3, 32, 32))
+    for _ in range(2):
+        model.zero_grad()
+        x = torch.rand(4, 3, 32, 32)
+        (model(x).pow(2).mean() + aux.loss(x)).backward()
+        assert all(p.grad is not None for p in aux.parameters())
+        opt.step()
+        assert all(p.grad is None for p in aux.parameters())
+
+
+def test_frozen_encoder_warns_that_only_the_head_trains():
+    model = fresh().requires_grad_(False)
+    aux = recon_aux.attach(model, lpips_weight=0.0)
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.warns(RuntimeWarning, match="trains the head only"):
+        model(x)
+    aux.loss(x).backward()
+    assert all(p.grad is not None for p in aux.parameters())
