@@ -100,3 +100,18 @@ def save_pictures(aux, images: torch.Tensor, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torchvision.utils.save_image(pairs, str(path), nrow=4, padding=1)
     print(f"reconstructions: {path}")
+
+
+def log_epoch(epoch: int, total: float, steps: int, aux) -> None:
+    """One line per epoch: mean loss, and the objective's last L2 / LPIPS when it is on."""
+    recon = (f", recon l2 {aux.last['l2']:.4f} lpips {aux.last['lpips']:.4f}"
+             if aux is not None and aux.last else "")
+    print(f"epoch {epoch:02d}  loss {total / max(1, steps):.5f}{recon}", flush=True)
+
+
+def finish(model: nn.Module, aux, images: torch.Tensor | None,
+           args: argparse.Namespace) -> float | None:
+    """After training: the reconstruction picture (if asked) and the kNN accuracy (if asked)."""
+    if aux is not None and args.pictures and images is not None:
+        save_pictures(aux, images, args.pictures)
+    return knn_report(model, args) if args.knn else None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from common import NORMALIZE, backbone, knn_report, parser, save_pictures, train_loader
+from common import NORMALIZE, backbone, finish, log_epoch, parser, train_loader
 from lightly.loss import SwaVLoss
 from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
 from lightly.transforms.swav_transform import SwaVTransform
@@ -66,13 +66,10 @@ def main(argv: list[str] | None = None) -> float | None:
             total, n, step = total + loss.item(), n + 1, step + 1
             if step == args.max_steps:
                 break
-        recon = f", recon l2 {aux.last['l2']:.4f} lpips {aux.last['lpips']:.4f}" if aux else ""
-        print(f"epoch {epoch:02d}  loss {total / max(1, n):.5f}{recon}")
+        log_epoch(epoch, total, n, aux)
         if step == args.max_steps:
             break
-    if aux is not None and args.pictures:
-        save_pictures(aux, views[0], args.pictures)
-    return knn_report(model.backbone, args) if args.knn else None
+    return finish(model.backbone, aux, views[0], args)
 
 
 if __name__ == "__main__":

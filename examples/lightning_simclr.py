@@ -19,7 +19,7 @@ import sys
 
 import pytorch_lightning as pl
 import torch
-from common import NORMALIZE, backbone, knn_report, parser, save_pictures, train_loader
+from common import NORMALIZE, backbone, finish, parser, train_loader
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from lightly.transforms import SimCLRTransform
@@ -75,10 +75,8 @@ def main(argv: list[str] | None = None) -> float | None:
     if model.aux is not None and model.aux.last:
         print(f"recon l2 {model.aux.last['l2']:.4f} lpips {model.aux.last['lpips']:.4f} "
               f"after {trainer.global_step} steps")
-        if args.pictures:
-            x0 = next(iter(loader))[0][0].to(args.device)
-            save_pictures(model.aux, x0, args.pictures)
-    return knn_report(model.backbone, args) if args.knn else None
+    images = next(iter(loader))[0][0].to(args.device) if args.pictures else None
+    return finish(model.backbone, model.aux, images, args)
 
 
 if __name__ == "__main__":
