@@ -106,3 +106,24 @@ def test_lightning_module_recon_changes_the_encoder_gradient(image_folder):
             assert all(p.grad is not None for p in module.aux.parameters())
         grads[recon] = module.backbone.conv1[0].weight.grad.clone()
     assert not torch.allclose(grads[False], grads[True])
+
+
+def test_lightning_trainer_trains_the_head_and_the_encoder(image_folder, tmp_path):
+    import pytorch_lightning as pl
+    from lightly.transforms import SimCLRTransform
+
+    example = load("lightning_simclr")
+    args = example.parser("").parse_args(tiny(image_folder))
+    torch.manual_seed(0)
+    module = example.SimCLR(example.backbone(args))
+    head0 = {k: v.clone() for k, v in module.aux.state_dict().items() if torch.is_tensor(v)}
+    conv0 = module.backbone.conv1[0].weight.detach().clone()
+    loader = example.train_loader(args, SimCLRTransform(input_size=32, gaussian_blur=0.0))
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, loader)
+    head1 = module.aux.state_dict()
+    assert any(not torch.equal(head0[k], head1[k]) for k in head0 if k.endswith("weight"))
+    assert not torch.equal(conv0, module.backbone.conv1[0].weight)
+    assert module.aux.calls == 4  # two views per step, two steps
