@@ -101,6 +101,9 @@ class Matrix:
         self.progress = progress
         self.run_root = Path("runs") / "bench" / name
 
+    def planned(self, run_id: str) -> bool:
+        return any(p[0] == run_id for p in self.plan)
+
     def add(self, run_id: str, cfg: dict[str, Any], meta: dict[str, Any]) -> None:
         cfg["run"]["out_dir"] = str(self.run_root / run_id)
         cfg["run"]["progress"] = False
@@ -239,9 +242,13 @@ def run_bench(cfg: dict[str, Any], out: Path | None = None,
                     raise RunConfigError(f"unknown reference row {row!r}; use random-init, "
                                          "supervised, recon-only.")
                 rc = _run_config(src, [*common, f"train.seed={seed}"], cfg["name"], final)
-                label = f"{row} ({rc['backbone']['name']})"
-                matrix.add(f"{row}-{rc['backbone']['name']}-seed{seed}", rc,
-                           {"reference": label, "method": row})
+                backbone = rc["backbone"]["name"]
+                run_id, label = f"{row}-{backbone}-seed{seed}", f"{row} ({backbone})"
+                if matrix.planned(run_id):  # a second method's reference on the same backbone,
+                    # e.g. with its own evaluation (AET's non-linear probe): its own row
+                    run_id = f"{row}-{backbone}-{ref_from}-seed{seed}"
+                    label = f"{row} ({backbone}, {ref_from}'s evaluation)"
+                matrix.add(run_id, rc, {"reference": label, "method": row})
         for method, src in cfg["methods"].items():
             if src is None:  # switched off on the command line: methods.aet=null
                 continue

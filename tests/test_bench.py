@@ -126,3 +126,28 @@ def test_table_renderer_fixed_inputs():
     # n: diffs -1 and +1 -> mean 0 with std 1.4: no clear difference
     assert any(line.startswith("| n: +recon − base (paired) | +0.0 ± 1.4 (1/2 seeds up; no clear"
                                ) for line in lines)
+
+
+def test_second_reference_on_one_backbone_gets_its_own_row(tmp_path, monkeypatch):
+    # AET and SeLa share the backbone; AET's random-init row carries AET's evaluation, so it
+    # must be its own run, not a silent duplicate of SeLa's.
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "cifar10-cpu.yaml",
+                                  ["seeds=[0]"])
+    seen = []
+
+    def fake(c):
+        seen.append(c)
+        return {"metrics": {"knn_conv5": 1.0}, "config": c, "wall_s": 0.0, "machine": "test",
+                "history": [], "train_images": 1, "test_images": 1}
+
+    monkeypatch.setattr(bench, "train", fake)
+    monkeypatch.setattr(bench, "_write_report", lambda *a, **k: None)
+    bench.run_bench(cfg, out=tmp_path, progress=False)
+    ids = [r["id"] for r in json.loads((tmp_path / "results.json").read_text())["runs"]]
+    assert "random-init-alexnet_cifar-seed0" in ids
+    assert "random-init-alexnet_cifar-aet-seed0" in ids
+    aet_ref = next(c for c in seen if c["method"]["name"] == "aet" and c["train"]["epochs"] == 0)
+    assert aet_ref["eval"]["nonlinear"]["layer"] == "conv3"
