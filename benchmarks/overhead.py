@@ -1,4 +1,5 @@
-"""Training-step overhead of the auxiliary objective on an AlexNet-CIFAR encoder.
+"""Training-step overhead of the auxiliary objective on an AlexNet-CIFAR (or CIFAR ResNet-18)
+encoder.
 
 One run times optimizer steps (forward, loss, backward, SGD step) of three variants, interleaved
 step by step so that machine load hits them alike:
@@ -14,6 +15,7 @@ with the line ``recon/base step-time ratio: X.XX (L2+LPIPS-alex)`` for width 1.0
 
     python benchmarks/overhead.py                 # widths 1.0 0.5 0.25, batch 256
     python benchmarks/overhead.py --widths 0.5 --steps 5
+    python benchmarks/overhead.py --backbone resnet18_cifar --widths 0.25 0.125   # simclr-cpu
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import recon_aux
-from recon_aux.models import AlexNetCIFAR
+from recon_aux.models import build_backbone
 
 VARIANTS = {
     "base": None,
@@ -39,8 +41,9 @@ VARIANTS = {
 
 
 def build(width: float, recon: dict | None, template: nn.Module | None, lpips_weights: str,
-          head_width: int | None = None):
-    encoder = copy.deepcopy(template) if template is not None else AlexNetCIFAR(width=width)
+          head_width: int | None = None, backbone: str = "alexnet_cifar"):
+    encoder = (copy.deepcopy(template) if template is not None
+               else build_backbone(backbone, width=width))
     classifier = nn.Linear(encoder.out_dim, 10)
     params = list(encoder.parameters()) + list(classifier.parameters())
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -65,8 +68,9 @@ def step(parts, images, labels) -> float:
 
 def run_width(width: float, args) -> dict[str, float]:
     torch.manual_seed(0)
-    template = AlexNetCIFAR(width=width)
-    variants = {name: build(width, recon, template, args.lpips_weights, args.head_width)
+    template = build_backbone(args.backbone, width=width)
+    variants = {name: build(width, recon, template, args.lpips_weights, args.head_width,
+                            args.backbone)
                 for name, recon in VARIANTS.items()}
     images = torch.rand(args.batch_size, 3, 32, 32)
     labels = torch.randint(0, 10, (args.batch_size,))
@@ -94,6 +98,8 @@ def run_width(width: float, args) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backbone", default="alexnet_cifar",
+                   help="alexnet_cifar (the paper's encoders) or resnet18_cifar")
     p.add_argument("--widths", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=7, help="timed steps per variant")
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"recon-aux overhead benchmark: AlexNet-CIFAR, batch {args.batch_size}, 32x32, "
+    print(f"recon-aux overhead benchmark: {args.backbone}, batch {args.batch_size}, 32x32, "
           f"SGD(momentum 0.9), float32, CPU; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
           f"variants interleaved step by step, median of {args.steps} steps after "
