@@ -47,7 +47,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     cfg = load_bench_config(args.config, args.overrides)
     run = run_bench if args.command == "bench" else run_ablate
-    run(cfg, out=args.out_dir, progress=None, replace_changed=args.replace_changed)
+    run(cfg, out=args.out_dir, progress=None, replace_changed=args.replace_changed,
+        report_only=args.report_only)
     return 0
 
 
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         b.add_argument("--replace-changed", action="store_true",
                        help="re-run finished runs whose config changed (the old results are "
                             "kept under 'superseded' in results.json, out of the tables)")
+        b.add_argument("--report-only", action="store_true",
+                       help="train nothing: write the README, table and plots from the finished "
+                            "runs (titled PARTIAL when some are missing)")
         b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     try:

@@ -134,12 +134,19 @@ class Matrix:
             self.superseded.append({**r, "superseded_because": changed[r["id"]]})
         self._save()
 
-    def execute(self) -> list[dict[str, Any]]:
+    def missing(self) -> list[str]:
+        """Planned runs not in results.json yet."""
+        done = {r["id"] for r in self.runs}
+        return [p[0] for p in self.plan if p[0] not in done]
+
+    def execute(self, report_only: bool = False) -> list[dict[str, Any]]:
+        """Train the planned runs not done yet (none with ``report_only``); return the planned
+        runs that are done."""
         self._check_changed()
         done = {r["id"] for r in self.runs}
-        todo = [p for p in self.plan if p[0] not in done]
-        print(f"{len(self.plan)} runs planned, {len(self.plan) - len(todo)} already done "
-              f"(in {self.results_file}), {len(todo)} to run", flush=True)
+        todo = [] if report_only else [p for p in self.plan if p[0] not in done]
+        print(f"{len(self.plan)} runs planned, {len(done & {p[0] for p in self.plan})} already "
+              f"done (in {self.results_file}), {len(todo)} to run", flush=True)
         bar = _bar(len(todo), self.progress)
         t0 = time.perf_counter()
         for i, (run_id, cfg, meta) in enumerate(todo):
@@ -221,8 +228,10 @@ def _setup_line(runs: list[dict[str, Any]]) -> str:
 
 
 def run_bench(cfg: dict[str, Any], out: Path | None = None,
-              progress: bool | None = None, replace_changed: bool = False) -> Path:
-    """Run (or resume) a bench config; returns the results folder."""
+              progress: bool | None = None, replace_changed: bool = False,
+              report_only: bool = False) -> Path:
+    """Run (or resume) a bench config; returns the results folder. ``report_only`` trains
+    nothing and writes the README from the finished runs (marked PARTIAL if any is missing)."""
     matrix = Matrix(cfg["name"], out, progress, replace_changed)
     common = _dotted(cfg.get("common"))
     recon = cfg.get("recon") or {}
@@ -256,9 +265,23 @@ def run_bench(cfg: dict[str, Any], out: Path | None = None,
                 final = recon_set if variant == "recon" else ["recon=null"]
                 rc = _run_config(src, [*common, f"train.seed={seed}"], cfg["name"], final)
                 matrix.add(f"{method}-{variant}-seed{seed}", rc, {"method": method})
-    runs = matrix.execute()
+    runs = matrix.execute(report_only)
+    cfg = _mark_partial(cfg, matrix)
     _write_report(matrix.out, cfg, runs)
     return matrix.out
+
+
+def _mark_partial(cfg: dict[str, Any], matrix: Matrix) -> dict[str, Any]:
+    """The config with a PARTIAL title and a note listing the missing runs, if any are missing."""
+    missing = matrix.missing()
+    if not missing:
+        return cfg
+    cfg = dict(cfg)
+    cfg["title"] = f"PARTIAL: {cfg['title']}"
+    cfg["notes"] = (f"**PARTIAL**: {len(matrix.plan) - len(missing)} of {len(matrix.plan)} planned "
+                    f"runs finished; not run yet: {', '.join(missing)}. The matrix resumes: run the "
+                    "same command again.\n\n" + cfg.get("notes", ""))
+    return cfg
 
 
 def _write_report(out: Path, cfg: dict[str, Any], runs: list[dict[str, Any]],
@@ -278,8 +301,10 @@ def _write_report(out: Path, cfg: dict[str, Any], runs: list[dict[str, Any]],
 
 
 def run_ablate(cfg: dict[str, Any], out: Path | None = None,
-               progress: bool | None = None, replace_changed: bool = False) -> Path:
-    """Run (or resume) an ablation config; returns the results folder."""
+               progress: bool | None = None, replace_changed: bool = False,
+               report_only: bool = False) -> Path:
+    """Run (or resume) an ablation config; returns the results folder (``report_only``: as
+    :func:`run_bench`)."""
     matrix = Matrix(cfg["name"], out, progress, replace_changed)
     common = _dotted(cfg.get("common"))
     default = dict(cfg.get("recon") or {})
@@ -309,7 +334,8 @@ def run_ablate(cfg: dict[str, Any], out: Path | None = None,
                 first_id[key] = run_id
                 matrix.add(run_id, rc, {"method": rc["method"]["name"],
                                         "ablation": {axis: value}})
-    runs = matrix.execute()
+    runs = matrix.execute(report_only)
+    cfg = _mark_partial(cfg, matrix)
     by_id = {r["id"]: r for r in runs}
     pictures = matrix.out / "pictures"
     for alias, (target, ablation) in aliases.items():

@@ -151,3 +151,22 @@ def test_second_reference_on_one_backbone_gets_its_own_row(tmp_path, monkeypatch
     assert "random-init-alexnet_cifar-aet-seed0" in ids
     aet_ref = next(c for c in seen if c["method"]["name"] == "aet" and c["train"]["epochs"] == 0)
     assert aet_ref["eval"]["nonlinear"]["layer"] == "conv3"
+
+
+def test_report_only_marks_a_partial_matrix(tmp_path, monkeypatch):
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "cifar10-cpu.yaml",
+                                  ["seeds=[0]"])
+    monkeypatch.setattr(bench, "train", lambda c: pytest.fail("report_only trained a run"))
+    rc = bench._run_config(cfg["methods"]["sela"], [*bench._dotted(cfg["common"]),
+                                                    "train.seed=0"], cfg["name"], ["recon=null"])
+    done = {"id": "sela-base-seed0", "method": "sela", "recon": False, "seed": 0,
+            "reference": None, "metrics": {"knn_conv5": 40.0}, "config": rc, "wall_s": 1.0,
+            "machine": "m", "history": [], "train_images": 1, "test_images": 1}
+    (tmp_path / "results.json").write_text(json.dumps({"runs": [done]}))
+    out = bench.run_bench(cfg, out=tmp_path, progress=False, report_only=True)
+    text = (out / "README.md").read_text()
+    assert text.startswith("# PARTIAL: ") and "1 of 10 planned runs finished" in text
+    assert "deepcluster-base-seed0" in text and "| sela |" in text
