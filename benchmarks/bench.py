@@ -278,7 +278,8 @@ def _mark_partial(cfg: dict[str, Any], matrix: Matrix) -> dict[str, Any]:
         return cfg
     cfg = dict(cfg)
     cfg["title"] = f"PARTIAL: {cfg['title']}"
-    cfg["notes"] = (f"**PARTIAL**: {len(matrix.plan) - len(missing)} of {len(matrix.plan)} planned "
+    n = len(matrix.plan)
+    cfg["notes"] = (f"**PARTIAL**: {n - len(missing)} of {n} planned "
                     f"runs finished; not run yet: {', '.join(missing)}. The matrix resumes: run the "
                     "same command again.\n\n" + cfg.get("notes", ""))
     return cfg
