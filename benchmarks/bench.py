@@ -279,9 +279,9 @@ def _mark_partial(cfg: dict[str, Any], matrix: Matrix) -> dict[str, Any]:
     cfg = dict(cfg)
     cfg["title"] = f"PARTIAL: {cfg['title']}"
     n = len(matrix.plan)
-    cfg["notes"] = (f"**PARTIAL**: {n - len(missing)} of {n} planned "
-                    f"runs finished; not run yet: {', '.join(missing)}. The matrix resumes: run the "
-                    "same command again.\n\n" + cfg.get("notes", ""))
+    cfg["notes"] = (f"**PARTIAL**: {n - len(missing)} of {n} planned runs finished; not run "
+                    f"yet: {', '.join(missing)}. The matrix resumes: run the same command "
+                    "again.\n\n" + cfg.get("notes", ""))
     return cfg
 
 
