@@ -219,7 +219,8 @@ def _setup_line(runs: list[dict[str, Any]]) -> str:
             f"({t['lr_schedule']}), wd {t['weight_decay']}; augment "
             f"{d['augment'] or 'method default'}; eval {json.dumps(e)}")
     seeds = sorted({r["seed"] for r in runs})
-    lines.append(f"- seeds {seeds}; machine: {runs[0]['machine'] if runs else machine()}; "
+    machines = " / ".join(sorted({r["machine"] for r in runs})) if runs else machine()
+    lines.append(f"- seeds {seeds}; machine: {machines}; "
                  f"total run time {sum(r['wall_s'] for r in runs) / 60:.1f} min.")
     recon = next((r["recon"] for r in runs if r["recon"]), None)
     if recon:
