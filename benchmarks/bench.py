@@ -134,6 +134,26 @@ class Matrix:
             self.superseded.append({**r, "superseded_because": changed[r["id"]]})
         self._save()
 
+    def merge(self, other: Path) -> int:
+        """Take the finished runs of another results folder (e.g. seeds run in a parallel
+        process with ``seeds=[2] --out-dir DIR``) that this matrix plans and lacks, with their
+        pictures; their configs are then checked like any other finished run's. Returns how
+        many were taken."""
+        saved = json.loads((Path(other) / "results.json").read_text())["runs"]
+        have = {r["id"] for r in self.runs}
+        planned = {p[0] for p in self.plan}
+        taken = [r for r in saved if r["id"] in planned and r["id"] not in have]
+        for r in taken:
+            self.runs.append(r)
+            pic = Path(other) / "pictures" / f"{r['id']}.png"
+            if pic.is_file():
+                (self.out / "pictures").mkdir(exist_ok=True)
+                (self.out / "pictures" / pic.name).write_bytes(pic.read_bytes())
+        if taken:
+            self._save()
+        print(f"merged {len(taken)} finished run(s) from {other}", flush=True)
+        return len(taken)
+
     def missing(self) -> list[str]:
         """Planned runs not in results.json yet."""
         done = {r["id"] for r in self.runs}
@@ -230,7 +250,7 @@ def _setup_line(runs: list[dict[str, Any]]) -> str:
 
 def run_bench(cfg: dict[str, Any], out: Path | None = None,
               progress: bool | None = None, replace_changed: bool = False,
-              report_only: bool = False) -> Path:
+              report_only: bool = False, merge: Path | None = None) -> Path:
     """Run (or resume) a bench config; returns the results folder. ``report_only`` trains
     nothing and writes the README from the finished runs (marked PARTIAL if any is missing)."""
     matrix = Matrix(cfg["name"], out, progress, replace_changed)
@@ -266,6 +286,8 @@ def run_bench(cfg: dict[str, Any], out: Path | None = None,
                 final = recon_set if variant == "recon" else ["recon=null"]
                 rc = _run_config(src, [*common, f"train.seed={seed}"], cfg["name"], final)
                 matrix.add(f"{method}-{variant}-seed{seed}", rc, {"method": method})
+    if merge is not None:
+        matrix.merge(merge)
     runs = matrix.execute(report_only)
     cfg = _mark_partial(cfg, matrix)
     _write_report(matrix.out, cfg, runs)

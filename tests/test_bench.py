@@ -170,3 +170,26 @@ def test_report_only_marks_a_partial_matrix(tmp_path, monkeypatch):
     text = (out / "README.md").read_text()
     assert text.startswith("# PARTIAL: ") and "1 of 10 planned runs finished" in text
     assert "deepcluster-base-seed0" in text and "| sela |" in text
+
+
+def test_merge_takes_runs_of_a_parallel_seed(tmp_path, monkeypatch):
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
+                                  ["seeds=[0, 1]"])
+
+    def fake(c):
+        return {"metrics": {"knn_pool": float(c["train"]["seed"])}, "config": c, "wall_s": 0.0,
+                "machine": "test", "history": [], "train_images": 1, "test_images": 1}
+
+    monkeypatch.setattr(bench, "train", fake)
+    monkeypatch.setattr(bench, "_write_report", lambda *a, **k: None)
+    side = tmp_path / "seed1"
+    bench.run_bench(bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
+                                            ["seeds=[1]"]), out=side, progress=False)
+    monkeypatch.setattr(bench, "train", lambda c: fake(c) if c["train"]["seed"] == 0
+                        else pytest.fail("re-trained a merged run"))
+    out = bench.run_bench(cfg, out=tmp_path / "main", progress=False, merge=side)
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert len(runs) == 8 and sum(r["seed"] == 1 for r in runs) == 4
