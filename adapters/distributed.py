@@ -79,6 +79,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = True) -> None:
+    """Tear the process group down; with ``wait`` (the normal end of a run) every rank first
+    reaches a barrier, so no rank destroys gloo while another still uses it (after an error,
+    ``wait=False``: the other ranks may be gone)."""
     if is_distributed():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()

@@ -17,6 +17,7 @@ its +recon twin see the same batches. A run killed after epoch k and resumed wit
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import math
@@ -408,9 +409,14 @@ def machine() -> str:
 def train(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run a validated config to the end; returns the result dict (see :meth:`Trainer.fit`)."""
     trainer = Trainer(cfg)
+    finished = False
     try:
-        return trainer.fit()
+        result = trainer.fit()
+        finished = True
+        return result
     finally:
         if trainer.aux is not None:
             trainer.aux.remove()
-        D.shutdown()
+        trainer.step_module = None  # the DDP reducer holds the process group: drop it first
+        gc.collect()
+        D.shutdown(wait=finished)

@@ -10,6 +10,7 @@ Rank 0 prints one JSON line: whether head and encoder weights agree across ranks
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 
@@ -58,6 +59,12 @@ def main(order: str, sync: bool) -> None:
     }
     if rank == 0:
         print(json.dumps(result))
+    # Drop the DDP wrapper (its reducer holds the process group) and wait for both ranks before
+    # tearing gloo down: otherwise a rank can abort at exit ("terminate called without an
+    # active exception").
+    del net, aux, opt, model
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
