@@ -47,9 +47,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     cfg = load_bench_config(args.config, args.overrides)
     run = run_bench if args.command == "bench" else run_ablate
-    extra = {"merge": args.merge} if args.command == "bench" else {}
     run(cfg, out=args.out_dir, progress=None, replace_changed=args.replace_changed,
-        report_only=args.report_only, **extra)
+        report_only=args.report_only, merge=args.merge)
     return 0
 
 
@@ -75,10 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         b.add_argument("--report-only", action="store_true",
                        help="train nothing: write the README, table and plots from the finished "
                             "runs (titled PARTIAL when some are missing)")
-        if name == "bench":
-            b.add_argument("--merge", type=Path, default=None, metavar="DIR",
-                           help="first take the finished runs of another results folder (seeds "
-                                "run in parallel with seeds=[k] --out-dir DIR)")
+        b.add_argument("--merge", type=Path, default=None, metavar="DIR",
+                       help="first take the finished runs of another results folder (seeds "
+                            "run in parallel with seeds=[k] --out-dir DIR)")
         b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     try:

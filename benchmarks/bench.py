@@ -41,6 +41,7 @@ import yaml
 
 from adapters.config import RunConfigError, config_diff, load_run_config
 from adapters.engine import machine, train
+from recon_aux import ReconAuxConfig
 
 from . import report
 
@@ -248,6 +249,30 @@ def _setup_line(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _add_references(matrix: Matrix, cfg: dict[str, Any], src: dict[str, Any], ref_from: str,
+                    rows: list[str], common: list[str], seed: int) -> None:
+    """Plan the reference rows (random-init, supervised, recon-only) on ``src``'s backbone,
+    data and evaluation."""
+    recon_set = [f"recon={json.dumps(cfg.get('recon') or {})}"]
+    for row in rows:
+        final = {
+            "random-init": ["recon=null", "train.epochs=0"],
+            "supervised": ["recon=null", "method={name: supervised}"],
+            "recon-only": [*recon_set, "method={name: recon_only}"],
+        }.get(row)
+        if final is None:
+            raise RunConfigError(f"unknown reference row {row!r}; use random-init, "
+                                 "supervised, recon-only.")
+        rc = _run_config(src, [*common, f"train.seed={seed}"], cfg["name"], final)
+        backbone = rc["backbone"]["name"]
+        run_id, label = f"{row}-{backbone}-seed{seed}", f"{row} ({backbone})"
+        if matrix.planned(run_id):  # a second method's reference on the same backbone,
+            # e.g. with its own evaluation (AET's non-linear probe): its own row
+            run_id = f"{row}-{backbone}-{ref_from}-seed{seed}"
+            label = f"{row} ({backbone}, {ref_from}'s evaluation)"
+        matrix.add(run_id, rc, {"reference": label, "method": row})
+
+
 def run_bench(cfg: dict[str, Any], out: Path | None = None,
               progress: bool | None = None, replace_changed: bool = False,
               report_only: bool = False, merge: Path | None = None) -> Path:
@@ -260,25 +285,8 @@ def run_bench(cfg: dict[str, Any], out: Path | None = None,
     for seed in cfg["seeds"]:
         for ref_from, rows in (cfg.get("references") or {}).items():
             src = cfg["methods"].get(ref_from)
-            if src is None:
-                continue
-            for row in rows:
-                final = {
-                    "random-init": ["recon=null", "train.epochs=0"],
-                    "supervised": ["recon=null", "method={name: supervised}"],
-                    "recon-only": [*recon_set, "method={name: recon_only}"],
-                }.get(row)
-                if final is None:
-                    raise RunConfigError(f"unknown reference row {row!r}; use random-init, "
-                                         "supervised, recon-only.")
-                rc = _run_config(src, [*common, f"train.seed={seed}"], cfg["name"], final)
-                backbone = rc["backbone"]["name"]
-                run_id, label = f"{row}-{backbone}-seed{seed}", f"{row} ({backbone})"
-                if matrix.planned(run_id):  # a second method's reference on the same backbone,
-                    # e.g. with its own evaluation (AET's non-linear probe): its own row
-                    run_id = f"{row}-{backbone}-{ref_from}-seed{seed}"
-                    label = f"{row} ({backbone}, {ref_from}'s evaluation)"
-                matrix.add(run_id, rc, {"reference": label, "method": row})
+            if src is not None:
+                _add_references(matrix, cfg, src, ref_from, rows, common, seed)
         for method, src in cfg["methods"].items():
             if src is None:  # switched off on the command line: methods.aet=null
                 continue
@@ -309,15 +317,19 @@ def _mark_partial(cfg: dict[str, Any], matrix: Matrix) -> dict[str, Any]:
 
 
 def _write_report(out: Path, cfg: dict[str, Any], runs: list[dict[str, Any]],
-                  extra_notes: str = "", extra_pictures: tuple[str, ...] = ()) -> None:
-    metrics = cfg.get("metrics") or sorted({m for r in runs for m in r["metrics"]
+                  extra_notes: str = "", extra_pictures: tuple[str, ...] = (),
+                  all_runs: list[dict[str, Any]] | None = None) -> None:
+    """README, curves and table of ``runs``; ``all_runs`` (default ``runs``) for the setup line
+    and the metric list when the table shows a subset (the ablation)."""
+    all_runs = runs if all_runs is None else all_runs
+    metrics = cfg.get("metrics") or sorted({m for r in all_runs for m in r["metrics"]
                                             if not m.startswith("final")})
     pictures = list(extra_pictures)
     if report.plot_curves(runs, out / "curves.png", ["method_loss", "recon_l2", "recon_lpips"]):
         pictures.append("curves.png")
     if (out / "pictures").is_dir():
         pictures += sorted(f"pictures/{p.name}" for p in (out / "pictures").glob("*.png"))
-    text = report.render_readme(cfg["title"], runs, metrics, _setup_line(runs),
+    text = report.render_readme(cfg["title"], runs, metrics, _setup_line(all_runs),
                                 pictures=pictures, notes=cfg.get("notes", "") + extra_notes)
     (out / "README.md").write_text(text)
     print(report.render_table(runs, metrics))
@@ -326,15 +338,19 @@ def _write_report(out: Path, cfg: dict[str, Any], runs: list[dict[str, Any]],
 
 def run_ablate(cfg: dict[str, Any], out: Path | None = None,
                progress: bool | None = None, replace_changed: bool = False,
-               report_only: bool = False) -> Path:
-    """Run (or resume) an ablation config; returns the results folder (``report_only``: as
-    :func:`run_bench`)."""
+               report_only: bool = False, merge: Path | None = None) -> Path:
+    """Run (or resume) an ablation config; returns the results folder (``report_only`` and
+    ``merge``: as :func:`run_bench`)."""
     matrix = Matrix(cfg["name"], out, progress, replace_changed)
     common = _dotted(cfg.get("common"))
     default = dict(cfg.get("recon") or {})
     first_id: dict[str, str] = {}  # run config hash -> id of the run that computes it
     aliases: dict[str, tuple[str, dict]] = {}  # id shown on another axis -> (run id, ablation)
+    main_keys: set[str] = set()  # the base (weight 0) and default +recon points: the main table
     for seed in cfg["seeds"]:
+        if cfg.get("references"):
+            _add_references(matrix, cfg, cfg["method"], "method", cfg["references"], common,
+                            seed)
         for axis, values in cfg["axes"].items():
             for value in values:
                 recon = copy.deepcopy(default)
@@ -348,16 +364,20 @@ def run_ablate(cfg: dict[str, Any], out: Path | None = None,
                     recon[axis] = value
                 rc = _run_config(cfg["method"], [*common, f"train.seed={seed}"], cfg["name"],
                                  [f"recon={json.dumps(recon)}"])
-                key = hashlib.sha256(json.dumps([rc["recon"], seed], sort_keys=True)
-                                     .encode()).hexdigest()
+                key = hashlib.sha256(json.dumps([_recon_key(rc["recon"]), seed],
+                                                sort_keys=True).encode()).hexdigest()
                 shown = "+".join(map(str, value)) if isinstance(value, list) else value
                 run_id = f"{axis}={shown}-seed{seed}".replace("/", "_").replace(" ", "")
+                if recon is None or recon == default:
+                    main_keys.add(key)
                 if key in first_id:  # the default point appears on every axis: run it once
                     aliases[run_id] = (first_id[key], {axis: value})
                     continue
                 first_id[key] = run_id
                 matrix.add(run_id, rc, {"method": rc["method"]["name"],
                                         "ablation": {axis: value}})
+    if merge is not None:
+        matrix.merge(merge)
     runs = matrix.execute(report_only)
     cfg = _mark_partial(cfg, matrix)
     by_id = {r["id"]: r for r in runs}
@@ -367,8 +387,19 @@ def run_ablate(cfg: dict[str, Any], out: Path | None = None,
             runs.append({**by_id[target], "id": alias, "ablation": ablation})
             if (pictures / f"{target}.png").is_file():
                 (pictures / f"{alias}.png").write_bytes((pictures / f"{target}.png").read_bytes())
-    _write_ablation_report(matrix.out, cfg, runs)
+    main_ids = {first_id[k] for k in main_keys}
+    table = [r for r in runs if r.get("reference") or r["id"] in main_ids]
+    _write_ablation_report(matrix.out, cfg, runs, table)
     return matrix.out
+
+
+def _recon_key(recon: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The recon block with every default filled in, so that ``resize_to: null`` and a block
+    without ``resize_to`` are recognised as the same run."""
+    if recon is None:
+        return None
+    fields = ReconAuxConfig.from_any({k: v for k, v in recon.items() if k != "layer"}).to_dict()
+    return {**fields, "layer": recon.get("layer")}
 
 
 def _axis_value(run: dict[str, Any], axis: str):
@@ -376,7 +407,10 @@ def _axis_value(run: dict[str, Any], axis: str):
     return abl.get(axis)
 
 
-def _write_ablation_report(out: Path, cfg: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+def _write_ablation_report(out: Path, cfg: dict[str, Any], runs: list[dict[str, Any]],
+                           table: list[dict[str, Any]]) -> None:
+    """The README: ``table`` (references, the base method = weight 0, the default +recon block)
+    as the main table, then one section per axis over ``runs``, the weight plot and Figure 2."""
     metrics = cfg.get("metrics") or sorted({m for r in runs for m in r["metrics"]
                                             if not m.startswith("final")})
     sections, pictures = [], []
@@ -403,11 +437,13 @@ def _write_ablation_report(out: Path, cfg: dict[str, Any], runs: list[dict[str, 
     if "mix" in cfg["axes"] and _figure2(out, cfg):
         pictures.append("figure2.png")
     notes = ("\n## Ablation (one knob at a time around the default +recon block)\n\n"
+             "The table above holds the reference rows, the base method (weight 0) and the "
+             "default +recon block; every setting of every axis follows.\n\n"
              + "\n".join(sections)
              + "\nweight=0 is the base method (recon: null). The default point is run once and "
                "shown on every axis.\n")
-    _write_report(out, cfg, runs, extra_notes=notes,
-                  extra_pictures=tuple(pictures))
+    _write_report(out, cfg, table, extra_notes=notes, extra_pictures=tuple(pictures),
+                  all_runs=runs)
 
 
 def _figure2(out: Path, cfg: dict[str, Any]) -> bool:

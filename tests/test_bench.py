@@ -91,16 +91,30 @@ def test_ablate_end_to_end(tmp_path, toy_config):
         "recon": {"weight": 1.0, "l2_weight": 1.0, "lpips_weight": 1.0},
         "axes": {"weight": [0, 1.0], "mix": ["l2", "lpips", "l2+lpips"],
                  "layer": [["conv4.0", "conv5.0"]]},  # the multi-level head
+        "references": ["random-init", "recon-only"],
     }))
     out = bench.run_ablate(bench.load_bench_config(cfg_file), out=tmp_path / "abl",
                            progress=False)
     runs = json.loads((out / "results.json").read_text())["runs"]
-    assert len(runs) == 5  # weight=1 and mix=l2+lpips are the same run
+    assert len(runs) == 7  # weight=1 and mix=l2+lpips are the same run; 2 references
+    assert {r["id"] for r in runs if r["reference"]} == {
+        "random-init-alexnet_cifar-seed0", "recon-only-alexnet_cifar-seed0"}
     multi = next(r for r in runs if r["id"] == "layer=conv4.0+conv5.0-seed0")
     assert multi["config"]["recon"]["layer"] == ["conv4.0", "conv5.0"]
     assert (out / "figure2.png").is_file() and (out / "metric_vs_weight.png").is_file()
     text = (out / "README.md").read_text()
     assert "### weight" in text and "mix=lpips" in text
+    # the main table: references, the base method (weight 0) and the default +recon point only
+    main = text.split("## Results")[1].split("Rows:")[0]
+    by_id = {r["id"]: r for r in runs}
+    default = by_id["mix=l2+lpips-seed0"]  # safe_dump sorts the axes: mix comes before weight
+    method, plus = default["method"], default["metrics"]["knn_conv5"]
+    base = by_id["weight=0-seed0"]["metrics"]["knn_conv5"]
+    rows = [line for line in main.splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| random-init (alexnet_cifar)", "| recon-only (alexnet_cifar)", f"| {method}",
+        f"| {method} +recon", f"| {method}: +recon − base (paired)"]
+    assert rows[2] == f"| {method} | {base:.1f} |" and rows[3] == f"| {method} +recon | {plus:.1f} |"
 
 
 def _run(method, recon, seed, acc, reference=None):
