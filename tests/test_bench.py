@@ -114,7 +114,8 @@ def test_ablate_end_to_end(tmp_path, toy_config):
     assert [row.split(" | ")[0] for row in rows] == [
         "| random-init (alexnet_cifar)", "| recon-only (alexnet_cifar)", f"| {method}",
         f"| {method} +recon", f"| {method}: +recon − base (paired)"]
-    assert rows[2] == f"| {method} | {base:.1f} |" and rows[3] == f"| {method} +recon | {plus:.1f} |"
+    assert rows[2] == f"| {method} | {base:.1f} |"
+    assert rows[3] == f"| {method} +recon | {plus:.1f} |"
 
 
 def _run(method, recon, seed, acc, reference=None):
