@@ -43,15 +43,35 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _paired(diffs: list[float], better: str, worse: str) -> dict[str, Any]:
+    mean, std = _mean_std(diffs)
+    clear = len(diffs) > 1 and abs(mean) > std
+    return {"mean": mean, "std": std, "n": len(diffs), "improved": sum(d > 0 for d in diffs),
+            "verdict": (better if mean > 0 else worse) if clear else "no clear difference"}
+
+
+def _random_init_of(run: dict[str, Any], runs: list[dict[str, Any]], metric: str):
+    """The random-init run of ``run``'s seed and backbone that has ``metric`` (the untrained
+    network the method started from: the engine seeds before building the backbone)."""
+    backbone = (run.get("config") or {}).get("backbone")
+    for r in runs:
+        if ((r.get("reference") or "").startswith("random-init") and r["seed"] == run["seed"]
+                and (r.get("config") or {}).get("backbone") == backbone
+                and metric in r["metrics"]):
+            return r
+    return None
+
+
 def summarise(runs: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, Any]:
-    """Per row label and metric: values by seed, mean, std; per method: paired differences."""
+    """Per row label and metric: values by seed, mean, std; per method: paired differences
+    (+recon minus base, and base minus the random-init network it started from)."""
     rows: dict[str, dict[str, dict[int, float]]] = {}
     for run in runs:
         by_metric = rows.setdefault(label_of(run), {})
         for m in metrics:
             if m in run["metrics"]:
                 by_metric.setdefault(m, {})[run["seed"]] = run["metrics"][m]
-    out: dict[str, Any] = {"rows": {}, "paired": {}}
+    out: dict[str, Any] = {"rows": {}, "paired": {}, "vs_random": {}}
     for label, by_metric in rows.items():
         out["rows"][label] = {m: dict(zip(("mean", "std"), _mean_std(list(v.values()))),
                                       n=len(v)) for m, v in by_metric.items()}
@@ -63,14 +83,16 @@ def summarise(runs: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, A
             if not seeds:
                 continue
             diffs = [plus[m][s] - base[m][s] for s in seeds]
-            mean, std = _mean_std(diffs)
-            clear = len(diffs) > 1 and abs(mean) > std
-            out["paired"].setdefault(method, {})[m] = {
-                "mean": mean, "std": std, "n": len(diffs),
-                "improved": sum(d > 0 for d in diffs),
-                "verdict": ("+recon better" if mean > 0 else "+recon worse") if clear else
-                           "no clear difference",
-            }
+            out["paired"].setdefault(method, {})[m] = _paired(diffs, "+recon better",
+                                                               "+recon worse")
+        base_runs = [r for r in runs if not r.get("reference") and r["method"] == method
+                     and not r["recon"]]
+        for m in metrics:
+            pairs = [(r, _random_init_of(r, runs, m)) for r in base_runs if m in r["metrics"]]
+            diffs = [r["metrics"][m] - ri["metrics"][m] for r, ri in pairs if ri is not None]
+            if diffs:
+                out["vs_random"].setdefault(method, {})[m] = _paired(
+                    diffs, "beats random init", "below random init")
     return out
 
 
@@ -99,6 +121,16 @@ def render_table(runs: list[dict[str, Any]], metrics: Sequence[str]) -> str:
             if label in s["rows"]:
                 cells = [_fmt(s["rows"][label].get(m)) for m in metrics]
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        vs_random = s["vs_random"].get(method)
+        if vs_random:
+            cells = []
+            for m in metrics:
+                p = vs_random.get(m)
+                cells.append("-" if p is None else
+                             f"{p['mean']:+.1f} ± {p['std']:.1f} ({p['improved']}/{p['n']} "
+                             f"seeds up; {p['verdict']})")
+            lines.append(f"| {method}: base − random-init (paired) | " + " | ".join(cells)
+                         + " |")
         paired = s["paired"].get(method)
         if paired:
             cells = []
@@ -128,7 +160,10 @@ def render_readme(title: str, runs: list[dict[str, Any]], metrics: Sequence[str]
 {render_table(runs, metrics)}
 Rows: `random-init` is the same backbone untrained; `supervised` the same backbone trained with
 labels at the same scale; `recon-only` the auxiliary objective alone (same head and loss, no
-method loss). A paired difference smaller than its std over seeds is reported as "no clear
+method loss). `base − random-init (paired)` compares each seed's base run with the untrained
+network it started from (same seed, same backbone, same evaluation): a method that does not
+clearly beat random init says the scale or the recipe is too small, and its +recon comparison
+means little. A paired difference smaller than its std over seeds is reported as "no clear
 difference" (with one seed there is no std and nothing is called clear).
 
 ## The paper's numbers, for comparison (not comparable in scale)

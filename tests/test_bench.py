@@ -138,6 +138,16 @@ def test_table_renderer_fixed_inputs():
     assert "| m | 40.5 ± 0.7 |" in lines
     assert "| m +recon | 43.0 ± 1.4 |" in lines
     assert "| m: +recon − base (paired) | +2.5 ± 0.7 (2/2 seeds up; +recon better) |" in lines
+    # base vs the random-init run of the same seed (only seed 0 has one): one pair, no std
+    assert ("| m: base − random-init (paired) | +10.0 ± 0.0 (1/1 seeds up; no clear "
+            "difference) |") in lines
+    runs.append(_run("random-init", False, 1, 42.0, "random-init"))
+    lines = report.render_table(runs, ["knn"]).strip().splitlines()
+    # m: 40 - 30 and 41 - 42 -> +4.5 ± 7.8; n: 50 - 30 and 52 - 42 -> +15.0 ± 7.1
+    assert ("| m: base − random-init (paired) | +4.5 ± 7.8 (1/2 seeds up; no clear "
+            "difference) |") in lines
+    assert ("| n: base − random-init (paired) | +15.0 ± 7.1 (2/2 seeds up; beats random "
+            "init) |") in lines
     # n: diffs -1 and +1 -> mean 0 with std 1.4: no clear difference
     assert any(line.startswith("| n: +recon − base (paired) | +0.0 ± 1.4 (1/2 seeds up; no clear"
                                ) for line in lines)
