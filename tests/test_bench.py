@@ -218,3 +218,24 @@ def test_merge_takes_runs_of_a_parallel_seed(tmp_path, monkeypatch):
     out = bench.run_bench(cfg, out=tmp_path / "main", progress=False, merge=side)
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert len(runs) == 8 and sum(r["seed"] == 1 for r in runs) == 4
+
+
+def test_knn_protocol_reproduces_the_runs_own_knn(tmp_path, toy_config, monkeypatch, capsys):
+    """benchmarks/knn_protocol.py re-evaluates a finished run from its checkpoint: its
+    conv5/avg column must equal the knn_conv5 the run reported (same bank, same k)."""
+    import sys
+
+    from adapters.config import load_run_config
+    from adapters.engine import train
+    from benchmarks import knn_protocol
+
+    cfg = load_run_config(toy_config, ["run.out_dir=runs/toy-base", "recon=null"])
+    result = train(cfg)
+    monkeypatch.setattr(sys, "argv", ["knn_protocol.py", "runs/toy-base", "--k", "10"])
+    knn_protocol.main()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| run | conv5/avg | conv5/max | conv5/flatten")
+    assert lines[1].startswith("| random-init | ")  # (the |---| line does not start with "| ")
+    row = lines[2].split(" | ")
+    assert row[0] == "| toy-base"
+    assert row[1].split(" ")[0] == f"{result['metrics']['knn_conv5']:.1f}"
