@@ -104,6 +104,13 @@ def _fmt(cell: dict | None) -> str:
     return f"{cell['mean']:.1f}"
 
 
+def _fmt_paired(p: dict | None) -> str:
+    if p is None:
+        return "-"
+    return (f"{p['mean']:+.1f} ± {p['std']:.1f} ({p['improved']}/{p['n']} seeds up; "
+            f"{p['verdict']})")
+
+
 def render_table(runs: list[dict[str, Any]], metrics: Sequence[str]) -> str:
     """Markdown table: reference rows, then per method base, +recon and the paired difference."""
     s = summarise(runs, metrics)
@@ -121,25 +128,11 @@ def render_table(runs: list[dict[str, Any]], metrics: Sequence[str]) -> str:
             if label in s["rows"]:
                 cells = [_fmt(s["rows"][label].get(m)) for m in metrics]
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        vs_random = s["vs_random"].get(method)
-        if vs_random:
-            cells = []
-            for m in metrics:
-                p = vs_random.get(m)
-                cells.append("-" if p is None else
-                             f"{p['mean']:+.1f} ± {p['std']:.1f} ({p['improved']}/{p['n']} "
-                             f"seeds up; {p['verdict']})")
-            lines.append(f"| {method}: base − random-init (paired) | " + " | ".join(cells)
-                         + " |")
-        paired = s["paired"].get(method)
-        if paired:
-            cells = []
-            for m in metrics:
-                p = paired.get(m)
-                cells.append("-" if p is None else
-                             f"{p['mean']:+.1f} ± {p['std']:.1f} ({p['improved']}/{p['n']} "
-                             f"seeds up; {p['verdict']})")
-            lines.append(f"| {method}: +recon − base (paired) | " + " | ".join(cells) + " |")
+        for key, what in (("vs_random", "base − random-init"), ("paired", "+recon − base")):
+            diffs = s[key].get(method)
+            if diffs:
+                lines.append(f"| {method}: {what} (paired) | "
+                             + " | ".join(_fmt_paired(diffs.get(m)) for m in metrics) + " |")
     return header + "\n".join(lines) + "\n"
 
 
