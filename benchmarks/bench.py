@@ -414,6 +414,21 @@ def _write_ablation_report(out: Path, cfg: dict[str, Any], runs: list[dict[str, 
     metrics = cfg.get("metrics") or sorted({m for r in runs for m in r["metrics"]
                                             if not m.startswith("final")})
     sections, pictures = [], []
+    # each setting against the base method (weight 0) and recon-only of the same seed
+    against = {"base": {r["seed"]: r for r in runs if not r.get("reference") and not r["recon"]},
+               "recon-only": {r["seed"]: r for r in runs
+                              if (r.get("reference") or "").startswith("recon-only")}}
+
+    def paired(sel: list[dict[str, Any]], ref: dict[int, dict[str, Any]]) -> str:
+        cells = []
+        for m in metrics:
+            diffs = [r["metrics"][m] - ref[r["seed"]]["metrics"][m] for r in sel
+                     if r["seed"] in ref and m in r["metrics"] and m in ref[r["seed"]]["metrics"]]
+            mean, std = report._mean_std(diffs)
+            clear = "*" if len(diffs) > 1 and abs(mean) > std else ""
+            cells.append("-" if not diffs else f"{mean:+.1f}{clear}")
+        return " / ".join(cells)
+
     for axis, values in cfg["axes"].items():
         rows = []
         for value in values:
@@ -424,9 +439,11 @@ def _write_ablation_report(out: Path, cfg: dict[str, Any], runs: list[dict[str, 
                 mean, std = report._mean_std(vals)
                 cells.append("-" if not vals else
                              (f"{mean:.1f} ± {std:.1f}" if len(vals) > 1 else f"{mean:.1f}"))
+            cells += [paired(sel, against["base"]), paired(sel, against["recon-only"])]
             rows.append(f"| {axis}={value} | " + " | ".join(cells) + f" | {len(sel)} |")
-        sections.append(f"### {axis}\n\n| setting | " + " | ".join(metrics) + " | seeds |\n|---|"
-                        + "---|" * (len(metrics) + 1) + "\n" + "\n".join(rows) + "\n")
+        sections.append(f"### {axis}\n\n| setting | " + " | ".join(metrics)
+                        + " | − base (paired) | − recon-only (paired) | seeds |\n|---|"
+                        + "---|" * (len(metrics) + 3) + "\n" + "\n".join(rows) + "\n")
     if "weight" in cfg["axes"]:
         points = {m: [(float(_axis_value(r, "weight")), r["metrics"][m]) for r in runs
                       if _axis_value(r, "weight") is not None and m in r["metrics"]]
@@ -438,7 +455,10 @@ def _write_ablation_report(out: Path, cfg: dict[str, Any], runs: list[dict[str, 
         pictures.append("figure2.png")
     notes = ("\n## Ablation (one knob at a time around the default +recon block)\n\n"
              "The table above holds the reference rows, the base method (weight 0) and the "
-             "default +recon block; every setting of every axis follows.\n\n"
+             "default +recon block; every setting of every axis follows, with its mean paired "
+             "difference (same seed) to the base method and to recon-only, one number per "
+             f"metric in the order {' / '.join(metrics)}; * marks a difference larger than "
+             "its std over seeds.\n\n"
              + "\n".join(sections)
              + "\nweight=0 is the base method (recon: null). The default point is run once and "
                "shown on every axis.\n")

@@ -113,9 +113,16 @@ def test_ablate_end_to_end(tmp_path, toy_config):
     rows = [line for line in main.splitlines() if line.startswith("| ")][1:]
     assert [row.split(" | ")[0] for row in rows] == [
         "| random-init (alexnet_cifar)", "| recon-only (alexnet_cifar)", f"| {method}",
-        f"| {method} +recon", f"| {method}: +recon − base (paired)"]
+        f"| {method} +recon", f"| {method}: base − random-init (paired)",
+        f"| {method}: +recon − base (paired)"]
     assert rows[2] == f"| {method} | {base:.1f} |"
     assert rows[3] == f"| {method} +recon | {plus:.1f} |"
+    # axis rows carry the paired differences to the base method and to recon-only
+    only = by_id["recon-only-alexnet_cifar-seed0"]["metrics"]["knn_conv5"]
+    lpips_row = next(line for line in text.splitlines() if line.startswith("| mix=lpips |"))
+    lpips = by_id["mix=lpips-seed0"]["metrics"]["knn_conv5"]
+    assert lpips_row == (f"| mix=lpips | {lpips:.1f} | {lpips - base:+.1f} | {lpips - only:+.1f}"
+                         " | 1 |")
 
 
 def _run(method, recon, seed, acc, reference=None):
