@@ -366,8 +366,7 @@ def run_ablate(cfg: dict[str, Any], out: Path | None = None,
                                  [f"recon={json.dumps(recon)}"])
                 key = hashlib.sha256(json.dumps([_recon_key(rc["recon"]), seed],
                                                 sort_keys=True).encode()).hexdigest()
-                shown = "+".join(map(str, value)) if isinstance(value, list) else value
-                run_id = f"{axis}={shown}-seed{seed}".replace("/", "_").replace(" ", "")
+                run_id = f"{axis}={_shown(value)}-seed{seed}".replace("/", "_").replace(" ", "")
                 if recon is None or recon == default:
                     main_keys.add(key)
                 if key in first_id:  # the default point appears on every axis: run it once
@@ -380,6 +379,7 @@ def run_ablate(cfg: dict[str, Any], out: Path | None = None,
         matrix.merge(merge)
     runs = matrix.execute(report_only)
     cfg = _mark_partial(cfg, matrix)
+    unique = list(runs)  # each trained run once (the setup line sums their run times)
     by_id = {r["id"]: r for r in runs}
     pictures = matrix.out / "pictures"
     for alias, (target, ablation) in aliases.items():
@@ -389,7 +389,7 @@ def run_ablate(cfg: dict[str, Any], out: Path | None = None,
                 (pictures / f"{alias}.png").write_bytes((pictures / f"{target}.png").read_bytes())
     main_ids = {first_id[k] for k in main_keys}
     table = [r for r in runs if r.get("reference") or r["id"] in main_ids]
-    _write_ablation_report(matrix.out, cfg, runs, table)
+    _write_ablation_report(matrix.out, cfg, runs, table, unique)
     return matrix.out
 
 
@@ -407,8 +407,19 @@ def _axis_value(run: dict[str, Any], axis: str):
     return abl.get(axis)
 
 
+def _on_axis(run: dict[str, Any], axis: str, value: Any) -> bool:
+    """Whether ``run`` is the ``axis=value`` point (``value`` may be None: resize_to=None)."""
+    abl = run.get("ablation") or {}
+    return axis in abl and abl[axis] == value
+
+
+def _shown(value: Any) -> str:
+    return "+".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def _write_ablation_report(out: Path, cfg: dict[str, Any], runs: list[dict[str, Any]],
-                           table: list[dict[str, Any]]) -> None:
+                           table: list[dict[str, Any]],
+                           unique: list[dict[str, Any]] | None = None) -> None:
     """The README: ``table`` (references, the base method = weight 0, the default +recon block)
     as the main table, then one section per axis over ``runs``, the weight plot and Figure 2."""
     metrics = cfg.get("metrics") or sorted({m for r in runs for m in r["metrics"]
@@ -432,7 +443,7 @@ def _write_ablation_report(out: Path, cfg: dict[str, Any], runs: list[dict[str, 
     for axis, values in cfg["axes"].items():
         rows = []
         for value in values:
-            sel = [r for r in runs if str(_axis_value(r, axis)) == str(value)]
+            sel = [r for r in runs if _on_axis(r, axis, value)]
             cells = []
             for m in metrics:
                 vals = [r["metrics"][m] for r in sel if m in r["metrics"]]
@@ -440,7 +451,8 @@ def _write_ablation_report(out: Path, cfg: dict[str, Any], runs: list[dict[str, 
                 cells.append("-" if not vals else
                              (f"{mean:.1f} ± {std:.1f}" if len(vals) > 1 else f"{mean:.1f}"))
             cells += [paired(sel, against["base"]), paired(sel, against["recon-only"])]
-            rows.append(f"| {axis}={value} | " + " | ".join(cells) + f" | {len(sel)} |")
+            rows.append(f"| {axis}={_shown(value)} | " + " | ".join(cells)
+                        + f" | {len(sel)} |")
         sections.append(f"### {axis}\n\n| setting | " + " | ".join(metrics)
                         + " | − base (paired) | − recon-only (paired) | seeds |\n|---|"
                         + "---|" * (len(metrics) + 3) + "\n" + "\n".join(rows) + "\n")
@@ -463,7 +475,7 @@ def _write_ablation_report(out: Path, cfg: dict[str, Any], runs: list[dict[str, 
              + "\nweight=0 is the base method (recon: null). The default point is run once and "
                "shown on every axis.\n")
     _write_report(out, cfg, table, extra_notes=notes, extra_pictures=tuple(pictures),
-                  all_runs=runs)
+                  all_runs=runs if unique is None else unique)
 
 
 def _figure2(out: Path, cfg: dict[str, Any]) -> bool:

@@ -90,7 +90,8 @@ def test_ablate_end_to_end(tmp_path, toy_config):
         "method": {"config": str(toy_config)},
         "recon": {"weight": 1.0, "l2_weight": 1.0, "lpips_weight": 1.0},
         "axes": {"weight": [0, 1.0], "mix": ["l2", "lpips", "l2+lpips"],
-                 "layer": [["conv4.0", "conv5.0"]]},  # the multi-level head
+                 "layer": [["conv4.0", "conv5.0"]],  # the multi-level head
+                 "resize_to": [None]},  # the default point again (resize_to: None is default)
         "references": ["random-init", "recon-only"],
     }))
     out = bench.run_ablate(bench.load_bench_config(cfg_file), out=tmp_path / "abl",
@@ -117,6 +118,12 @@ def test_ablate_end_to_end(tmp_path, toy_config):
         f"| {method}: +recon − base (paired)"]
     assert rows[2] == f"| {method} | {base:.1f} |"
     assert rows[3] == f"| {method} +recon | {plus:.1f} |"
+    # every axis row holds exactly its own runs (one seed here), resize_to=None too
+    axis_rows = [line for line in text.split("## Ablation")[1].splitlines()
+                 if line.startswith("| ") and not line.startswith("| setting")]
+    assert len(axis_rows) == 7 and all(line.endswith(" | 1 |") for line in axis_rows), axis_rows
+    assert any(line.startswith("| resize_to=None |") for line in axis_rows)
+    assert any(line.startswith("| layer=conv4.0+conv5.0 |") for line in axis_rows)
     # axis rows carry the paired differences to the base method and to recon-only
     only = by_id["recon-only-alexnet_cifar-seed0"]["metrics"]["knn_conv5"]
     lpips_row = next(line for line in text.splitlines() if line.startswith("| mix=lpips |"))
