@@ -233,6 +233,10 @@ def plot_ablation(points: dict[str, list[tuple[float, float]]], path: Path, xlab
         means = [statistics.fmean([v for x2, v in pts if x2 == x]) for x in xs]
         ax.plot(xs, means, marker="o", label=name)
         ax.scatter([x for x, _ in pts], [v for _, v in pts], s=8, alpha=0.5)
+    positive = sorted({x for pts in points.values() for x, _ in pts if x > 0})
+    if positive and positive[-1] / positive[0] >= 20:  # e.g. weights 0, 0.1, ..., 10
+        ax.set_xscale("symlog", linthresh=positive[0])
+        ax.set_xticks([0, *positive], [f"{x:g}" for x in [0, *positive]])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
