@@ -435,9 +435,12 @@ def _write_ablation_report(out: Path, cfg: dict[str, Any], runs: list[dict[str, 
         for m in metrics:
             diffs = [r["metrics"][m] - ref[r["seed"]]["metrics"][m] for r in sel
                      if r["seed"] in ref and m in r["metrics"] and m in ref[r["seed"]]["metrics"]]
-            mean, std = report._mean_std(diffs)
-            clear = "*" if len(diffs) > 1 and abs(mean) > std else ""
-            cells.append("-" if not diffs else f"{mean:+.1f}{clear}")
+            if not diffs:
+                cells.append("-")
+                continue
+            p = report._paired(diffs, "better", "worse")  # the tables' "clear" rule
+            cells.append(f"{p['mean']:+.1f}" + ("" if p["verdict"] == "no clear difference"
+                                                 else "*"))
         return " / ".join(cells)
 
     for axis, values in cfg["axes"].items():
