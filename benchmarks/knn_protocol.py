@@ -26,21 +26,25 @@ import torch
 
 from adapters.checkpoint import load_checkpoint
 from adapters.engine import Trainer, machine
-from recon_aux.evaluation import knn_eval
+from recon_aux.evaluation import extract_features, pool_features, weighted_knn
 
-CHOICES = (("conv5", "avg"), ("conv5", "max"), ("conv5", "flatten"), ("conv4", "flatten"),
-           ("fc7", "avg"))
+CHOICES = {  # column name -> (layer, pooling of its map)
+    "conv5/avg": ("conv5", "avg"), "conv5/max": ("conv5", "max"),
+    "conv5/flatten": ("conv5", "flatten"), "conv4/flatten": ("conv4", "flatten"),
+    "fc7/-": ("fc7", "flatten"),
+}
 
 
 def evaluate(trainer: Trainer, k: int, temperature: float) -> dict[str, float]:
-    train = trainer._plain_loader(trainer.train_set, shard=False)
-    test = trainer._plain_loader(trainer.test_set, shard=False)
-    out = {}
-    for layer, pool in CHOICES:
-        res = knn_eval(trainer.backbone, train, test, [layer], trainer.device, k=k,
-                       temperature=temperature, pool=pool, progress=False)
-        out[f"{layer}/{pool if layer != 'fc7' else '-'}"] = res[layer]["top1"]
-    return out
+    """One forward pass over bank and queries for all layers, then kNN per feature choice."""
+    layers = sorted({layer for layer, _ in CHOICES.values()})
+    bank, queries = (extract_features(trainer.backbone, trainer._plain_loader(split, shard=False),
+                                      layers, trainer.device, progress=False)
+                     for split in (trainer.train_set, trainer.test_set))
+    return {name: weighted_knn(pool_features(bank[layer], pool), bank.targets,
+                               pool_features(queries[layer], pool), queries.targets, k=k,
+                               temperature=temperature, device=trainer.device)["top1"]
+            for name, (layer, pool) in CHOICES.items()}
 
 
 def _eval_config(cfg: dict) -> dict:
@@ -76,7 +80,7 @@ def main() -> None:
           f"{d['per_class']}/class bank, full test set; backbone {b}; random init = seed "
           f"{first['train']['seed']} untrained; {machine()}; torch threads "
           f"{torch.get_num_threads()}\n")
-    names = [f"{layer}/{pool if layer != 'fc7' else '-'}" for layer, pool in CHOICES]
+    names = list(CHOICES)
     print("| run | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     base = rows["random-init"]
     for name, vals in rows.items():
