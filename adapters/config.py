@@ -8,8 +8,11 @@ Schema (every section but ``method`` has defaults; see :data:`DEFAULTS`)::
                resize (side length the loader resizes/crops images to, e.g. 224)}
     train:    {epochs, lr, momentum, weight_decay, nesterov, lr_schedule, milestones, gamma,
                seed, device, threads}
-    eval:     {knn: {layers, k, temperature} | null, linear: {layer, epochs, ...} | null,
-               nonlinear: {layer, epochs, ...} | null}
+    eval:     {knn: {layers, k, temperature} | null,
+               linear: {layer, recipe (standardized | reglog), epochs, ...} | null,
+               nonlinear: {layer, epochs, ...} | null,
+               bn_recalibration_images: N | null (BatchNorm statistics re-estimated on at most
+               N clean training images, a seeded random sample, before every protocol)}
     recon:    null (the base method) | {layer, ...recon_aux.ReconAuxConfig fields...}
     run:      {out_dir, resume, progress, save_checkpoints, stop_after_epoch}
 
@@ -47,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
         "threads": None,
     },
     "eval": {"knn": {"layers": ["conv5"], "k": 200, "temperature": 0.1}, "linear": None,
-             "nonlinear": None},
+             "nonlinear": None, "bn_recalibration_images": 10_000},
     "recon": None,
     "run": {"out_dir": None, "resume": False, "progress": None, "save_checkpoints": True,
             "stop_after_epoch": None},

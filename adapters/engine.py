@@ -17,6 +17,7 @@ its +recon twin see the same batches. A run killed after epoch k and resumed wit
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import json
@@ -38,6 +39,7 @@ from recon_aux.evaluation import (
     knn_eval,
     linear_probe_eval,
     nonlinear_probe_eval,
+    recalibrated_batchnorm,
 )
 from recon_aux.models import build_backbone
 from recon_aux.perceptual import NonFiniteLossError
@@ -103,6 +105,7 @@ class Trainer:
         backbone, method, optimizer: The pieces being trained.
         aux: The :class:`recon_aux.ReconAux`, or None for the base method.
         history: One dict of averaged scalars per finished epoch.
+        eval_details: What :meth:`evaluate` did besides the metrics (set by it).
     """
 
     def __init__(self, cfg: dict[str, Any]) -> None:
@@ -156,6 +159,7 @@ class Trainer:
 
         self.out_dir = Path(cfg["run"]["out_dir"] or _default_out_dir(cfg))
         self.history: list[dict[str, Any]] = []
+        self.eval_details: dict[str, Any] = {}
         self.start_epoch, self.global_step = 0, 0
         self._epoch_logs: dict[str, float] = {}
         self.steps_per_epoch = len(self._loader(None))
@@ -300,7 +304,8 @@ class Trainer:
         metrics = self.evaluate()
         result = {
             "method": cfg["method"]["name"], "recon": cfg["recon"], "seed": self.seed,
-            "metrics": metrics, "history": self.history, "config": _plain(cfg),
+            "metrics": metrics, "evaluation": self.eval_details, "history": self.history,
+            "config": _plain(cfg),
             "wall_s": round(time.perf_counter() - t0, 1), "machine": machine(),
             "train_images": len(self.train_set), "test_images": len(self.test_set),
         }
@@ -313,24 +318,49 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """The configured protocols on the final encoder (rank 0's; ranks hold equal weights)."""
+        """The configured protocols on the final encoder (rank 0's; ranks hold equal weights).
+
+        Every protocol reads the encoder with its BatchNorm statistics recalibrated on clean
+        training images (``eval.bn_recalibration_images``; the statistics in the model and in
+        the checkpoint are left as training made them). What each protocol did beyond its
+        top-1 (images recalibrated on, a probe's final training loss and top-1, whether it
+        levelled off) is kept in :attr:`eval_details`.
+        """
         ecfg, metrics = self.cfg["eval"], {}
         train = self._plain_loader(self.train_set, shard=False)
         test = self._plain_loader(self.test_set, shard=False)
-        if ecfg["knn"]:
-            k = dict(ecfg["knn"])
-            layers = k.pop("layers")
-            res = knn_eval(self.backbone, train, test, layers, self.device, progress=False, **k)
-            for layer in layers:
-                metrics[f"knn_{layer}"] = res[layer]["top1"]
-        for kind, fn in (("linear", linear_probe_eval), ("nonlinear", nonlinear_probe_eval)):
-            if ecfg[kind]:
-                p = dict(ecfg[kind])
-                layer = p.pop("layer")
-                metrics[f"{kind}_{layer}"] = fn(self.backbone, train, test, layer, self.device,
-                                                progress=False, **p)["top1"]
+        details: dict[str, Any] = {}
+        recal = ecfg["bn_recalibration_images"]
+        if recal:
+            calibration = BatchLoader(self.train_set, self.cfg["data"]["eval_batch_size"],
+                                      augment=make_augment("none", size=self.size),
+                                      shuffle=True, seed=self.seed)
+            scope = recalibrated_batchnorm(self.backbone, calibration, device=self.device,
+                                           max_images=min(int(recal), len(self.train_set)))
+        else:
+            scope = contextlib.nullcontext({"bn_layers": None, "images": 0})
+        with scope as info:
+            details["bn_recalibration"] = info
+            if ecfg["knn"]:
+                k = dict(ecfg["knn"])
+                layers = k.pop("layers")
+                res = knn_eval(self.backbone, train, test, layers, self.device, progress=False,
+                               **k)
+                for layer in layers:
+                    metrics[f"knn_{layer}"] = res[layer]["top1"]
+            for kind, fn in (("linear", linear_probe_eval), ("nonlinear", nonlinear_probe_eval)):
+                if ecfg[kind]:
+                    p = dict(ecfg[kind])
+                    layer = p.pop("layer")
+                    res = fn(self.backbone, train, test, layer, self.device, progress=False, **p)
+                    metrics[f"{kind}_{layer}"] = res["top1"]
+                    details[f"{kind}_{layer}"] = {
+                        key: res.get(key) for key in (
+                            "recipe", "train_top1", "train_loss", "epochs_run", "levelled_off",
+                            "feature_dim", "weight_decay")}
         if self.history:
             metrics["final_method_loss"] = self.history[-1].get("method_loss", float("nan"))
+        self.eval_details = details
         return metrics
 
     def save_reconstructions(self, path: Path, n: int = 16) -> None:

@@ -243,10 +243,37 @@ def _setup_line(runs: list[dict[str, Any]]) -> str:
     machines = " / ".join(sorted({r["machine"] for r in runs})) if runs else machine()
     lines.append(f"- seeds {seeds}; machine: {machines}; "
                  f"total run time {sum(r['wall_s'] for r in runs) / 60:.1f} min.")
+    lines.extend(_evaluation_lines(runs))
     recon = next((r["recon"] for r in runs if r["recon"]), None)
     if recon:
         lines.append(f"- +recon block: {json.dumps(recon)}")
     return "\n".join(lines)
+
+
+def _evaluation_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """What every run's evaluation did beyond its top-1: BN recalibration, probe fits."""
+    details = [r.get("evaluation") or {} for r in runs]
+    images = sorted({(d.get("bn_recalibration") or {}).get("images", 0) for d in details})
+    if images == [0]:
+        lines = ["- BatchNorm statistics NOT recalibrated before evaluation (runs older than "
+                 "the fair protocol)."]
+    else:
+        lines = [f"- every network (random-init included) evaluated with its BatchNorm "
+                 f"statistics recalibrated on {' / '.join(map(str, images))} clean training "
+                 "images (no weight change)."]
+    probes = sorted({k for d in details for k in d if k != "bn_recalibration"})
+    for key in probes:
+        fits = [d[key] for d in details if key in d]
+        top1 = [f["train_top1"] for f in fits]
+        levelled = [f["levelled_off"] for f in fits if f.get("levelled_off") is not None]
+        recipes = sorted({str(f.get("recipe")) for f in fits})
+        lines.append(
+            f"- {key} ({', '.join(recipes)}): final train top-1 {min(top1):.1f}-{max(top1):.1f}, "
+            f"epochs run {min(f['epochs_run'] for f in fits)}-"
+            f"{max(f['epochs_run'] for f in fits)}"
+            + (f", training loss levelled off in {sum(levelled)}/{len(levelled)} runs"
+               if levelled else ""))
+    return lines
 
 
 def _add_references(matrix: Matrix, cfg: dict[str, Any], src: dict[str, Any], ref_from: str,

@@ -14,6 +14,7 @@ from torch import nn
 from recon_aux.evaluation import (
     Features,
     NonLinearHead,
+    Standardize,
     extract_features,
     knn_eval,
     linear_probe,
@@ -22,9 +23,12 @@ from recon_aux.evaluation import (
     nonlinear_probe,
     nonlinear_probe_eval,
     pool_features,
+    recalibrate_batchnorm,
+    recalibrated_batchnorm,
     weighted_knn,
 )
-from recon_aux.evaluation._training import inverse_sqrt_lr, step_lr
+from recon_aux.evaluation._training import Plateau, inverse_sqrt_lr, step_lr
+from recon_aux.evaluation.linear import WEIGHT_DECAYS
 
 
 def _random_features(n: int, dim: int, classes: int, seed: int):
@@ -269,18 +273,74 @@ def test_deepcluster_learning_rate_schedule():
     assert step_lr(0.1, 150, [100, 150], 0.1) == pytest.approx(0.001)
 
 
-def test_linear_probe_learns_separable_features_and_reports_parameters():
+def test_linear_probe_reglog_recipe_learns_separable_features_and_reports_parameters():
     x, y = _separable(1200, 64, 10, seed=5)
-    result = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], epochs=15, lr=0.1)
+    result = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], recipe="reglog", epochs=15,
+                          lr=0.1)
     assert result["top1"] > 95.0
     expected = {
-        "protocol": "linear", "pool": "deepcluster", "feature_dim": 64, "num_classes": 10,
-        "epochs": 15, "batch_size": 256, "momentum": 0.9, "weight_decay": 1e-4,
-        "lr_schedule": "deepcluster", "seed": 31, "augmentation": "none (cached features)",
+        "protocol": "linear", "recipe": "reglog", "standardize": False, "pool": "deepcluster",
+        "feature_dim": 64, "num_classes": 10, "epochs": 15, "batch_size": 256, "momentum": 0.9,
+        "weight_decay": 1e-4, "lr_schedule": "deepcluster", "seed": 31,
+        "augmentation": "none (cached features)", "levelled_off": None, "epochs_run": 15,
     }  # fmt: skip
     assert {key: result[key] for key in expected} == expected
-    again = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], epochs=15, lr=0.1)
+    again = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], recipe="reglog", epochs=15,
+                         lr=0.1)
     assert again["top1"] == result["top1"]  # seeded
+    assert linear_probe(x, y, x, y, recipe="reglog", epochs=1)["lr"] == 0.01  # RegLog's lr
+
+
+def test_linear_probe_standardized_trains_until_the_loss_levels_off():
+    x, y = _separable(1200, 64, 10, seed=5)
+    result = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:])
+    assert result["recipe"] == "standardized" and result["standardize"] is True
+    assert result["lr_schedule"] == "plateau" and result["levelled_off"] is True
+    assert result["lr_drops"] == 2 and result["epochs_run"] < result["epochs"]
+    curve = result["loss_curve"]
+    assert len(curve) == result["epochs_run"] and curve[-1] == pytest.approx(
+        result["train_loss"], abs=1e-5)
+    assert max(curve[-3:]) - min(curve[-3:]) < 5e-3  # levelled off
+    assert result["top1"] > 95.0 and result["train_top1"] > 95.0
+    capped = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], epochs=2)
+    assert capped["epochs_run"] == 2 and capped["levelled_off"] is False
+    with pytest.raises(ValueError, match="plateau= is used only"):
+        linear_probe(x, y, x, y, lr_schedule="step", plateau=Plateau())
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        linear_probe(x, y, x, y, recipe="mae")
+
+
+def test_linear_probe_chooses_weight_decay_on_held_out_training_features_only():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(800, 200, generator=g)
+    y = torch.randint(0, 4, (800,), generator=g)
+    x[torch.arange(800), y] += 0.6  # few samples per dim: regularisation matters
+    result = linear_probe(x[:500], y[:500], x[500:], y[500:])
+    scores = result["val_top1"]
+    assert list(scores) == list(WEIGHT_DECAYS) and result["val_fraction"] == 0.2
+    assert result["weight_decay"] == max(WEIGHT_DECAYS, key=lambda wd: scores[wd])
+    shuffled = y[500:][torch.randperm(300, generator=g)]  # the test labels choose nothing
+    assert linear_probe(x[:500], y[:500], x[500:], shuffled)["val_top1"] == scores
+    single = linear_probe(x[:500], y[:500], x[500:], y[500:], weight_decay=[1e-3])
+    assert single["weight_decay"] == 1e-3 and "val_top1" not in single
+    with pytest.raises(ValueError, match="val_fraction"):
+        linear_probe(x[:500], y[:500], x[500:], y[500:], val_fraction=1.0)
+
+
+def test_linear_probe_reads_features_whatever_their_scale():
+    """The fair-evaluation property: scaling every feature by 0.01 changes nothing."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1500, 48, generator=g) + 0.5
+    y = torch.randint(0, 5, (1500,), generator=g)
+    x[torch.arange(1500), y * 5] += 1.0  # learnable, not separable
+    original = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:])
+    scaled = linear_probe(0.01 * x[:1000], y[:1000], 0.01 * x[1000:], y[1000:])
+    assert 40 < original["top1"] < 100
+    assert scaled["top1"] == original["top1"]
+    assert scaled["epochs_run"] == original["epochs_run"]
+    raw = linear_probe(0.01 * x[:1000], y[:1000], 0.01 * x[1000:], y[1000:], recipe="reglog",
+                       epochs=original["epochs_run"])
+    assert raw["top1"] < original["top1"] - 5  # RegLog reads the scale
 
 
 def test_linear_probe_pools_conv_maps_and_can_return_the_classifier():
@@ -292,8 +352,12 @@ def test_linear_probe_pools_conv_maps_and_can_return_the_classifier():
     )
     assert result["feature_dim"] == 512 * 4 * 4  # largest grid with 512 * s * s <= 9600
     assert result["milestones"] == [1, 1]  # 50% / 75% of 1 epoch, at least epoch 1
-    classifier = result["classifier"]
-    assert isinstance(classifier, nn.Linear) and classifier.bias is not None  # RegLog: no BN
+    standardize, linear = result["classifier"]
+    assert isinstance(standardize, Standardize) and isinstance(linear, nn.Linear)
+    assert standardize.mean.shape == (512 * 4 * 4,)
+    reglog = linear_probe(x[:200], y[:200], x[200:], y[200:], recipe="reglog", epochs=1,
+                          return_classifier=True)["classifier"]
+    assert isinstance(reglog, nn.Linear) and reglog.bias is not None  # RegLog: no BN
     with pytest.raises(ValueError, match="lr_schedule"):
         linear_probe(x, y, x, y, lr_schedule="cosine")
 
@@ -394,3 +458,50 @@ def test_linear_probe_separates_trained_from_random_features_on_cifar10(one_thre
     assert results["trained"]["feature_dim"] == 32 * 8 * 8
     assert results["random"]["top1"] > 15.0  # random conv features are better than chance
     assert results["trained"]["top1"] > results["random"]["top1"] + 8.0
+
+
+# -- BatchNorm recalibration ---------------------------------------------------------------------
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.5),
+                         nn.Flatten(), nn.Linear(6 * 6 * 6, 5), nn.BatchNorm1d(5))
+
+
+def test_recalibration_gives_an_untrained_network_the_batch_statistics_of_its_inputs():
+    net = _bn_net().eval()
+    x = torch.rand(96, 3, 8, 8) * 3 - 1
+    info = recalibrate_batchnorm(net, [(x[:40], torch.zeros(40)), (x[40:],)], max_images=96)
+    assert info == {"bn_layers": 2, "images": 96}
+    conv_out = net[0](x)
+    assert torch.allclose(net[1].running_mean, conv_out.mean((0, 2, 3)), atol=1e-5)
+    # one batch holding every image: the running variance is that batch's (unbiased) variance
+    recalibrate_batchnorm(net, [x], max_images=96)
+    assert torch.allclose(net[1].running_var, conv_out.var((0, 2, 3), unbiased=True), rtol=1e-4)
+    net[1].train().momentum = 0.0  # normalise with the batch statistics, as the pass did
+    with torch.no_grad():
+        hidden = net[:6](x)  # the dropout is off while recalibrating
+    net[1].eval().momentum = 0.1
+    assert torch.allclose(net[6].running_mean, hidden.mean(0), atol=1e-5)
+    assert torch.allclose(net[6].running_var, hidden.var(0, unbiased=True), rtol=1e-4)
+    assert all(p.grad is None for p in net.parameters())
+    net[6].momentum = 0.3
+    recalibrate_batchnorm(net, [x], max_images=96)
+    assert not net.training and not net[1].training and net[6].momentum == 0.3  # restored
+
+
+def test_recalibration_uses_exactly_max_images_and_restores_on_request():
+    net = _bn_net()
+    before = net[1].running_mean.clone()
+    x = torch.rand(100, 3, 8, 8)
+    with recalibrated_batchnorm(net, [x[:30], x[30:60], x[60:]], max_images=50) as info:
+        assert info["images"] == 50
+        assert torch.allclose(net[1].running_mean, net[0](x[:50]).mean((0, 2, 3)), atol=1e-5)
+    assert torch.equal(net[1].running_mean, before) and net.training
+    with pytest.raises(ValueError, match="max_images must be a positive int"):
+        recalibrate_batchnorm(net, [x], max_images=0)
+    untracked = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2, track_running_stats=False))
+    with pytest.raises(ValueError, match="do not track running statistics"):
+        recalibrate_batchnorm(untracked, [x], max_images=10)
+    assert recalibrate_batchnorm(nn.Conv2d(3, 2, 1), [x], max_images=10)["bn_layers"] == 0

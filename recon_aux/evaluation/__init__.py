@@ -10,7 +10,11 @@ Protocol                    Follows
 ==========================  =========================================================
 :func:`knn_eval`            yukimasano/self-label ``cifar_utils.py`` kNN (InstDisc), voting by
                             ``lightly.utils.benchmarking.knn_predict``; k=200, T=0.1
-:func:`linear_probe_eval`   facebookresearch/deepcluster ``eval_linear.py`` (``RegLog``)
+:func:`recalibrate_batchnorm` facebookresearch/fvcore ``precise_bn.py`` (``update_bn_stats``):
+                            BN statistics re-estimated on clean images before any protocol
+:func:`linear_probe_eval`   standardised features + a linear layer trained until its loss levels
+                            off (facebookresearch/mae ``main_linprobe.py``); or
+                            facebookresearch/deepcluster ``eval_linear.py`` (``RegLog``)
 :func:`nonlinear_probe_eval` maple-research-lab/AET ``cifar/affine/NonLinearClassifier.py``
                             (``MultLayerFC2``) + ``cifar/projective/classification.py``
 :func:`nmi`                 facebookresearch/deepcluster ``main.py`` NMI diagnostics
@@ -28,9 +32,10 @@ Example:
     ... # doctest: +SKIP
 """
 
+from .batchnorm import recalibrate_batchnorm, recalibrated_batchnorm
 from .features import Features, extract_features, pool_features
 from .knn import knn_eval, weighted_knn
-from .linear import linear_probe, linear_probe_eval
+from .linear import Standardize, linear_probe, linear_probe_eval
 from .nmi import nmi
 from .nonlinear import NonLinearHead, nonlinear_probe, nonlinear_probe_eval
 
@@ -45,5 +50,8 @@ __all__ = [
     "nonlinear_probe",
     "nonlinear_probe_eval",
     "pool_features",
+    "recalibrate_batchnorm",
+    "recalibrated_batchnorm",
+    "Standardize",
     "weighted_knn",
 ]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +60,29 @@ def evaluate(
     return 100.0 * hits1 / n, 100.0 * hits5 / n, loss_sum / n
 
 
+@dataclasses.dataclass(frozen=True)
+class Plateau:
+    """Train "until the training loss has levelled off": lower the lr on a plateau, then stop.
+
+    After each epoch the epoch's mean training loss is compared with the best so far; an epoch
+    that does not improve on it by more than ``tol`` (in nats) counts towards ``patience``.
+    When ``patience`` such epochs follow each other, the lr is multiplied by ``factor``
+    (``torch.optim.lr_scheduler.ReduceLROnPlateau``'s rule); after ``drops`` reductions the next
+    plateau ends training, and the fit reports ``levelled_off=True``. Reaching ``epochs`` first
+    reports ``levelled_off=False``.
+    """
+
+    patience: int = 3
+    tol: float = 1e-3
+    factor: float = 0.1
+    drops: int = 2
+
+    def __post_init__(self) -> None:
+        if self.patience < 1 or self.drops < 0 or not 0 < self.factor < 1 or not self.tol >= 0:
+            raise ValueError(f"bad plateau rule {self}: need patience >= 1, drops >= 0, "
+                             "0 < factor < 1, tol >= 0.")
+
+
 def fit(
     head: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -71,17 +96,22 @@ def fit(
     device: torch.device,
     progress: bool | None,
     desc: str,
-) -> dict[str, float]:
+    plateau: Plateau | None = None,
+) -> dict[str, Any]:
     """Train ``head`` with cross-entropy on shuffled mini-batches of the cached features.
 
     ``lr_at(epoch, iteration)`` gives the learning rate of every step (iteration counts steps
-    from 0 over all epochs). Batches of a single sample are skipped (BatchNorm cannot train on
-    them). Returns the mean loss and accuracy (%) of the last epoch.
+    from 0 over all epochs), times the reductions of ``plateau`` when given (which may also end
+    training before ``epochs``). Batches of a single sample are skipped (BatchNorm cannot train
+    on them). Returns the mean loss and accuracy (%) of the last epoch, the epochs run, the
+    per-epoch losses, and whether the loss levelled off (``None`` without ``plateau``).
     """
     generator = torch.Generator().manual_seed(seed)
     n = train_features.shape[0]
     iteration = 0
     loss_sum, correct, seen = 0.0, 0, 0
+    curve: list[float] = []
+    scale, best, waited, drops, levelled = 1.0, math.inf, 0, 0, None
     for epoch in progress_bar(range(epochs), enabled=progress, total=epochs, desc=desc):
         head.train()
         loss_sum, correct, seen = 0.0, 0, 0
@@ -90,7 +120,7 @@ def fit(
             index = order[start : start + batch_size]
             if index.numel() < 2:
                 continue
-            lr = lr_at(epoch, iteration)
+            lr = lr_at(epoch, iteration) * scale
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x = train_features[index].to(device, non_blocking=True)
@@ -104,14 +134,31 @@ def fit(
             loss_sum += float(loss.detach()) * index.numel()
             correct += int((logits.detach().argmax(1) == y).sum())
             seen += index.numel()
-    if seen and not math.isfinite(loss_sum):
-        raise FloatingPointError(
-            f"{desc}: training loss became {loss_sum}; lower lr or check the features for "
-            "huge values."
-        )
+        if seen and not math.isfinite(loss_sum):
+            raise FloatingPointError(
+                f"{desc}: training loss became {loss_sum} in epoch {epoch + 1}; lower lr or "
+                "check the features for huge values."
+            )
+        curve.append(loss_sum / max(seen, 1))
+        if plateau is None:
+            continue
+        levelled = False
+        if curve[-1] < best - plateau.tol:
+            best, waited = curve[-1], 0
+        else:
+            waited += 1
+        if waited >= plateau.patience:
+            if drops == plateau.drops:
+                levelled = True
+                break
+            drops, waited, scale = drops + 1, 0, scale * plateau.factor
     return {
-        "train_loss": loss_sum / max(seen, 1),
+        "train_loss": curve[-1] if curve else math.nan,
         "train_top1": 100.0 * correct / max(seen, 1),
+        "epochs_run": len(curve),
+        "levelled_off": levelled,
+        "lr_drops": drops if plateau is not None else None,
+        "loss_curve": [round(v, 5) for v in curve],
     }
 
 
