@@ -114,6 +114,12 @@ class AET(Method):
             one per channel.
         interpolation: ``"bilinear"`` (AET) or ``"nearest"``.
         recon_transformed: Also reconstruct the warped image (default False: ``x`` only).
+        feature_layer: Regress from the global average of this layer's (N, C, h, w) output
+            (a module name of the backbone, e.g. ``"conv5"``) instead of ``backbone(x)``. For
+            NIN, ``backbone(x)`` *is* the pooled last block, AET's own input to its regressor;
+            AlexNet-CIFAR's ``backbone(x)`` is fc7 after two dropout layers whose masks differ
+            between the image's and the warp's forwards, so ``feature_layer="conv5"`` is the
+            pooled-conv analogue of AET's NIN regressor.
 
     See the module docstring for the original code followed and the deviations.
     """
@@ -130,10 +136,12 @@ class AET(Method):
         fillcolor: int | Sequence[int] = 128,
         interpolation: str = "bilinear",
         recon_transformed: bool = False,
+        feature_layer: str | None = None,
     ) -> None:
         super().__init__(
             backbone, num_samples, shift=shift, scale=scale, fillcolor=fillcolor,
             interpolation=interpolation, recon_transformed=recon_transformed,
+            feature_layer=feature_layer,
         )
         if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
             raise ValueError(f"method.shift must be an int >= 0 (pixels; AET uses 4), "
@@ -156,7 +164,19 @@ class AET(Method):
         if not isinstance(recon_transformed, bool):
             raise ValueError(f"method.recon_transformed must be true or false, "
                              f"got {recon_transformed!r}")
-        out_dim = getattr(backbone, "out_dim", None)
+        self.feature_layer = feature_layer
+        self._features: Tensor | None = None
+        if feature_layer is not None:
+            modules = dict(backbone.named_modules())
+            if feature_layer not in modules or not feature_layer:
+                raise ValueError(f"method.feature_layer={feature_layer!r} is not a module of "
+                                 f"{type(backbone).__name__}; e.g. "
+                                 f"{[n for n in modules if n and '.' not in n][:8]}")
+            shape = backbone.feature_shape(feature_layer)
+            out_dim = shape[0]
+            modules[feature_layer].register_forward_hook(self._keep_features)
+        else:
+            out_dim = getattr(backbone, "out_dim", None)
         if isinstance(out_dim, bool) or not isinstance(out_dim, int) or out_dim < 1:
             raise ValueError(
                 f"AET needs backbone.out_dim, the size of backbone(x)'s (N, D) output, to size "
@@ -173,6 +193,17 @@ class AET(Method):
         self._rng_key: tuple[int, int, int, int] | None = None
         self._calls = 0
         self.last: dict[str, Tensor] = {}
+
+    def _keep_features(self, _module: nn.Module, _inputs: Any, output: Tensor) -> None:
+        self._features = output
+
+    def _forward(self, x: Tensor) -> Tensor:
+        """The (N, D) features the regressor reads (see ``feature_layer``)."""
+        out = self.backbone(x)
+        if self.feature_layer is None:
+            return out
+        feats, self._features = self._features, None
+        return feats.mean(dim=(2, 3))
 
     # -- randomness ------------------------------------------------------------------------------
     def before_step(self, ctx: EngineContext) -> None:
@@ -215,8 +246,8 @@ class AET(Method):
         if x.dim() != 4:
             raise ValueError(f"AET expects views[0] of shape (N, 3, H, W), got {tuple(x.shape)}")
         xt, target = self.transform(x, self._generator())
-        f1 = self.backbone(x)
-        f2 = self.backbone(xt)
+        f1 = self._forward(x)
+        f2 = self._forward(xt)
         expected = (x.shape[0], self.regressor.in_features // 2)
         if f1.dim() != 2 or tuple(f1.shape) != expected:
             raise ValueError(

@@ -62,9 +62,10 @@ class EngineContext:
             NMI only; never for training.
         seed: The run's base seed.
         rank, world_size: Distributed position (0, 1 when not distributed).
-        extract: ``extract(layer) -> (features, indices)``: features of every training image,
-            un-augmented, in eval mode and under no_grad, gathered from all ranks (identical on
-            every rank), rows ordered by ``indices`` (positions in the training set).
+        extract: ``extract(layer, augmented=False) -> (features, indices)``: features of every
+            training image under no_grad, gathered from all ranks (identical on every rank),
+            rows ordered by ``indices`` (positions in the training set); un-augmented in eval
+            mode, or (``augmented=True``) through the first training view in train mode.
         broadcast: ``broadcast(tensor) -> tensor``: rank 0's value on every rank (identity when
             not distributed). Use it for anything random that all ranks must agree on.
         optimizer: The engine's optimizer (to reset a re-initialised head's state).
@@ -82,7 +83,7 @@ class EngineContext:
     seed: int
     rank: int
     world_size: int
-    extract: Callable[[str], tuple[Tensor, Tensor]]
+    extract: Callable[..., tuple[Tensor, Tensor]]
     broadcast: Callable[[Tensor], Tensor]
     optimizer: torch.optim.Optimizer
     log: Callable[[dict], None]

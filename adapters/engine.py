@@ -138,8 +138,7 @@ class Trainer:
         self.backbone = build_backbone(bcfg.pop("name"), **bcfg).to(self.device)
         self.method = method_cls(self.backbone, len(train), **mcfg)
         self.method.to(self.device)
-        self.views = [make_augment(v, size=self.size) if isinstance(v, str) else v
-                      for v in (dcfg["augment"] or self.method.views)]
+        self.views = [_augment(v, self.size) for v in (dcfg["augment"] or self.method.views)]
         params = [p for p in [*self.backbone.parameters(), *self.method.parameters()]
                   if p.requires_grad]
         self.optimizer = torch.optim.SGD(params, lr=tcfg["lr"], momentum=tcfg["momentum"],
@@ -160,6 +159,7 @@ class Trainer:
         self.out_dir = Path(cfg["run"]["out_dir"] or _default_out_dir(cfg))
         self.history: list[dict[str, Any]] = []
         self.eval_details: dict[str, Any] = {}
+        self._augmented_passes = 0  # checkpointed: a resumed run draws the same augmentations
         self.start_epoch, self.global_step = 0, 0
         self._epoch_logs: dict[str, float] = {}
         self.steps_per_epoch = len(self._loader(None))
@@ -176,17 +176,48 @@ class Trainer:
                            shuffle=False, rank=self.rank if shard else 0,
                            world_size=self.world if shard else 1)
 
-    def extract(self, layer: str) -> tuple[Tensor, Tensor]:
-        """Un-augmented features of every training image, gathered from all ranks."""
-        feats = extract_features(self.backbone, self._plain_loader(self.train_set, shard=True),
-                                 layer, self.device, progress=False)
-        x = D.all_gather_cat(feats[layer].to(self.device))
-        idx = D.all_gather_cat(feats.indices.to(self.device))
+    def extract(self, layer: str, augmented: bool = False) -> tuple[Tensor, Tensor]:
+        """Features of every training image, gathered from all ranks.
+
+        ``augmented=False``: un-augmented images, the model in eval mode. ``augmented=True``:
+        the first training view's augmentation (fresh at every call) with the model in train
+        mode (BatchNorm normalises with batch statistics and updates its running ones, dropout
+        is on), as SeLa's ``cifar.py`` computes its pseudo-labels; no gradient either way.
+        """
+        if augmented:
+            feats, indices = self._extract_augmented(layer)
+        else:
+            plain = extract_features(self.backbone,
+                                     self._plain_loader(self.train_set, shard=True), layer,
+                                     self.device, progress=False)
+            feats, indices = plain[layer], plain.indices
+        x = D.all_gather_cat(feats.to(self.device))
+        idx = D.all_gather_cat(indices.to(self.device))
         order = torch.argsort(idx, stable=True)
         x, idx = x[order], idx[order]
         keep = torch.ones_like(idx, dtype=torch.bool)
         keep[1:] = idx[1:] != idx[:-1]  # padding repeats a few samples across ranks
         return x[keep], idx[keep]
+
+    @torch.no_grad()
+    def _extract_augmented(self, layer: str) -> tuple[Tensor, Tensor]:
+        self._augmented_passes += 1
+        loader = BatchLoader(self.train_set, self.cfg["data"]["eval_batch_size"],
+                             augment=self.views[0], seed=self.seed + 104_729, rank=self.rank,
+                             world_size=self.world)
+        loader.set_epoch(self._augmented_passes)  # new augmentations at every pass
+        flags = {m: m.training for m in self.backbone.modules()}
+        self.backbone.train()
+        feats, indices = [], []
+        try:
+            for images, _, idx in loader:
+                out = self.backbone.forward_features(images.to(self.device), [layer])[layer]
+                feats.append(out.float())
+                indices.append(idx)
+        finally:
+            for m, flag in flags.items():
+                m.training = flag
+        return torch.cat(feats), torch.cat(indices)
 
     def _context(self, epoch: int) -> EngineContext:
         return EngineContext(
@@ -383,6 +414,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "aux": self.aux.state_dict() if self.aux is not None else None,
             "rng": rng_state(), "history": self.history,
+            "augmented_passes": self._augmented_passes,
         }
 
     def _resume(self) -> None:
@@ -406,8 +438,23 @@ class Trainer:
         set_rng_state(state["rng"])
         self.start_epoch, self.global_step = state["epoch"], state["step"]
         self.history = list(state["history"])
+        self._augmented_passes = int(state.get("augmented_passes", 0))
         if self.rank == 0:
             print(f"resumed from {path} after epoch {self.start_epoch}", flush=True)
+
+
+def _augment(spec: Any, size: int) -> Any:
+    """A ``data.augment`` entry: a preset name, ``{preset: NAME, <BatchAugment field>: value}``
+    (e.g. ``{preset: simclr, scale: [0.2, 1.0]}``), or a callable used as is."""
+    if isinstance(spec, str):
+        return make_augment(spec, size=size)
+    if isinstance(spec, dict):
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+        if "preset" not in fields:
+            raise ValueError(f"data.augment entry {spec!r} needs a 'preset' key (e.g. "
+                             "{preset: simclr, scale: [0.2, 1.0]}).")
+        return make_augment(fields.pop("preset"), size=size, **fields)
+    return spec
 
 
 def _seed_everything(seed: int) -> None:

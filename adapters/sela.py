@@ -108,6 +108,7 @@ from .base import EngineContext, Method, StepOutput
 __all__ = ["SeLa", "SinkhornResult", "sela_sinkhorn", "label_update_steps", "METHOD"]
 
 HEAD_SCHEDULES = ("epoch", "cycle", "all")
+LABEL_PASSES = ("clean", "augmented")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +305,9 @@ class SeLa(Method):
         feature_layer: Layer name for ``ctx.extract``; default: the backbone's last stage (e.g.
             ``"fc7"``), which must be its ``forward`` output.
         max_sk_iters: Bound on Sinkhorn iterations (error beyond).
+        label_pass: Images the label step reads: ``"clean"`` (un-augmented, eval mode) or
+            ``"augmented"`` (the training augmentation, train mode: ``cifar.py``'s ``opt_sk``
+            iterates the training loader inside ``train()``, after ``model.train()``).
 
     Example:
         >>> from recon_aux.models import AlexNetCIFAR
@@ -328,15 +332,17 @@ class SeLa(Method):
         head_schedule: str = "epoch",
         feature_layer: str | None = None,
         max_sk_iters: int = 100_000,
+        label_pass: str = "clean",
         **unknown: Any,
     ) -> None:
         if unknown:
             raise TypeError(
                 f"SeLa got unknown hyperparameter(s) {sorted(unknown)}; valid: hc, k, lamb, nopts, "
-                "tol, head_schedule, feature_layer, max_sk_iters"
+                "tol, head_schedule, feature_layer, max_sk_iters, label_pass"
             )
         hparams = dict(hc=hc, k=k, lamb=lamb, nopts=nopts, tol=tol, head_schedule=head_schedule,
-                       feature_layer=feature_layer, max_sk_iters=max_sk_iters)
+                       feature_layer=feature_layer, max_sk_iters=max_sk_iters,
+                       label_pass=label_pass)
         super().__init__(backbone, num_samples, **hparams)
         for name, value, low in (("hc", hc, 1), ("k", k, 2), ("nopts", nopts, 0),
                                  ("num_samples", num_samples, 1), ("max_sk_iters", max_sk_iters,
@@ -354,6 +360,8 @@ class SeLa(Method):
             raise ValueError(f"SeLa: lamb must be a positive number (cifar.py: 10), got {lamb!r}")
         if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol > 0:
             raise ValueError(f"SeLa: tol must be a positive number (cifar.py: 1e-2), got {tol!r}")
+        if label_pass not in LABEL_PASSES:
+            raise ValueError(f"SeLa: label_pass must be one of {LABEL_PASSES}, got {label_pass!r}")
         if head_schedule not in HEAD_SCHEDULES:
             raise ValueError(
                 f"SeLa: head_schedule must be one of {HEAD_SCHEDULES}, got {head_schedule!r}"
@@ -375,6 +383,7 @@ class SeLa(Method):
         self.hc, self.k, self.lamb, self.nopts = hc, k, float(lamb), nopts
         self.tol, self.head_schedule, self.max_sk_iters = float(tol), head_schedule, max_sk_iters
         self.feature_layer = feature_layer
+        self.label_pass = label_pass
 
         self.heads = nn.ModuleList(nn.Linear(out_dim, k) for _ in range(hc))
         for head in self.heads:  # models/alexnet.py _initialize_weights: N(0, 0.01), zero bias
@@ -478,7 +487,10 @@ class SeLa(Method):
     def update_labels(self, ctx: EngineContext, heads: list[int]) -> None:
         """Recomputes the labels of ``heads`` from the whole training set (one extract)."""
         t0 = time.perf_counter()
-        feats, idx = ctx.extract(self.feature_layer)
+        if self.label_pass == "augmented":
+            feats, idx = ctx.extract(self.feature_layer, augmented=True)
+        else:
+            feats, idx = ctx.extract(self.feature_layer)
         n = self.num_samples
         if feats.ndim != 2 or feats.shape != (n, self.heads[0].in_features):
             raise ValueError(

@@ -117,3 +117,25 @@ def test_unknown_method_lists_valid():
     cfg = load_run_config(TOY, ["method.name=moco"])
     with pytest.raises(ValueError, match="methods: deepcluster, sela, aet, simclr"):
         train(cfg)
+
+
+def test_recipe_options_sela_augmented_labels_aet_pooled_conv_and_augment_overrides(
+        tmp_path, shared_data):
+    """The recipe switches of the CPU-scale pilots run end to end and resume exactly."""
+    sela = ["method={name: sela, hc: 2, k: 10, nopts: 3, head_schedule: all, "
+            "label_pass: augmented}", "data.augment=[{preset: simclr, scale: [0.2, 1.0]}]",
+            "recon=null"]
+    full = train(toy(tmp_path / "full", *sela, data=shared_data))
+    assert full["history"][0]["sk_updates"] >= 1
+    with pytest.raises(StopTraining):
+        train(toy(tmp_path / "cut", *sela, "run.stop_after_epoch=1", data=shared_data))
+    resumed = train(toy(tmp_path / "cut", *sela, "run.resume=true", data=shared_data))
+    assert resumed["metrics"] == full["metrics"]
+    aet = train(toy(tmp_path / "aet", "method={name: aet, feature_layer: conv5}",
+                    data=shared_data))
+    assert aet["metrics"]["knn_conv5"] > 0
+    with pytest.raises(ValueError, match="needs a 'preset' key"):
+        train(toy(tmp_path / "bad", "data.augment=[{scale: [0.2, 1.0]}]", data=shared_data))
+    with pytest.raises(ValueError, match="feature_layer='conv9' is not a module"):
+        train(toy(tmp_path / "bad2", "method={name: aet, feature_layer: conv9}",
+                  data=shared_data))
