@@ -33,7 +33,7 @@ demo: venv
 
 # The library alone: an encoder trained with the objective, with a reconstruction picture.
 demo-recon: venv
-	$(PY) -m recon_aux.demo
+	$(PY) examples/demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

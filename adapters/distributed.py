@@ -1,6 +1,6 @@
 """Distributed plumbing for the engine: torchrun environment, gathers, broadcasts.
 
-``torchrun --nproc_per_node=N -m adapters.cli train CONFIG`` sets RANK/WORLD_SIZE; the engine then
+``torchrun --nproc_per_node=N -m benchmarks.cli train CONFIG`` sets RANK/WORLD_SIZE; the engine then
 initialises a process group (gloo on CPU, nccl on CUDA), wraps the training step in
 ``DistributedDataParallel``, shards the batches by rank, and gives methods features gathered from
 every rank so that clustering and Sinkhorn see the whole training set.

@@ -33,21 +33,21 @@ import torch
 from torch import Tensor, nn
 
 import recon_aux
-from recon_aux.data import BatchLoader, balanced_subset, load_dataset, make_augment
-from recon_aux.evaluation import (
+from adapters.backbones import build_backbone
+from adapters.data import BatchLoader, balanced_subset, load_dataset, make_augment
+from adapters.evaluation import (
     extract_features,
     knn_eval,
     linear_probe_eval,
     nonlinear_probe_eval,
     recalibrated_batchnorm,
 )
-from recon_aux.models import build_backbone
 from recon_aux.perceptual import NonFiniteLossError
 
 from . import distributed as D
-from .base import EngineContext, Method, StepOutput
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import config_diff
+from .methods.base import EngineContext, Method, StepOutput
 
 __all__ = ["Trainer", "train", "load_method"]
 
@@ -55,15 +55,15 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def load_method(name: str) -> type[Method]:
-    """The Method class of ``adapters/<name>.py`` (its module-level ``METHOD``), or of
+    """The Method class of ``adapters/methods/<name>.py`` (its module-level ``METHOD``), or of
     ``"package.module:Class"`` for a method of your own."""
     if ":" in name:
         module_name, cls = name.split(":", 1)
         return getattr(importlib.import_module(module_name), cls)
     try:
-        module = importlib.import_module(f"adapters.{name}")
+        module = importlib.import_module(f"adapters.methods.{name}")
     except ModuleNotFoundError as exc:
-        if exc.name != f"adapters.{name}":
+        if exc.name != f"adapters.methods.{name}":
             raise
         raise ValueError(f"method {name!r} is unknown; methods: deepcluster, sela, aet, simclr, "
                          "and the reference rows supervised, recon_only.") from exc

@@ -17,9 +17,9 @@ from lightly.transforms.utils import IMAGENET_NORMALIZE
 from torch import nn
 from torch.utils.data import DataLoader
 
-from recon_aux.data import IndexedDataset, balanced_subset, load_dataset
-from recon_aux.evaluation import knn_eval
-from recon_aux.models import build_backbone
+from adapters.backbones import build_backbone
+from adapters.data import IndexedDataset, balanced_subset, load_dataset
+from adapters.evaluation import knn_eval
 
 #: lightly's transforms normalise with ImageNet statistics; recon-aux must be told (mean/std).
 NORMALIZE = IMAGENET_NORMALIZE
@@ -43,7 +43,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.06)
     p.add_argument("--backbone", default="resnet18_cifar",
-                   help="a recon_aux.models backbone: resnet18_cifar, alexnet_cifar, ...")
+                   help="a adapters.backbones backbone: resnet18_cifar, alexnet_cifar, ...")
     p.add_argument("--width", type=float, default=1.0, help="the backbone's width multiplier")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

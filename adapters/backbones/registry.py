@@ -1,0 +1,57 @@
+"""Name -> backbone registry: ``build_backbone("alexnet_cifar", width=0.5)``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from .alexnet import AlexNet, AlexNetCIFAR
+from .base import Backbone
+from .nin import NIN
+from .resnet import ResNet18CIFAR
+
+__all__ = ["BACKBONES", "build_backbone"]
+
+#: Registered backbones (read-only).
+BACKBONES: Mapping[str, type[Backbone]] = MappingProxyType(
+    {"alexnet": AlexNet, "alexnet_cifar": AlexNetCIFAR, "nin": NIN,
+     "resnet18_cifar": ResNet18CIFAR}
+)
+
+
+def build_backbone(name: str, **kwargs: Any) -> Backbone:
+    """Builds a backbone by name.
+
+    Args:
+        name: ``"alexnet"`` (:class:`AlexNet`, 224 input), ``"alexnet_cifar"``
+            (:class:`AlexNetCIFAR`, 32 input), ``"nin"`` (:class:`NIN`, AET's CIFAR network) or
+            ``"resnet18_cifar"`` (:class:`ResNet18CIFAR`, lightly's CIFAR-10 benchmark network).
+            Case-insensitive; ``-`` is read as ``_``.
+        **kwargs: Passed to the class, e.g. ``width=0.5`` for ``"alexnet_cifar"``.
+
+    Returns:
+        The backbone, freshly initialized.
+
+    Raises:
+        ValueError: Unknown name (the message lists the valid ones).
+        TypeError: A keyword the class does not take (the message lists those it takes).
+
+    Examples:
+        >>> model = build_backbone("alexnet_cifar", width=0.5)
+        >>> model.out_dim
+        2048
+    """
+    key = str(name).strip().lower().replace("-", "_")
+    if key not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
+    cls = BACKBONES[key]
+    params = inspect.signature(cls).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise TypeError(
+            f"backbone {key!r} ({cls.__name__}) takes no argument(s) {', '.join(unknown)}; "
+            f"it takes: {', '.join(params) or 'none'}"
+        )
+    return cls(**kwargs)

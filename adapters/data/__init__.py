@@ -1,0 +1,55 @@
+"""Data loading for recon-aux: in-memory uint8 arrays, batched CPU augmentation, seeded loaders.
+
+Typical use::
+
+    from adapters.data import BatchLoader, load_dataset
+
+    train = load_dataset("cifar10", data_root=None, train=True)  # $RECON_AUX_DATA
+    loader = BatchLoader(train, 256, augment=["simclr", "simclr"], seed=0, drop_last=True)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for (view1, view2), targets, indices in loader:
+            ...
+"""
+
+from .augment import CIFAR10_MEAN, CIFAR10_STD, PRESETS, BatchAugment, make_augment, torch_threads
+from .datasets import (
+    CIFAR10_JPG_NAME,
+    CIFAR10_JPG_SHA256,
+    DATASET_NAMES,
+    ImageArrays,
+    load_dataset,
+)
+from .loader import Batch, BatchLoader, IndexedDataset, balanced_subset
+from .paths import (
+    CACHE_ENV,
+    DATA_ENV,
+    DatasetError,
+    DatasetNotFoundError,
+    cache_dir,
+    resolve_data_root,
+)
+
+__all__ = [
+    "Batch",
+    "BatchAugment",
+    "BatchLoader",
+    "CACHE_ENV",
+    "CIFAR10_JPG_NAME",
+    "CIFAR10_JPG_SHA256",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "DATASET_NAMES",
+    "DATA_ENV",
+    "DatasetError",
+    "DatasetNotFoundError",
+    "ImageArrays",
+    "IndexedDataset",
+    "PRESETS",
+    "balanced_subset",
+    "cache_dir",
+    "load_dataset",
+    "make_augment",
+    "resolve_data_root",
+    "torch_threads",
+]

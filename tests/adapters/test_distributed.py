@@ -1,0 +1,38 @@
+"""Two processes with gloo on the CPU under torchrun: one short epoch per method."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from tests import helpers
+from tests.helpers import REPO
+
+TINY = [
+    "data.per_class=10", "data.test_per_class=5", "data.batch_size=25", "train.epochs=1",
+    "run.progress=false",
+]
+
+
+def torchrun(config, out_dir, data_root, extra=()):
+    """``torchrun -m benchmarks.cli train CONFIG`` on two processes; rank 0's result line."""
+    return helpers.torchrun("-m", "benchmarks.cli", "train", str(config), *TINY,
+                            f"run.out_dir={out_dir}", *extra,
+                            env={"RECON_AUX_DATA": str(data_root),
+                                 "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "adapters"),
+                                                                str(REPO)])})
+
+
+@pytest.mark.slow
+def test_two_process_toy(tmp_path, shared_data):
+    cfg = tmp_path / "toy.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "method": {"name": "toy_method:Rotation"},
+        "backbone": {"name": "alexnet_cifar", "width": 0.25},
+        "eval": {"knn": {"layers": ["conv5"], "k": 20, "temperature": 0.1}},
+        "recon": {"weight": 1.0},
+    }))
+    result = torchrun(cfg, tmp_path / "run", shared_data)
+    assert result["recon"] is True and "knn_conv5" in result["metrics"]

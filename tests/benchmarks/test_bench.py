@@ -1,0 +1,255 @@
+"""bench / ablate end to end on a tiny config; the table renderer on fixed inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from benchmarks import bench, report
+
+TOY_RUN = {
+    "method": {"name": "toy_method:Rotation"},
+    "backbone": {"name": "alexnet_cifar", "width": 0.25},
+    "data": {"dataset": "cifar10", "per_class": 10, "test_per_class": 5, "batch_size": 50},
+    "train": {"epochs": 1, "lr": 0.05},
+    "eval": {"knn": {"layers": ["conv5"], "k": 10, "temperature": 0.1}},
+    "run": {"progress": False},
+}
+
+
+@pytest.fixture
+def toy_config(tmp_path, monkeypatch, shared_data):
+    from tests.helpers import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "adapters"))
+    monkeypatch.chdir(tmp_path)  # runs/ goes under tmp_path
+    monkeypatch.setenv("RECON_AUX_DATA", str(shared_data))
+    path = tmp_path / "toy_run.yaml"
+    path.write_text(yaml.safe_dump(TOY_RUN))
+    return path
+
+
+@pytest.mark.slow
+def test_bench_end_to_end_and_resume(tmp_path, toy_config, monkeypatch):
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "title": "tiny", "seeds": [0], "metrics": ["knn_conv5"], "recon": {"weight": 1.0},
+        "methods": {"toy": {"config": str(toy_config), "set": {"train.epochs": 1}}},
+        "references": {"toy": ["random-init", "supervised", "recon-only"]},
+    }))
+    cfg = bench.load_bench_config(cfg_file)
+    out = bench.run_bench(cfg, out=tmp_path / "results", progress=False)
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert sorted(r["id"] for r in runs) == sorted([
+        "random-init-alexnet_cifar-seed0", "supervised-alexnet_cifar-seed0",
+        "recon-only-alexnet_cifar-seed0", "toy-base-seed0", "toy-recon-seed0"])
+    for r in runs:
+        assert {"method", "recon", "seed", "metrics", "config", "wall_s", "machine"} <= set(r)
+    by_id = {r["id"]: r for r in runs}
+    # a method's own `set` must not override what defines a reference row
+    assert by_id["random-init-alexnet_cifar-seed0"]["config"]["train"]["epochs"] == 0
+    assert by_id["supervised-alexnet_cifar-seed0"]["config"]["method"]["name"] == "supervised"
+    assert by_id["toy-base-seed0"]["recon"] is False
+    readme = (out / "README.md").read_text()
+    assert "random-init (alexnet_cifar)" in readme and "toy +recon" in readme
+    assert "transferred supervision" in readme and "Table 1" in readme
+    assert (out / "curves.png").is_file()
+    assert (out / "pictures" / "toy-recon-seed0.png").is_file()
+
+    def boom(cfg):  # a resumed matrix must not train finished runs again
+        raise AssertionError("re-ran a finished run")
+
+    monkeypatch.setattr(bench, "train", boom)
+    bench.run_bench(cfg, out=tmp_path / "results", progress=False)
+
+    # a changed config is never served from the old results: an error naming the keys, or,
+    # with replace_changed, the old run moves to "superseded" and runs again
+    changed = bench.load_bench_config(
+        cfg_file, ["methods.toy.set={train.epochs: 1, train.lr: 0.01}"])
+    with pytest.raises(bench.RunConfigError, match="toy-base-seed0: train.lr"):
+        bench.run_bench(changed, out=tmp_path / "results", progress=False)
+    trained = []
+    monkeypatch.setattr(bench, "train", lambda c: trained.append(c) or dict(
+        runs[0], metrics={"knn_conv5": 1.0}, config=c, train_images=1, test_images=1))
+    bench.run_bench(changed, out=tmp_path / "results", progress=False, replace_changed=True)
+    saved = json.loads((out / "results.json").read_text())
+    # the references are built from the method's config, so all five rows changed
+    assert len(trained) == 5 and all(c["train"]["lr"] == 0.01 for c in trained)
+    assert sorted(r["id"] for r in saved["superseded"]) == sorted(r["id"] for r in runs)
+    assert all(r["superseded_because"] == ["train.lr"] for r in saved["superseded"])
+    assert len(saved["runs"]) == 5
+
+
+@pytest.mark.slow
+def test_ablate_end_to_end(tmp_path, toy_config):
+    cfg_file = tmp_path / "abl.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "title": "tiny ablation", "seeds": [0], "metrics": ["knn_conv5"],
+        "method": {"config": str(toy_config)},
+        "recon": {"weight": 1.0, "l2_weight": 1.0, "lpips_weight": 1.0},
+        "axes": {"weight": [0, 1.0], "mix": ["l2", "lpips", "l2+lpips"],
+                 "layer": [["conv4.0", "conv5.0"]],  # the multi-level head
+                 "resize_to": [None]},  # the default point again (resize_to: None is default)
+        "references": ["random-init", "recon-only"],
+    }))
+    out = bench.run_ablate(bench.load_bench_config(cfg_file), out=tmp_path / "abl",
+                           progress=False)
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert len(runs) == 7  # weight=1 and mix=l2+lpips are the same run; 2 references
+    assert {r["id"] for r in runs if r["reference"]} == {
+        "random-init-alexnet_cifar-seed0", "recon-only-alexnet_cifar-seed0"}
+    multi = next(r for r in runs if r["id"] == "layer=conv4.0+conv5.0-seed0")
+    assert multi["config"]["recon"]["layer"] == ["conv4.0", "conv5.0"]
+    assert (out / "figure2.png").is_file() and (out / "metric_vs_weight.png").is_file()
+    text = (out / "README.md").read_text()
+    assert "### weight" in text and "mix=lpips" in text
+    # the main table: references, the base method (weight 0) and the default +recon point only
+    main = text.split("## Results")[1].split("Rows:")[0]
+    by_id = {r["id"]: r for r in runs}
+    default = by_id["mix=l2+lpips-seed0"]  # safe_dump sorts the axes: mix comes before weight
+    method, plus = default["method"], default["metrics"]["knn_conv5"]
+    base = by_id["weight=0-seed0"]["metrics"]["knn_conv5"]
+    rows = [line for line in main.splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| random-init (alexnet_cifar)", "| recon-only (alexnet_cifar)", f"| {method}",
+        f"| {method} +recon", f"| {method}: base − random-init (paired)",
+        f"| {method}: +recon − base (paired)"]
+    assert rows[2] == f"| {method} | {base:.1f} |"
+    assert rows[3] == f"| {method} +recon | {plus:.1f} |"
+    # every axis row holds exactly its own runs (one seed here), resize_to=None too
+    axis_rows = [line for line in text.split("## Ablation")[1].splitlines()
+                 if line.startswith("| ") and not line.startswith("| setting")]
+    assert len(axis_rows) == 7 and all(line.endswith(" | 1 |") for line in axis_rows), axis_rows
+    assert any(line.startswith("| resize_to=None |") for line in axis_rows)
+    assert any(line.startswith("| layer=conv4.0+conv5.0 |") for line in axis_rows)
+    # axis rows carry the paired differences to the base method and to recon-only
+    only = by_id["recon-only-alexnet_cifar-seed0"]["metrics"]["knn_conv5"]
+    lpips_row = next(line for line in text.splitlines() if line.startswith("| mix=lpips |"))
+    lpips = by_id["mix=lpips-seed0"]["metrics"]["knn_conv5"]
+    assert lpips_row == (f"| mix=lpips | {lpips:.1f} | {lpips - base:+.1f} | {lpips - only:+.1f}"
+                         " | 1 |")
+
+
+def _run(method, recon, seed, acc, reference=None):
+    return {"method": method, "recon": recon, "seed": seed, "reference": reference,
+            "metrics": {"knn": acc}}
+
+
+def test_table_renderer_fixed_inputs():
+    runs = [
+        _run("random-init", False, 0, 30.0, "random-init"),
+        _run("m", False, 0, 40.0), _run("m", {"weight": 1}, 0, 42.0),
+        _run("m", False, 1, 41.0), _run("m", {"weight": 1}, 1, 44.0),
+        _run("n", False, 0, 50.0), _run("n", {"weight": 1}, 0, 49.0),
+        _run("n", False, 1, 52.0), _run("n", {"weight": 1}, 1, 53.0),
+    ]
+    table = report.render_table(runs, ["knn"])
+    lines = table.strip().splitlines()
+    assert lines[0] == "| run | knn |"
+    assert lines[2] == "| random-init | 30.0 |"
+    assert "| m | 40.5 ± 0.7 |" in lines
+    assert "| m +recon | 43.0 ± 1.4 |" in lines
+    assert "| m: +recon − base (paired) | +2.5 ± 0.7 (2/2 seeds up; +recon better) |" in lines
+    # base vs the random-init run of the same seed (only seed 0 has one): one pair, no std
+    assert ("| m: base − random-init (paired) | +10.0 ± 0.0 (1/1 seeds up; no clear "
+            "difference) |") in lines
+    runs.append(_run("random-init", False, 1, 42.0, "random-init"))
+    lines = report.render_table(runs, ["knn"]).strip().splitlines()
+    # m: 40 - 30 and 41 - 42 -> +4.5 ± 7.8; n: 50 - 30 and 52 - 42 -> +15.0 ± 7.1
+    assert ("| m: base − random-init (paired) | +4.5 ± 7.8 (1/2 seeds up; no clear "
+            "difference) |") in lines
+    assert ("| n: base − random-init (paired) | +15.0 ± 7.1 (2/2 seeds up; beats random "
+            "init) |") in lines
+    # n: diffs -1 and +1 -> mean 0 with std 1.4: no clear difference
+    assert any(line.startswith("| n: +recon − base (paired) | +0.0 ± 1.4 (1/2 seeds up; no clear"
+                               ) for line in lines)
+
+
+def test_second_reference_on_one_backbone_gets_its_own_row(tmp_path, monkeypatch):
+    # AET and SeLa share the backbone; AET's random-init row carries AET's evaluation, so it
+    # must be its own run, not a silent duplicate of SeLa's.
+    from tests.helpers import REPO
+
+    monkeypatch.chdir(REPO)
+    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "cifar10-cpu.yaml",
+                                  ["seeds=[0]"])
+    seen = []
+
+    def fake(c):
+        seen.append(c)
+        return {"metrics": {"knn_conv5": 1.0}, "config": c, "wall_s": 0.0, "machine": "test",
+                "history": [], "train_images": 1, "test_images": 1}
+
+    monkeypatch.setattr(bench, "train", fake)
+    monkeypatch.setattr(bench, "_write_report", lambda *a, **k: None)
+    bench.run_bench(cfg, out=tmp_path, progress=False)
+    ids = [r["id"] for r in json.loads((tmp_path / "results.json").read_text())["runs"]]
+    assert "random-init-alexnet_cifar-seed0" in ids
+    assert "random-init-alexnet_cifar-aet-seed0" in ids
+    aet_ref = next(c for c in seen if c["method"]["name"] == "aet" and c["train"]["epochs"] == 0)
+    assert aet_ref["eval"]["nonlinear"]["layer"] == "conv3"
+
+
+def test_report_only_marks_a_partial_matrix(tmp_path, monkeypatch):
+    from tests.helpers import REPO
+
+    monkeypatch.chdir(REPO)
+    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "cifar10-cpu.yaml",
+                                  ["seeds=[0]"])
+    monkeypatch.setattr(bench, "train", lambda c: pytest.fail("report_only trained a run"))
+    rc = bench._run_config(cfg["methods"]["sela"], [*bench._dotted(cfg["common"]),
+                                                    "train.seed=0"], cfg["name"], ["recon=null"])
+    done = {"id": "sela-base-seed0", "method": "sela", "recon": False, "seed": 0,
+            "reference": None, "metrics": {"knn_conv5": 40.0}, "config": rc, "wall_s": 1.0,
+            "machine": "m", "history": [], "train_images": 1, "test_images": 1}
+    (tmp_path / "results.json").write_text(json.dumps({"runs": [done]}))
+    out = bench.run_bench(cfg, out=tmp_path, progress=False, report_only=True)
+    text = (out / "README.md").read_text()
+    assert text.startswith("# PARTIAL: ") and "1 of 10 planned runs finished" in text
+    assert "deepcluster-base-seed0" in text and "| sela |" in text
+
+
+def test_merge_takes_runs_of_a_parallel_seed(tmp_path, monkeypatch):
+    from tests.helpers import REPO
+
+    monkeypatch.chdir(REPO)
+    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
+                                  ["seeds=[0, 1]"])
+
+    def fake(c):
+        return {"metrics": {"knn_pool": float(c["train"]["seed"])}, "config": c, "wall_s": 0.0,
+                "machine": "test", "history": [], "train_images": 1, "test_images": 1}
+
+    monkeypatch.setattr(bench, "train", fake)
+    monkeypatch.setattr(bench, "_write_report", lambda *a, **k: None)
+    side = tmp_path / "seed1"
+    bench.run_bench(bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
+                                            ["seeds=[1]"]), out=side, progress=False)
+    monkeypatch.setattr(bench, "train", lambda c: fake(c) if c["train"]["seed"] == 0
+                        else pytest.fail("re-trained a merged run"))
+    out = bench.run_bench(cfg, out=tmp_path / "main", progress=False, merge=side)
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert len(runs) == 8 and sum(r["seed"] == 1 for r in runs) == 4
+
+
+def test_knn_protocol_reproduces_the_runs_own_knn(tmp_path, toy_config, monkeypatch, capsys):
+    """benchmarks/studies/knn_protocol.py re-evaluates a finished run from its checkpoint: its
+    conv5/avg column must equal the knn_conv5 the run reported (same bank, same k)."""
+    import sys
+
+    from adapters.config import load_run_config
+    from adapters.engine import train
+    from benchmarks.studies import knn_protocol
+
+    cfg = load_run_config(toy_config, ["run.out_dir=runs/toy-base", "recon=null"])
+    result = train(cfg)
+    monkeypatch.setattr(sys, "argv", ["knn_protocol.py", "runs/toy-base", "--k", "10"])
+    knn_protocol.main()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| run | conv5/avg | conv5/max | conv5/flatten")
+    assert lines[1].startswith("| random-init | ")  # (the |---| line does not start with "| ")
+    row = lines[2].split(" | ")
+    assert row[0] == "| toy-base"
+    assert row[1].split(" ")[0] == f"{result['metrics']['knn_conv5']:.1f}"

@@ -1,0 +1,130 @@
+"""The examples in examples/ run for a few steps (on a generated ImageFolder, so no download and
+no ../shared are needed; with real data they take --data-root)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.helpers import REPO
+
+EXAMPLES = REPO / "examples"
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """train/ and test/ splits of 3 classes of 32x32 PNGs with class-dependent colours."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("test", 6)):
+        for c in range(3):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                img[..., c] = img[..., c] // 2 + 128
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+def load(name: str):
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny(folder, *extra):
+    return ["--dataset", str(folder), "--batch-size", "8", "--max-steps", "2", "--epochs", "1",
+            "--width", "0.125", "--workers", "0", "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("name", ["lightly_simclr", "lightly_byol", "lightly_swav"])
+@pytest.mark.parametrize("recon", ["--recon", "--no-recon"])
+def test_plain_loop_examples_run(name, recon, image_folder, tmp_path, capsys):
+    pictures = tmp_path / "rec.png"
+    top1 = load(name).main(tiny(image_folder, recon, "--pictures", str(pictures)))
+    out = capsys.readouterr().out
+    assert 0.0 <= top1 <= 100.0 and "kNN top-1" in out
+    assert ("recon l2" in out) == (recon == "--recon")
+    assert pictures.is_file() == (recon == "--recon")
+
+
+def test_lightning_example_trains_checkpoints_and_resumes(image_folder, tmp_path, capsys):
+    import pytorch_lightning as pl
+
+    example = load("lightning_simclr")
+    out = tmp_path / "logs"
+    top1 = example.main(tiny(image_folder, "--out", str(out), "--pictures",
+                             str(tmp_path / "rec.png")))
+    assert 0.0 <= top1 <= 100.0 and (tmp_path / "rec.png").is_file()
+    last = next(out.rglob("last.ckpt"))
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)  # Lightning's own file
+    keys = list(ckpt["state_dict"])
+    assert any(k.startswith("aux.head.") for k in keys) and "aux._extra_state" in keys
+    assert not any("lpips" in k or "perceptual" in k for k in keys)
+    assert ckpt["global_step"] == 2
+    # the optimizer Lightning built holds every trainable parameter once, the head included
+    (opt_state,) = ckpt["optimizer_states"]
+    n_params = sum(len(g["params"]) for g in opt_state["param_groups"])
+    fresh = example.SimCLR(example.backbone(example.parser("").parse_args(tiny(image_folder))))
+    assert n_params == len([p for p in fresh.parameters() if p.requires_grad])
+    # resume: two more steps from the checkpoint (steps 2 and 3 only are trained and logged)
+    logs2 = tmp_path / "logs2"
+    resumed = example.main(tiny(image_folder, "--out", str(logs2), "--resume", str(last),
+                                "--max-steps", "4", "--epochs", "5"))
+    assert 0.0 <= resumed <= 100.0
+    assert "after 4 steps" in capsys.readouterr().out
+    rows = list(csv.DictReader(next(logs2.rglob("metrics.csv")).open()))
+    assert sorted({int(r["step"]) for r in rows if r.get("train_loss")}) == [2, 3]
+    # the checkpoint loads strictly into a fresh module (head rebuilt from _extra_state)
+    fresh.load_state_dict(ckpt["state_dict"])
+    head_keys = [k for k in keys if k.startswith("aux.head.")]
+    assert all(torch.equal(fresh.state_dict()[k], ckpt["state_dict"][k]) for k in head_keys)
+    assert isinstance(fresh, pl.LightningModule)
+
+
+def test_lightning_module_recon_changes_the_encoder_gradient(image_folder):
+    example = load("lightning_simclr")
+    args = example.parser("").parse_args(tiny(image_folder))
+    torch.manual_seed(0)
+    x0, x1 = torch.rand(8, 3, 32, 32), torch.rand(8, 3, 32, 32)
+    grads = {}
+    for recon in (False, True):
+        torch.manual_seed(0)
+        module = example.SimCLR(example.backbone(args), recon=recon)
+        module.log = module.log_dict = lambda *a, **k: None  # no Trainer attached here
+        module.training_step(((x0, x1), None, None), 0).backward()
+        if recon:
+            assert all(p.grad is not None for p in module.aux.parameters())
+        grads[recon] = module.backbone.conv1[0].weight.grad.clone()
+    assert not torch.allclose(grads[False], grads[True])
+
+
+def test_lightning_trainer_trains_the_head_and_the_encoder(image_folder, tmp_path):
+    import pytorch_lightning as pl
+    from lightly.transforms import SimCLRTransform
+
+    example = load("lightning_simclr")
+    args = example.parser("").parse_args(tiny(image_folder))
+    torch.manual_seed(0)
+    module = example.SimCLR(example.backbone(args))
+    head0 = {k: v.clone() for k, v in module.aux.state_dict().items() if torch.is_tensor(v)}
+    conv0 = module.backbone.conv1[0].weight.detach().clone()
+    loader = example.train_loader(args, SimCLRTransform(input_size=32, gaussian_blur=0.0))
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, loader)
+    head1 = module.aux.state_dict()
+    assert any(not torch.equal(head0[k], head1[k]) for k in head0 if k.endswith("weight"))
+    assert not torch.equal(conv0, module.backbone.conv1[0].weight)
+    assert module.aux.calls == 4  # two views per step, two steps

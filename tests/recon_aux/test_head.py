@@ -1,0 +1,74 @@
+"""ReconstructionHead: geometry for any feature map size, output encoding, documented sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import recon_aux
+from recon_aux import ReconstructionHead
+
+
+@pytest.mark.parametrize("hw, out", [
+    ((1, 1), (32, 32)), ((3, 3), (32, 32)), ((4, 4), (32, 32)), ((7, 7), (224, 224)),
+    ((5, 3), (30, 20)), ((32, 32), (32, 32)),
+])
+def test_any_geometry(hw, out):
+    head = ReconstructionHead(64, hw, out)
+    y = head(torch.randn(2, 64, *hw))
+    assert y.shape == (2, 3, *out)
+    assert 0 <= y.min() and y.max() <= 1
+    assert head(torch.randn(2, 64, *hw), out_size=(16, 16)).shape == (2, 3, 16, 16)
+
+
+def test_output_in_normalised_encoding():
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.2, 0.2]
+    head = ReconstructionHead(8, (4, 4), (16, 16), mean=mean, std=std, output_range=(0, 1))
+    y = head(torch.randn(4, 8, 4, 4))
+    unnorm = y * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    assert 0 <= unnorm.min() and unnorm.max() <= 1
+
+
+def test_wrong_feature_channels():
+    head = ReconstructionHead(8, (4, 4), (16, 16))
+    with pytest.raises(ValueError, match="N x 8 x h x w"):
+        head(torch.randn(2, 9, 4, 4))
+
+
+def params(head: nn.Module) -> float:
+    return round(sum(p.numel() for p in head.parameters()) / 1e6, 2)
+
+
+def test_documented_parameter_counts():
+    """The table in ReconstructionHead's docstring."""
+    from adapters.backbones import AlexNetCIFAR
+
+    cases = []
+    enc = AlexNetCIFAR(width=1.0)
+    cases.append((enc, 32, (256, 4, 4), 3, params))
+    r18 = torchvision.models.resnet18()
+    r18.fc = nn.Identity()
+    cases.append((r18, 32, (512, 1, 1), 5, params))
+    cases.append((r18, 224, (512, 7, 7), 5, params))
+    doc = ReconstructionHead.__doc__
+    for model, size, fmap, stages, count in cases:
+        aux = recon_aux.attach(model, input_shape=(3, size, size), lpips_weight=0)
+        assert (aux.head.in_channels, *aux.head.in_size) == fmap
+        assert aux.head.stages == stages
+        assert f"{count(aux.head):.2f} M" in doc, (fmap, count(aux.head))
+        aux.remove()
+
+
+def test_multi_level_head_shapes_and_errors():
+    head = ReconstructionHead([64, 128], (8, 8), (32, 32))
+    assert head.levels == 2 and head.multi_level and head.channels[0] == 32  # 128 // 4
+    out = head([torch.randn(2, 64, 8, 8), torch.randn(2, 128, 4, 4)])
+    assert out.shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="expects 2 feature maps"):
+        head(torch.randn(2, 64, 8, 8))
+    with pytest.raises(ValueError, match="channels \\[64, 128\\]"):
+        head([torch.randn(2, 64, 8, 8), torch.randn(2, 64, 4, 4)])
+    with pytest.raises(ValueError, match="empty"):
+        ReconstructionHead([], (8, 8), (32, 32))
