@@ -33,7 +33,7 @@ demo: venv
 
 # The library alone: an encoder trained with the objective, with a reconstruction picture.
 demo-recon: venv
-	$(PY) examples/demo.py
+	$(PY) -m examples.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,83 +1,462 @@
-"""Run configs: one YAML file per run, dotted ``key=value`` overrides, validation.
+"""Run configs: one YAML file per run, typed and validated, with dotted ``key=value`` overrides.
 
-Schema (every section but ``method`` has defaults; see :data:`DEFAULTS`)::
+A run config has seven sections; every one but ``method`` has defaults::
 
-    method:   {name: deepcluster | sela | aet, ...the method's hyperparameters...}
-    backbone: {name: alexnet_cifar | alexnet | nin, ...its keyword arguments...}
-    data:     {dataset, root, per_class, test_per_class, batch_size, augment, eval_batch_size,
-               resize (side length the loader resizes/crops images to, e.g. 224)}
-    train:    {epochs, lr, momentum, weight_decay, nesterov, lr_schedule, milestones, gamma,
-               seed, device, threads}
-    eval:     {knn: {layers, k, temperature} | null,
-               linear: {layer, recipe (standardized | reglog), epochs, ...} | null,
-               nonlinear: {layer, epochs, ...} | null,
-               bn_recalibration_images: N | null (BatchNorm statistics re-estimated on at most
-               N clean training images, a seeded random sample, before every protocol)}
+    method:   {name: <a name of adapters.methods.METHODS>, ...that method's hyperparameters...}
+    backbone: {name: <a name of adapters.backbones.BACKBONES>, ...its keyword arguments...}
+    data:     DataConfig      {dataset, root, per_class, test_per_class, batch_size, augment,
+                               eval_batch_size, resize}
+    train:    TrainConfig     {epochs, lr, momentum, weight_decay, nesterov, lr_schedule,
+                               milestones, gamma, seed, device, threads}
+    eval:     EvalConfig      {knn: {layers, k, temperature, ...} | null,
+                               linear: {layer, recipe, epochs, ...} | null,
+                               nonlinear: {layer, epochs, ...} | null,
+                               bn_recalibration_images: N | null}
     recon:    null (the base method) | {layer, ...recon_aux.ReconAuxConfig fields...}
-    run:      {out_dir, resume, progress, save_checkpoints, stop_after_epoch}
+    run:      RunSettings     {out_dir, resume, progress, save_checkpoints, stop_after_epoch}
+
+:func:`load_run_config` reads one into a :class:`RunConfig`, whose sections are typed
+dataclasses: unknown keys are errors that list the valid ones, values are checked for type and
+range, method and backbone names against their registries, a method's hyperparameters against
+its ``Config`` (e.g. :class:`~adapters.methods.SeLaConfig`), an evaluation protocol's keys
+against the keyword arguments of its function (:func:`~adapters.evaluation.knn_eval`, ...), the
+``recon`` block against :class:`recon_aux.ReconAuxConfig`. Every problem is a
+:class:`RunConfigError`.
 
 ``run.stop_after_epoch: k`` ends the process after epoch k as a kill would (the checkpoint is
 complete); ``run.resume: true`` continues it. ``run.*`` keys may differ between a checkpoint and
-the config that resumes it; any other difference is refused.
+the config that resumes it; any other difference is refused (:func:`config_diff`).
 
 Overrides use dots: ``train.epochs=3``, ``recon=null``, ``recon.weight=0.5``; values are parsed
 as YAML (``safe_load``), so ``[conv5, fc7]`` is a list and ``null`` is None.
+
+:meth:`RunConfig.to_dict` is the plain form that checkpoints (``weights_only``) and
+``result.json`` store: each fixed section with every default filled in, and the keys of
+``method``, ``backbone``, ``recon`` and the probes as they were written (the kNN probe with its
+``k`` and ``temperature`` defaults).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-from recon_aux import ReconAuxConfig
+from recon_aux import ConfigError, ReconAuxConfig
 
-__all__ = ["DEFAULTS", "RunConfigError", "load_run_config", "apply_overrides", "config_diff"]
+from .backbones import BACKBONES, backbone_class, check_backbone_arguments
+from .data import PRESETS
+from .evaluation import (
+    knn_eval,
+    linear_probe,
+    linear_probe_eval,
+    nonlinear_probe,
+    nonlinear_probe_eval,
+)
+from .methods import METHODS, MethodConfig, method_class
+from .schema import SchemaError, Section, above, at_least, check_value, one_of, plain
 
-DEFAULTS: dict[str, Any] = {
-    "method": {},
-    "backbone": {"name": "alexnet_cifar"},
-    "data": {
-        "dataset": "cifar10", "root": None, "per_class": None, "test_per_class": None,
-        "batch_size": 128, "augment": None, "eval_batch_size": 500, "resize": None,
-    },
-    "train": {
-        "epochs": 1, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False,
-        "lr_schedule": "constant", "milestones": [], "gamma": 0.1, "seed": 0, "device": "auto",
-        "threads": None,
-    },
-    "eval": {"knn": {"layers": ["conv5"], "k": 200, "temperature": 0.1}, "linear": None,
-             "nonlinear": None, "bn_recalibration_images": 10_000},
-    "recon": None,
-    "run": {"out_dir": None, "resume": False, "progress": None, "save_checkpoints": True,
-            "stop_after_epoch": None},
-}
-# Sections whose keys are free (passed to the method, the backbone, the probes).
-FREE_SECTIONS = {"method", "backbone"}
+__all__ = [
+    "RunConfig", "RunConfigError", "DataConfig", "TrainConfig", "EvalConfig", "ProbeConfig",
+    "RunSettings", "MethodSection", "BackboneSection", "ReconSection", "SECTIONS",
+    "load_run_config", "read_yaml", "apply_overrides", "config_diff", "flatten",
+]
+
 SCHEDULES = ("constant", "cosine", "step")
 
 
-class RunConfigError(ValueError):
+class RunConfigError(SchemaError):
     """A run config has an unknown key, a missing required key or a bad value."""
 
 
-def _merge(base: dict, update: Mapping, path: str = "") -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        where = f"{path}{key}"
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value, where + ".")
+@dataclass(frozen=True)
+class DataConfig(Section):
+    """The ``data:`` section.
+
+    Attributes:
+        dataset: ``cifar10``, ``cifar100``, ``svhn``, ``fashion_mnist`` or an ImageFolder path
+            (see :func:`adapters.data.load_dataset`).
+        root: Data folder (default ``$RECON_AUX_DATA``).
+        per_class, test_per_class: Balanced subsets (seeded by ``train.seed``); None: all.
+        batch_size: Training batch of each rank (the engine shards the data by rank).
+        augment: One augmentation per view, each a preset name or ``{preset: NAME, <field>:
+            value}`` (e.g. ``{preset: simclr, scale: [0.2, 1.0]}``); None: the method's views.
+        eval_batch_size: Batch of the feature passes.
+        resize: Side length the loader resizes images to (e.g. 224); None: the data's own.
+    """
+
+    label: ClassVar[str] = "data"
+    dataset: str = "cifar10"
+    root: str | None = None
+    per_class: int | None = field(default=None, metadata=at_least(1))
+    test_per_class: int | None = field(default=None, metadata=at_least(1))
+    batch_size: int = field(default=128, metadata=at_least(1))
+    augment: tuple[str | dict[str, Any], ...] | None = None
+    eval_batch_size: int = field(default=500, metadata=at_least(1))
+    resize: int | None = field(default=None, metadata=at_least(1))
+
+    def check(self) -> None:
+        for entry in self.augment or ():
+            preset = entry.get("preset") if isinstance(entry, dict) else entry
+            if isinstance(entry, dict) and "preset" not in entry:
+                raise SchemaError(f"data.augment entry {entry!r} needs a 'preset' key (e.g. "
+                                  "{preset: simclr, scale: [0.2, 1.0]}).")
+            if preset not in PRESETS:
+                raise SchemaError(f"data.augment preset {preset!r} is unknown; presets: "
+                                  f"{', '.join(PRESETS)}.")
+
+
+@dataclass(frozen=True)
+class TrainConfig(Section):
+    """The ``train:`` section: one SGD optimizer for the backbone and the method's heads.
+
+    Attributes:
+        epochs: Training epochs (0: the untrained network, the random-init reference row).
+        lr, momentum, weight_decay, nesterov: SGD's settings.
+        lr_schedule: ``constant``, ``cosine`` (to 0 at the end) or ``step`` (x ``gamma`` at
+            each epoch of ``milestones``).
+        seed: Seeds the model init, the method's state, the data order and augmentations.
+        device: ``auto`` (CUDA when there is one), ``cpu``, ``cuda``, ``cuda:1``, ...
+        threads: ``torch.set_num_threads`` for the run; None leaves it.
+    """
+
+    label: ClassVar[str] = "train"
+    epochs: int = field(default=1, metadata=at_least(0))
+    lr: float = field(default=0.05, metadata=at_least(0))
+    momentum: float = field(default=0.9, metadata=at_least(0))
+    weight_decay: float = field(default=5e-4, metadata=at_least(0))
+    nesterov: bool = False
+    lr_schedule: str = field(default="constant", metadata=one_of(*SCHEDULES))
+    milestones: tuple[int, ...] = ()
+    gamma: float = field(default=0.1, metadata=above(0))
+    seed: int = field(default=0, metadata=at_least(0))
+    device: str = "auto"
+    threads: int | None = field(default=None, metadata=at_least(1))
+
+
+@dataclass(frozen=True)
+class RunSettings(Section):
+    """The ``run:`` section (may differ between a checkpoint and the config that resumes it).
+
+    Attributes:
+        out_dir: Where the checkpoint, ``log.jsonl``, ``result.json`` and pictures go (default
+            ``runs/<config name>/<method>-<base|recon>-seed<seed>``).
+        resume: Continue from ``out_dir``'s checkpoint.
+        progress: Progress bars (None: only on a terminal).
+        save_checkpoints: Write a checkpoint after every epoch.
+        stop_after_epoch: End the process after this epoch, as a kill would.
+    """
+
+    label: ClassVar[str] = "run"
+    out_dir: str | None = None
+    resume: bool = False
+    progress: bool | None = None
+    save_checkpoints: bool = True
+    stop_after_epoch: int | None = field(default=None, metadata=at_least(1))
+
+
+#: Keyword arguments an evaluation protocol's function takes that a config may not set.
+_NOT_CONFIGURABLE = frozenset({"device", "progress", "return_classifier", "plateau"})
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """One evaluation protocol of the ``eval:`` section: the layer(s) it reads and the keyword
+    arguments of its function, as written (each key checked against the function's signature).
+
+    Attributes:
+        kind: ``knn``, ``linear`` or ``nonlinear``.
+        layers: What the protocol reads (kNN: ``layers``; the probes: their one ``layer``).
+        options: The other keys, passed to the protocol's function as keyword arguments.
+    """
+
+    kind: str
+    layers: tuple[str, ...]
+    options: Mapping[str, Any]
+
+    #: kind -> (the functions whose keyword arguments a config may set, the key of the layers)
+    PROTOCOLS: ClassVar[dict[str, tuple[tuple[Callable, ...], str]]] = {
+        "knn": ((knn_eval,), "layers"),
+        "linear": ((linear_probe_eval, linear_probe), "layer"),
+        "nonlinear": ((nonlinear_probe_eval, nonlinear_probe), "layer"),
+    }
+    #: The kNN protocol's defaults (the bench protocol: k=200, T=0.1).
+    KNN_DEFAULTS: ClassVar[dict[str, Any]] = {"layers": ["conv5"], "k": 200, "temperature": 0.1}
+
+    @classmethod
+    def from_any(cls, kind: str, data: Mapping[str, Any]) -> ProbeConfig:
+        where = f"eval.{kind}"
+        if not isinstance(data, Mapping):
+            raise SchemaError(f"{where} must be null or a mapping, got {data!r}.")
+        functions, layer_key = cls.PROTOCOLS[kind]
+        if kind == "knn":
+            data = {**cls.KNN_DEFAULTS, **data}
+        if layer_key not in data:
+            raise SchemaError(f"{where} needs {layer_key!r} (e.g. {layer_key}: conv5).")
+        options = {k: v for k, v in data.items() if k != layer_key}
+        hints = _keyword_hints(functions)
+        unknown = sorted(set(options) - set(hints))
+        if unknown:
+            raise SchemaError(f"unknown key(s) {unknown} in {where}; valid ones: {layer_key}, "
+                              f"{', '.join(sorted(hints))}.")
+        for key, value in options.items():
+            check_value(value, hints[key], f"{where}.{key}")
+        layers = data[layer_key]
+        if kind == "knn":
+            layers = check_value(layers, tuple[str, ...], f"{where}.layers")
         else:
-            out[key] = copy.deepcopy(value)
-    return out
+            layers = (check_value(layers, str, f"{where}.layer"),)
+        return cls(kind, layers, copy.deepcopy(dict(options)))
+
+    @property
+    def layer(self) -> str:
+        """The one layer of a linear or non-linear probe."""
+        return self.layers[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        layers = list(self.layers) if self.kind == "knn" else self.layers[0]
+        return {self.PROTOCOLS[self.kind][1]: layers, **plain(self.options)}
 
 
-def apply_overrides(cfg: dict, overrides: Sequence[str]) -> dict:
-    """Apply ``["train.epochs=3", "recon=null", ...]`` to a copy of ``cfg``."""
-    cfg = copy.deepcopy(cfg)
+def _keyword_hints(functions: Sequence[Callable]) -> dict[str, Any]:
+    """Type hints of the keyword arguments with defaults of ``functions`` (minus
+    :data:`_NOT_CONFIGURABLE`): what a probe section may set."""
+    hints: dict[str, Any] = {}
+    for fn in functions:
+        annotations = typing.get_type_hints(fn)
+        for name, param in inspect.signature(fn).parameters.items():
+            if param.default is not inspect.Parameter.empty and name not in _NOT_CONFIGURABLE:
+                hints.setdefault(name, annotations.get(name, Any))
+    return hints
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The ``eval:`` section: the protocols every run is evaluated with.
+
+    Attributes:
+        knn: Weighted kNN (:func:`~adapters.evaluation.knn_eval`) on ``layers``, or None.
+        linear: Linear probe (:func:`~adapters.evaluation.linear_probe_eval`), or None.
+        nonlinear: AET's non-linear probe (:func:`~adapters.evaluation.nonlinear_probe_eval`),
+            or None.
+        bn_recalibration_images: BatchNorm statistics re-estimated on at most this many clean
+            training images (a seeded sample) before every protocol; None or 0: not.
+    """
+
+    knn: ProbeConfig | None = None
+    linear: ProbeConfig | None = None
+    nonlinear: ProbeConfig | None = None
+    bn_recalibration_images: int | None = 10_000
+
+    KEYS: ClassVar[tuple[str, ...]] = ("knn", "linear", "nonlinear", "bn_recalibration_images")
+
+    @classmethod
+    def from_any(cls, data: Mapping[str, Any] | None) -> EvalConfig:
+        data = {"knn": {}, **(data or {})}  # kNN on by default (its own defaults fill in)
+        unknown = sorted(set(data) - set(cls.KEYS))
+        if unknown:
+            raise SchemaError(f"unknown key(s) {unknown} in section 'eval'; valid ones: "
+                              f"{', '.join(cls.KEYS)}.")
+        probes = {kind: None if data.get(kind) is None else ProbeConfig.from_any(kind, data[kind])
+                  for kind in ProbeConfig.PROTOCOLS}
+        images = check_value(data.get("bn_recalibration_images", 10_000), int | None,
+                             "eval.bn_recalibration_images")
+        if images is not None and images < 0:
+            raise SchemaError(f"eval.bn_recalibration_images={images} must be >= 0 or null.")
+        return cls(**probes, bn_recalibration_images=images)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"knn": self.knn and self.knn.to_dict(),
+                "linear": self.linear and self.linear.to_dict(),
+                "nonlinear": self.nonlinear and self.nonlinear.to_dict(),
+                "bn_recalibration_images": self.bn_recalibration_images}
+
+
+@dataclass(frozen=True)
+class MethodSection:
+    """The ``method:`` section: a registered method and its hyperparameters.
+
+    Attributes:
+        name: A key of :data:`adapters.methods.METHODS`.
+        config: Its validated hyperparameters (the method's ``Config``).
+        options: The hyperparameters as written (the plain form keeps them so).
+    """
+
+    name: str
+    config: MethodConfig
+    options: Mapping[str, Any]
+
+    @classmethod
+    def from_any(cls, data: Mapping[str, Any] | None) -> MethodSection:
+        if not isinstance(data, Mapping) or not data.get("name"):
+            raise SchemaError(f"method.name is required (one of: {', '.join(METHODS)}).")
+        options = {k: v for k, v in data.items() if k != "name"}
+        method = method_class(data["name"])
+        config = method.Config.from_any(options, where=f"method {method.name!r}")
+        return cls(method.name, config, copy.deepcopy(options))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **plain(self.options)}
+
+
+@dataclass(frozen=True)
+class BackboneSection:
+    """The ``backbone:`` section: a registered backbone and its keyword arguments.
+
+    Attributes:
+        name: A key of :data:`adapters.backbones.BACKBONES`.
+        options: Its keyword arguments (e.g. ``width: 0.25``), as written.
+    """
+
+    name: str = "alexnet_cifar"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_any(cls, data: Mapping[str, Any] | None) -> BackboneSection:
+        data = {"name": "alexnet_cifar", **(data or {})}
+        if not data["name"]:
+            raise SchemaError(f"backbone.name is required (one of: {', '.join(BACKBONES)}).")
+        options = {k: v for k, v in data.items() if k != "name"}
+        backbone_class(data["name"])  # a ValueError listing the names
+        check_backbone_arguments(data["name"], options)  # a TypeError listing the arguments
+        return cls(data["name"], copy.deepcopy(options))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **plain(self.options)}
+
+
+@dataclass(frozen=True)
+class ReconSection:
+    """The ``recon:`` block: where the objective taps the backbone and its settings.
+
+    Attributes:
+        layer: The tapped layer(s) (None: the conv that runs last).
+        config: The objective's settings (:class:`recon_aux.ReconAuxConfig`).
+        options: The block as written.
+    """
+
+    layer: str | tuple[str, ...] | None
+    config: ReconAuxConfig
+    options: Mapping[str, Any]
+
+    @classmethod
+    def from_any(cls, data: Mapping[str, Any]) -> ReconSection:
+        if not isinstance(data, Mapping):
+            raise SchemaError(f"recon must be null or a mapping, got {data!r}.")
+        layer = check_value(data.get("layer"), str | tuple[str, ...] | None, "recon.layer")
+        config = ReconAuxConfig.from_any({k: v for k, v in data.items() if k != "layer"})
+        return cls(layer, config, copy.deepcopy(dict(data)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return plain(self.options)
+
+
+#: The sections of a run config, in order.
+SECTIONS = ("method", "backbone", "data", "train", "eval", "recon", "run")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A validated run config (see the module docstring for the sections).
+
+    Attributes:
+        name: The config's name (the YAML file's stem), used for default output folders.
+        method, backbone, data, train, eval, recon, run: The sections; ``recon`` is None for
+            the base method.
+
+    Example:
+        >>> cfg = load_run_config({"method": {"name": "sela", "k": 10}})
+        >>> cfg.method.config.k, cfg.train.epochs, cfg.recon is None
+        (10, 1, True)
+        >>> cfg.with_run(progress=False).run.progress
+        False
+    """
+
+    name: str
+    method: MethodSection
+    backbone: BackboneSection
+    data: DataConfig
+    train: TrainConfig
+    eval: EvalConfig
+    recon: ReconSection | None
+    run: RunSettings
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], name: str = "run") -> RunConfig:
+        """Validate a mapping of sections and fill in the defaults.
+
+        Raises:
+            RunConfigError: Naming the section, the key and what is valid.
+        """
+        if not isinstance(data, Mapping):
+            raise RunConfigError(f"a run config is a mapping of sections, got {data!r}.")
+        unknown = sorted(set(data) - set(SECTIONS) - {"name"})
+        if unknown:
+            raise RunConfigError(f"unknown top-level section(s) {unknown}; valid: "
+                                 f"{', '.join(SECTIONS)}.")
+        parts: dict[str, Any] = {}
+        builders: dict[str, Callable[[Any], Any]] = {
+            "method": MethodSection.from_any,
+            "backbone": BackboneSection.from_any,
+            "data": DataConfig.from_any,
+            "train": TrainConfig.from_any,
+            "eval": EvalConfig.from_any,
+            "recon": lambda d: None if d is None else ReconSection.from_any(d),
+            "run": RunSettings.from_any,
+        }
+        for section, build in builders.items():
+            try:
+                parts[section] = build(data.get(section))
+            except (SchemaError, ConfigError, ValueError, TypeError) as exc:
+                raise RunConfigError(str(exc)) from exc
+        return cls(name=name, **parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, dicts, scalars) for JSON and ``weights_only`` checkpoints."""
+        out = {s: None if getattr(self, s) is None else getattr(self, s).to_dict()
+               for s in SECTIONS}
+        out["name"] = self.name
+        return out
+
+    def with_run(self, **changes: Any) -> RunConfig:
+        """A copy with ``run.<key>`` replaced (checked like the section)."""
+        return dataclasses.replace(self, run=RunSettings.from_any(self.run, **changes))
+
+    def override(self, *items: str) -> RunConfig:
+        """A copy with dotted overrides applied, e.g. ``cfg.override("train.epochs=2")``."""
+        return load_run_config(self.to_dict(), items, name=self.name)
+
+
+def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """The mapping a YAML file holds (an empty file is an empty mapping).
+
+    Raises:
+        RunConfigError: The file is missing or does not hold a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RunConfigError(f"{what} file {path} does not exist.")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise RunConfigError(f"{path} must hold a mapping of sections.")
+    return raw
+
+
+def apply_overrides(cfg: Mapping[str, Any], overrides: Sequence[str],
+                    sections: Collection[str] | None = SECTIONS) -> dict[str, Any]:
+    """Apply ``["train.epochs=3", "recon=null", ...]`` to a copy of ``cfg``.
+
+    Values are YAML (``safe_load``); a dotted key creates the sections it names. ``sections``:
+    the valid top-level keys (an unknown one is an error that lists them); None: any.
+    """
+    cfg = copy.deepcopy(dict(cfg))
     for item in overrides:
         if "=" not in item:
             raise RunConfigError(f"override {item!r} is not key=value (e.g. train.epochs=3).")
@@ -87,12 +466,12 @@ def apply_overrides(cfg: dict, overrides: Sequence[str]) -> dict:
         except yaml.YAMLError as exc:
             raise RunConfigError(f"override {item!r}: value is not valid YAML ({exc}).") from exc
         parts = key.strip().split(".")
-        if parts[0] not in DEFAULTS:
+        if sections is not None and parts[0] not in sections:
             raise RunConfigError(f"override {item!r}: unknown top-level section {parts[0]!r}; "
-                                 f"valid: {sorted(DEFAULTS)}.")
+                                 f"valid: {sorted(sections)}.")
         node = cfg
         for i, part in enumerate(parts[:-1]):
-            if node.get(part) is None and i == 0:
+            if node.get(part) is None:
                 node[part] = {}  # a section absent (or recon: null) in the file
             if not isinstance(node.get(part), dict):
                 raise RunConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a "
@@ -102,69 +481,31 @@ def apply_overrides(cfg: dict, overrides: Sequence[str]) -> dict:
     return cfg
 
 
-def validate(cfg: dict) -> dict:
-    """Check sections and keys; return the config with defaults filled in."""
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise RunConfigError(f"unknown top-level section(s) {unknown}; valid: {sorted(DEFAULTS)}.")
-    full = _merge(DEFAULTS, {k: v for k, v in cfg.items() if k != "recon"})
-    full["recon"] = copy.deepcopy(cfg.get("recon"))
-    for section, defaults in DEFAULTS.items():
-        if section in FREE_SECTIONS or not isinstance(defaults, dict):
-            continue
-        value = full[section]
-        if not isinstance(value, dict):
-            raise RunConfigError(f"section {section!r} must be a mapping, got {value!r}.")
-        extra = sorted(set(value) - set(defaults))
-        if extra:
-            raise RunConfigError(f"unknown key(s) {extra} in section {section!r}; valid: "
-                                 f"{sorted(defaults)}.")
-    if not isinstance(full["method"], dict) or not full["method"].get("name"):
-        raise RunConfigError("method.name is required (deepcluster, sela or aet).")
-    if not full["backbone"].get("name"):
-        raise RunConfigError("backbone.name is required (alexnet_cifar, alexnet or nin).")
-    train = full["train"]
-    if train["lr_schedule"] not in SCHEDULES:
-        raise RunConfigError(f"train.lr_schedule={train['lr_schedule']!r} is not one of "
-                             f"{SCHEDULES}.")
-    for key in ("epochs", "seed"):
-        if not isinstance(train[key], int) or isinstance(train[key], bool) or train[key] < 0:
-            raise RunConfigError(f"train.{key} must be a non-negative int, got {train[key]!r}.")
-    if not isinstance(full["data"]["batch_size"], int) or full["data"]["batch_size"] < 1:
-        raise RunConfigError(f"data.batch_size must be a positive int, got "
-                             f"{full['data']['batch_size']!r}.")
-    recon = full["recon"]
-    if recon is not None:
-        if not isinstance(recon, dict):
-            raise RunConfigError(f"recon must be null or a mapping, got {recon!r}.")
-        fields = {k: v for k, v in recon.items() if k != "layer"}
-        ReconAuxConfig.from_any(fields)  # raises ConfigError naming the key
-    return full
+def load_run_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = (),
+                    name: str | None = None) -> RunConfig:
+    """Read a run config (a YAML path or a mapping), apply overrides, validate, fill defaults.
 
+    Args:
+        source: The YAML file, or its mapping of sections.
+        overrides: Dotted ``key=value`` items (see :func:`apply_overrides`).
+        name: The config's name (default: the file's stem; for a mapping its ``name`` entry,
+            else ``"run"``).
 
-def load_run_config(path: str | Path | Mapping, overrides: Sequence[str] = ()) -> dict:
-    """Read a run config (YAML path or dict), apply overrides, validate, fill defaults.
-
-    The returned dict has a ``"name"`` entry: the YAML file's stem (or ``"run"``).
+    Raises:
+        RunConfigError: What is wrong and what is valid.
     """
-    if isinstance(path, Mapping):
-        raw, name = dict(path), "run"
+    if isinstance(source, Mapping):  # a plain form (RunConfig.to_dict) keeps its name
+        raw = dict(source)
+        stem = raw.pop("name", None) or "run"
     else:
-        path = Path(path)
-        if not path.is_file():
-            raise RunConfigError(f"config file {path} does not exist.")
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-        if not isinstance(raw, dict):
-            raise RunConfigError(f"{path} must hold a mapping of sections.")
-        name = path.stem
-    raw.pop("name", None)
-    cfg = validate(apply_overrides(raw, overrides))
-    cfg["name"] = name
-    return cfg
+        raw = read_yaml(source)
+        raw.pop("name", None)
+        stem = Path(source).stem
+    return RunConfig.from_dict(apply_overrides(raw, overrides), name=name or stem)
 
 
-def flatten(cfg: Mapping, prefix: str = "") -> dict[str, Any]:
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}`` (empty mappings stay values)."""
     out: dict[str, Any] = {}
     for key, value in cfg.items():
         if isinstance(value, Mapping) and value:
@@ -174,9 +515,10 @@ def flatten(cfg: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_diff(a: Mapping, b: Mapping, ignore: tuple[str, ...] = ("run.", "name")) -> list[str]:
-    """Dotted keys whose values differ between two configs (``run.*`` ignored)."""
-    fa, fb = flatten(a), flatten(b)
+def config_diff(a: Mapping[str, Any] | RunConfig, b: Mapping[str, Any] | RunConfig,
+                ignore: tuple[str, ...] = ("run.", "name")) -> list[str]:
+    """Dotted keys whose values differ between two configs' plain forms (``run.*`` ignored)."""
+    fa, fb = (flatten(c.to_dict() if isinstance(c, RunConfig) else c) for c in (a, b))
     keys = sorted(set(fa) | set(fb))
     return [k for k in keys if not k.startswith(ignore) and fa.get(k, "<absent>") !=
             fb.get(k, "<absent>")]

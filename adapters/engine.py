@@ -1,4 +1,4 @@
-"""The shared training engine of the DeepCluster, SeLa and AET adapters.
+"""The shared training engine of the methods in :mod:`adapters.methods`.
 
 Everything that is not specific to a method lives here: data, backbone, one SGD optimizer, the LR
 schedule, seeds, per-epoch atomic checkpoints and exact resume, logging and progress bars,
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib
 import json
 import math
 import platform
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,41 +33,34 @@ import torch
 from torch import Tensor, nn
 
 import recon_aux
-from adapters.backbones import build_backbone
-from adapters.data import BatchLoader, balanced_subset, load_dataset, make_augment
-from adapters.evaluation import (
+from recon_aux import NonFiniteLossError
+
+from . import distributed as D
+from .backbones import Backbone, build_backbone
+from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import RunConfig, config_diff
+from .data import (
+    BatchAugment,
+    BatchLoader,
+    ImageArrays,
+    balanced_subset,
+    load_dataset,
+    make_augment,
+)
+from .evaluation import (
     extract_features,
     knn_eval,
     linear_probe_eval,
     nonlinear_probe_eval,
     recalibrated_batchnorm,
 )
-from recon_aux.perceptual import NonFiniteLossError
+from .methods import EngineContext, Method, StepOutput, method_class
+from .progress import progress
 
-from . import distributed as D
-from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import config_diff
-from .methods.base import EngineContext, Method, StepOutput
-
-__all__ = ["Trainer", "train", "load_method"]
+__all__ = ["Trainer", "train", "StopTraining", "RunSetup", "prepare_run", "plain_loader",
+           "machine"]
 
 CHECKPOINT = "checkpoint.pt"
-
-
-def load_method(name: str) -> type[Method]:
-    """The Method class of ``adapters/methods/<name>.py`` (its module-level ``METHOD``), or of
-    ``"package.module:Class"`` for a method of your own."""
-    if ":" in name:
-        module_name, cls = name.split(":", 1)
-        return getattr(importlib.import_module(module_name), cls)
-    try:
-        module = importlib.import_module(f"adapters.methods.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"adapters.methods.{name}":
-            raise
-        raise ValueError(f"method {name!r} is unknown; methods: deepcluster, sela, aet, simclr, "
-                         "and the reference rows supervised, recon_only.") from exc
-    return module.METHOD
 
 
 class StopTraining(RuntimeError):
@@ -85,15 +78,58 @@ class _StepModule(nn.Module):
         return self.method.training_step(views, indices)
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool | None):
-    if enabled is False:
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, leave=False,
-                disable=None if enabled is None else not enabled)
+def plain_loader(arrays: ImageArrays, batch_size: int, size: int, rank: int = 0,
+                 world_size: int = 1) -> BatchLoader:
+    """Un-augmented batches of ``arrays`` in order (resized to ``size``), optionally this rank's
+    shard: what evaluation and the label passes read."""
+    return BatchLoader(arrays, batch_size, augment=make_augment("none", size=size),
+                       shuffle=False, rank=rank, world_size=world_size)
+
+
+@dataclass
+class RunSetup:
+    """A run's data and freshly initialised backbone, as the engine prepares them.
+
+    Attributes:
+        train_set, test_set: The (subset) training and test images.
+        backbone: The backbone as the run initialises it (seeded by ``train.seed``), on
+            ``device``.
+        size: Side length the images are fed at (``data.resize`` or the data's own).
+        device: Where the run computes.
+    """
+
+    train_set: ImageArrays
+    test_set: ImageArrays
+    backbone: Backbone
+    size: int
+    device: torch.device
+
+    def plain_loader(self, arrays: ImageArrays, batch_size: int) -> BatchLoader:
+        """Un-augmented ordered batches of ``arrays`` (see :func:`plain_loader`)."""
+        return plain_loader(arrays, batch_size, self.size)
+
+
+def prepare_run(cfg: RunConfig, device: torch.device | None = None) -> RunSetup:
+    """Seed everything from ``train.seed``, load the data and build the backbone, in the order
+    :class:`Trainer` does, so the backbone is the run's random init (e.g. to re-evaluate a
+    finished run's checkpoint next to the untrained network it started from)."""
+    device = device or _device(cfg.train.device)
+    _seed_everything(cfg.train.seed)
+    d = cfg.data
+    train = load_dataset(d.dataset, data_root=d.root, train=True)
+    test = load_dataset(d.dataset, data_root=d.root, train=False)
+    if d.per_class:
+        train = train.subset(balanced_subset(train.targets, d.per_class, cfg.train.seed))
+    if d.test_per_class:
+        test = test.subset(balanced_subset(test.targets, d.test_per_class, cfg.train.seed))
+    size = int(d.resize or train.image_size[0])  # e.g. SeLa/DeepCluster upsample CIFAR to 224
+    backbone = build_backbone(cfg.backbone.name, **cfg.backbone.options).to(device)
+    return RunSetup(train, test, backbone, size, device)
+
+
+def _device(want: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if want == "auto"
+                        else want)
 
 
 class Trainer:
@@ -108,55 +144,38 @@ class Trainer:
         eval_details: What :meth:`evaluate` did besides the metrics (set by it).
     """
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        tcfg, dcfg = cfg["train"], cfg["data"]
-        if tcfg["threads"]:
-            torch.set_num_threads(int(tcfg["threads"]))
-        want = tcfg["device"]
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = _device(cfg.train.device)
         D.init(self.device)
         self.rank, self.world = D.rank(), D.world_size()
-        self.seed = int(tcfg["seed"])
-        _seed_everything(self.seed)
-        mcfg = dict(cfg["method"])
-        method_cls = load_method(mcfg.pop("name"))  # an unknown method fails before any data
-
-        train = load_dataset(dcfg["dataset"], data_root=dcfg["root"], train=True)
-        test = load_dataset(dcfg["dataset"], data_root=dcfg["root"], train=False)
-        if dcfg["per_class"]:
-            train = train.subset(balanced_subset(train.targets, dcfg["per_class"], self.seed))
-        if dcfg["test_per_class"]:
-            test = test.subset(balanced_subset(test.targets, dcfg["test_per_class"], self.seed))
-        self.train_set, self.test_set = train, test
-        h, w = train.image_size
-        self.size = int(dcfg["resize"] or h)  # e.g. SeLa/DeepCluster upsample CIFAR to 224
-        h = w = self.size
-
-        bcfg = dict(cfg["backbone"])
-        self.backbone = build_backbone(bcfg.pop("name"), **bcfg).to(self.device)
-        self.method = method_cls(self.backbone, len(train), **mcfg)
+        self.seed = cfg.train.seed
+        method_cls = method_class(cfg.method.name)
+        setup = prepare_run(cfg, self.device)  # seeds, then data, then the backbone
+        self.train_set, self.test_set, self.size = setup.train_set, setup.test_set, setup.size
+        self.backbone = setup.backbone
+        self.method = method_cls(self.backbone, len(self.train_set), cfg.method.config)
         self.method.to(self.device)
-        self.views = [_augment(v, self.size) for v in (dcfg["augment"] or self.method.views)]
+        self.views = [_augment(v, self.size) for v in (cfg.data.augment or self.method.views)]
         params = [p for p in [*self.backbone.parameters(), *self.method.parameters()]
                   if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=tcfg["lr"], momentum=tcfg["momentum"],
-                                         weight_decay=tcfg["weight_decay"],
-                                         nesterov=tcfg["nesterov"])
+        t = cfg.train
+        self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum,
+                                         weight_decay=t.weight_decay, nesterov=t.nesterov)
         self.aux = None
-        if cfg["recon"] is not None:
-            recon = dict(cfg["recon"])
-            layer = recon.pop("layer", None)
+        if cfg.recon is not None:
             self.aux = recon_aux.attach(  # line 1 of 2
-                self.backbone, self.optimizer, layer=layer, config=recon, input_shape=(3, h, w))
+                self.backbone, self.optimizer, layer=cfg.recon.options.get("layer"),
+                config=cfg.recon.config, input_shape=(3, self.size, self.size))
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         self.step_module: nn.Module = _StepModule(self.backbone, self.method)
         if self.world > 1:
             self.step_module = nn.parallel.DistributedDataParallel(self.step_module)
 
-        self.out_dir = Path(cfg["run"]["out_dir"] or _default_out_dir(cfg))
+        self.out_dir = Path(cfg.run.out_dir or _default_out_dir(cfg))
         self.history: list[dict[str, Any]] = []
         self.eval_details: dict[str, Any] = {}
         self._augmented_passes = 0  # checkpointed: a resumed run draws the same augmentations
@@ -166,15 +185,13 @@ class Trainer:
 
     # -- pieces ----------------------------------------------------------------------------------
     def _loader(self, indices) -> BatchLoader:
-        return BatchLoader(self.train_set, self.cfg["data"]["batch_size"], indices=indices,
+        return BatchLoader(self.train_set, self.cfg.data.batch_size, indices=indices,
                            augment=self.views, seed=self.seed, rank=self.rank,
                            world_size=self.world, drop_last=True)
 
-    def _plain_loader(self, arrays, shard: bool) -> BatchLoader:
-        return BatchLoader(arrays, self.cfg["data"]["eval_batch_size"],
-                           augment=make_augment("none", size=self.size),
-                           shuffle=False, rank=self.rank if shard else 0,
-                           world_size=self.world if shard else 1)
+    def _plain_loader(self, arrays: ImageArrays, shard: bool) -> BatchLoader:
+        return plain_loader(arrays, self.cfg.data.eval_batch_size, self.size,
+                            rank=self.rank if shard else 0, world_size=self.world if shard else 1)
 
     def extract(self, layer: str, augmented: bool = False) -> tuple[Tensor, Tensor]:
         """Features of every training image, gathered from all ranks.
@@ -202,7 +219,7 @@ class Trainer:
     @torch.no_grad()
     def _extract_augmented(self, layer: str) -> tuple[Tensor, Tensor]:
         self._augmented_passes += 1
-        loader = BatchLoader(self.train_set, self.cfg["data"]["eval_batch_size"],
+        loader = BatchLoader(self.train_set, self.cfg.data.eval_batch_size,
                              augment=self.views[0], seed=self.seed + 104_729, rank=self.rank,
                              world_size=self.world)
         loader.set_epoch(self._augmented_passes)  # new augmentations at every pass
@@ -222,8 +239,8 @@ class Trainer:
     def _context(self, epoch: int) -> EngineContext:
         return EngineContext(
             backbone=self.backbone, device=self.device, epoch=epoch, step=self.global_step,
-            epochs=self.cfg["train"]["epochs"], steps_per_epoch=self.steps_per_epoch,
-            batch_size=self.cfg["data"]["batch_size"] * self.world,
+            epochs=self.cfg.train.epochs, steps_per_epoch=self.steps_per_epoch,
+            batch_size=self.cfg.data.batch_size * self.world,
             num_samples=len(self.train_set),
             targets=torch.as_tensor(self.train_set.targets), seed=self.seed, rank=self.rank,
             world_size=self.world, extract=self.extract, broadcast=D.broadcast,
@@ -235,11 +252,11 @@ class Trainer:
             self._epoch_logs[k] = float(v)
 
     def _set_lr(self, epoch: int) -> None:
-        t = self.cfg["train"]
-        if t["lr_schedule"] == "cosine":
-            factor = 0.5 * (1 + math.cos(math.pi * epoch / max(1, t["epochs"])))
-        elif t["lr_schedule"] == "step":
-            factor = t["gamma"] ** sum(epoch >= m for m in t["milestones"])
+        t = self.cfg.train
+        if t.lr_schedule == "cosine":
+            factor = 0.5 * (1 + math.cos(math.pi * epoch / max(1, t.epochs)))
+        elif t.lr_schedule == "step":
+            factor = t.gamma ** sum(epoch >= m for m in t.milestones)
         else:
             factor = 1.0
         for group in self.optimizer.param_groups:
@@ -286,11 +303,11 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         cfg = self.cfg
-        if cfg["run"]["resume"]:
+        if cfg.run.resume:
             self._resume()
         ctx = self._context(self.start_epoch)
         self.method.on_train_start(ctx)
-        epochs = cfg["train"]["epochs"]
+        epochs = cfg.train.epochs
         for epoch in range(self.start_epoch, epochs):
             self._epoch_logs = {}
             ctx = self._context(epoch)
@@ -306,8 +323,9 @@ class Trainer:
             self.method.train()
             sums: dict[str, float] = {}
             n = 0
-            desc = f"{cfg['method']['name']} epoch {epoch + 1}/{epochs}"
-            for views, _, idx in _progress(loader, len(loader), desc, cfg["run"]["progress"]):
+            desc = f"{cfg.method.name} epoch {epoch + 1}/{epochs}"
+            for views, _, idx in progress(loader, enabled=cfg.run.progress, total=len(loader),
+                                          desc=desc):
                 views = [v.to(self.device, non_blocking=True) for v in views]
                 ctx.step = self.global_step
                 logs = self._step(views, idx.to(self.device), ctx)
@@ -326,17 +344,18 @@ class Trainer:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 with open(self.out_dir / "log.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
-                if cfg["run"]["save_checkpoints"]:
+                if cfg.run.save_checkpoints:
                     save_checkpoint(self.out_dir / CHECKPOINT, self._state(epoch + 1))
             D.barrier()
-            if cfg["run"]["stop_after_epoch"] == epoch + 1 and epoch + 1 < epochs:
+            if cfg.run.stop_after_epoch == epoch + 1 and epoch + 1 < epochs:
                 raise StopTraining(f"stopped after epoch {epoch + 1} (run.stop_after_epoch); "
                                    "continue with run.resume=true")
         metrics = self.evaluate()
+        plain = cfg.to_dict()
         result = {
-            "method": cfg["method"]["name"], "recon": cfg["recon"], "seed": self.seed,
+            "method": cfg.method.name, "recon": plain["recon"], "seed": self.seed,
             "metrics": metrics, "evaluation": self.eval_details, "history": self.history,
-            "config": _plain(cfg),
+            "config": plain,
             "wall_s": round(time.perf_counter() - t0, 1), "machine": machine(),
             "train_images": len(self.train_set), "test_images": len(self.test_set),
         }
@@ -357,13 +376,13 @@ class Trainer:
         top-1 (images recalibrated on, a probe's final training loss and top-1, whether it
         levelled off) is kept in :attr:`eval_details`.
         """
-        ecfg, metrics = self.cfg["eval"], {}
+        ecfg, metrics = self.cfg.eval, {}
         train = self._plain_loader(self.train_set, shard=False)
         test = self._plain_loader(self.test_set, shard=False)
         details: dict[str, Any] = {}
-        recal = ecfg["bn_recalibration_images"]
+        recal = ecfg.bn_recalibration_images
         if recal:
-            calibration = BatchLoader(self.train_set, self.cfg["data"]["eval_batch_size"],
+            calibration = BatchLoader(self.train_set, self.cfg.data.eval_batch_size,
                                       augment=make_augment("none", size=self.size),
                                       shuffle=True, seed=self.seed)
             scope = recalibrated_batchnorm(self.backbone, calibration, device=self.device,
@@ -372,18 +391,18 @@ class Trainer:
             scope = contextlib.nullcontext({"bn_layers": None, "images": 0})
         with scope as info:
             details["bn_recalibration"] = info
-            if ecfg["knn"]:
-                k = dict(ecfg["knn"])
-                layers = k.pop("layers")
+            if ecfg.knn:
+                layers = list(ecfg.knn.layers)
                 res = knn_eval(self.backbone, train, test, layers, self.device, progress=False,
-                               **k)
+                               **ecfg.knn.options)
                 for layer in layers:
                     metrics[f"knn_{layer}"] = res[layer]["top1"]
-            for kind, fn in (("linear", linear_probe_eval), ("nonlinear", nonlinear_probe_eval)):
-                if ecfg[kind]:
-                    p = dict(ecfg[kind])
-                    layer = p.pop("layer")
-                    res = fn(self.backbone, train, test, layer, self.device, progress=False, **p)
+            for probe, fn in ((ecfg.linear, linear_probe_eval),
+                              (ecfg.nonlinear, nonlinear_probe_eval)):
+                if probe:
+                    kind, layer = probe.kind, probe.layer
+                    res = fn(self.backbone, train, test, layer, self.device, progress=False,
+                             **probe.options)
                     metrics[f"{kind}_{layer}"] = res["top1"]
                     details[f"{kind}_{layer}"] = {
                         key: res.get(key) for key in (
@@ -408,7 +427,7 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------
     def _state(self, epochs_done: int) -> dict[str, Any]:
         return {
-            "format": 1, "config": _plain(self.cfg), "epoch": epochs_done,
+            "format": 1, "config": self.cfg.to_dict(), "epoch": epochs_done,
             "step": self.global_step, "backbone": self.backbone.state_dict(),
             "method": self.method.state_dict(), "method_extra": self.method.extra_state(),
             "optimizer": self.optimizer.state_dict(),
@@ -424,7 +443,7 @@ class Trainer:
                 print(f"no checkpoint at {path}: starting from scratch", flush=True)
             return
         state = load_checkpoint(path)
-        diff = config_diff(state["config"], _plain(self.cfg))
+        diff = config_diff(state["config"], self.cfg)
         if diff:
             raise CheckpointError(
                 f"{path} was written by a different config; differing keys: {diff}. Use another "
@@ -443,18 +462,14 @@ class Trainer:
             print(f"resumed from {path} after epoch {self.start_epoch}", flush=True)
 
 
-def _augment(spec: Any, size: int) -> Any:
-    """A ``data.augment`` entry: a preset name, ``{preset: NAME, <BatchAugment field>: value}``
-    (e.g. ``{preset: simclr, scale: [0.2, 1.0]}``), or a callable used as is."""
+def _augment(spec: str | dict[str, Any], size: int) -> BatchAugment:
+    """A ``data.augment`` entry (checked by :class:`~adapters.config.DataConfig`): a preset
+    name, or ``{preset: NAME, <BatchAugment field>: value}`` (e.g. ``{preset: simclr, scale:
+    [0.2, 1.0]}``)."""
     if isinstance(spec, str):
         return make_augment(spec, size=size)
-    if isinstance(spec, dict):
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
-        if "preset" not in fields:
-            raise ValueError(f"data.augment entry {spec!r} needs a 'preset' key (e.g. "
-                             "{preset: simclr, scale: [0.2, 1.0]}).")
-        return make_augment(fields.pop("preset"), size=size, **fields)
-    return spec
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+    return make_augment(fields.pop("preset"), size=size, **fields)
 
 
 def _seed_everything(seed: int) -> None:
@@ -463,18 +478,9 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _plain(cfg: Any) -> Any:
-    """Config as plain data (lists for tuples), for JSON and weights_only checkpoints."""
-    if isinstance(cfg, dict):
-        return {k: _plain(v) for k, v in cfg.items()}
-    if isinstance(cfg, (list, tuple)):
-        return [_plain(v) for v in cfg]
-    return cfg
-
-
-def _default_out_dir(cfg: dict) -> Path:
-    tag = "recon" if cfg["recon"] is not None else "base"
-    return Path("runs") / cfg["name"] / f"{cfg['method']['name']}-{tag}-seed{cfg['train']['seed']}"
+def _default_out_dir(cfg: RunConfig) -> Path:
+    tag = "recon" if cfg.recon is not None else "base"
+    return Path("runs") / cfg.name / f"{cfg.method.name}-{tag}-seed{cfg.train.seed}"
 
 
 def machine() -> str:
@@ -483,7 +489,7 @@ def machine() -> str:
     return f"{dev}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def train(cfg: dict[str, Any]) -> dict[str, Any]:
+def train(cfg: RunConfig) -> dict[str, Any]:
     """Run a validated config to the end; returns the result dict (see :meth:`Trainer.fit`)."""
     trainer = Trainer(cfg)
     finished = False

@@ -8,14 +8,17 @@ how many seeds improved, and calls a difference smaller than its std "no clear d
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PAPER", "summarise", "render_table", "render_readme", "plot_curves",
-           "plot_ablation", "label_of"]
+from adapters.engine import machine
+
+__all__ = ["PAPER", "summarise", "render_table", "render_readme", "render_setup",
+           "evaluation_lines", "plot_curves", "plot_ablation", "label_of", "mean_std", "paired"]
 
 # The paper's numbers (Hizioglu 2020), AlexNet, full data, paper-scale training.
 PAPER = {
@@ -37,14 +40,18 @@ def label_of(run: dict[str, Any]) -> str:
     return run["method"] + (" +recon" if run["recon"] else "")
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std of ``values`` (std 0 for one value; NaN, NaN for none)."""
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _paired(diffs: list[float], better: str, worse: str) -> dict[str, Any]:
-    mean, std = _mean_std(diffs)
+def paired(diffs: list[float], better: str, worse: str) -> dict[str, Any]:
+    """Paired differences (same seed) summarised: mean, std, n, how many are > 0, and the
+    verdict the tables print: ``better``/``worse`` when there are two or more and the mean is
+    larger than the std, else "no clear difference" (the one definition of "clear")."""
+    mean, std = mean_std(diffs)
     clear = len(diffs) > 1 and abs(mean) > std
     return {"mean": mean, "std": std, "n": len(diffs), "improved": sum(d > 0 for d in diffs),
             "verdict": (better if mean > 0 else worse) if clear else "no clear difference"}
@@ -73,7 +80,7 @@ def summarise(runs: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, A
                 by_metric.setdefault(m, {})[run["seed"]] = run["metrics"][m]
     out: dict[str, Any] = {"rows": {}, "paired": {}, "vs_random": {}}
     for label, by_metric in rows.items():
-        out["rows"][label] = {m: dict(zip(("mean", "std"), _mean_std(list(v.values()))),
+        out["rows"][label] = {m: dict(zip(("mean", "std"), mean_std(list(v.values()))),
                                       n=len(v)) for m, v in by_metric.items()}
     methods = sorted({r["method"] for r in runs if not r.get("reference")})
     for method in methods:
@@ -83,7 +90,7 @@ def summarise(runs: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, A
             if not seeds:
                 continue
             diffs = [plus[m][s] - base[m][s] for s in seeds]
-            out["paired"].setdefault(method, {})[m] = _paired(diffs, "+recon better",
+            out["paired"].setdefault(method, {})[m] = paired(diffs, "+recon better",
                                                                "+recon worse")
         base_runs = [r for r in runs if not r.get("reference") and r["method"] == method
                      and not r["recon"]]
@@ -91,7 +98,7 @@ def summarise(runs: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, A
             pairs = [(r, _random_init_of(r, runs, m)) for r in base_runs if m in r["metrics"]]
             diffs = [r["metrics"][m] - ri["metrics"][m] for r, ri in pairs if ri is not None]
             if diffs:
-                out["vs_random"].setdefault(method, {})[m] = _paired(
+                out["vs_random"].setdefault(method, {})[m] = paired(
                     diffs, "beats random init", "below random init")
     return out
 
@@ -187,6 +194,62 @@ ablation) is the clean comparison.
 
 {pics}
 """
+
+
+def render_setup(runs: list[dict[str, Any]]) -> str:
+    """The "How it was measured" lines: per method its backbone, data, schedule, augmentation and
+    evaluation; the seeds, machines and run time; what the evaluation did; the +recon block."""
+    lines = ["How it was measured:", ""]
+    seen = set()
+    for r in runs:
+        c = r["config"]
+        key = (r["method"], c["backbone"].get("name"))
+        if key in seen:
+            continue
+        seen.add(key)
+        b = ", ".join(f"{k}={v}" for k, v in c["backbone"].items())
+        d, t, e = c["data"], c["train"], c["eval"]
+        lines.append(
+            f"- {r['method']}: backbone {b}; {c['data']['dataset']} {r['train_images']} train "
+            f"images ({d['per_class']}/class) and {r['test_images']} test images; "
+            f"{t['epochs']} epochs, batch {d['batch_size']}, SGD lr {t['lr']} "
+            f"({t['lr_schedule']}), wd {t['weight_decay']}; augment "
+            f"{d['augment'] or 'method default'}; eval {json.dumps(e)}")
+    seeds = sorted({r["seed"] for r in runs})
+    machines = " / ".join(sorted({r["machine"] for r in runs})) if runs else machine()
+    lines.append(f"- seeds {seeds}; machine: {machines}; "
+                 f"total run time {sum(r['wall_s'] for r in runs) / 60:.1f} min.")
+    lines.extend(evaluation_lines(runs))
+    recon = next((r["recon"] for r in runs if r["recon"]), None)
+    if recon:
+        lines.append(f"- +recon block: {json.dumps(recon)}")
+    return "\n".join(lines)
+
+
+def evaluation_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """What every run's evaluation did beyond its top-1: BN recalibration, probe fits."""
+    details = [r.get("evaluation") or {} for r in runs]
+    images = sorted({(d.get("bn_recalibration") or {}).get("images", 0) for d in details})
+    if images == [0]:
+        lines = ["- BatchNorm statistics NOT recalibrated before evaluation (runs older than "
+                 "the fair protocol)."]
+    else:
+        lines = [f"- every network (random-init included) evaluated with its BatchNorm "
+                 f"statistics recalibrated on {' / '.join(map(str, images))} clean training "
+                 "images (no weight change)."]
+    probes = sorted({k for d in details for k in d if k != "bn_recalibration"})
+    for key in probes:
+        fits = [d[key] for d in details if key in d]
+        top1 = [f["train_top1"] for f in fits]
+        levelled = [f["levelled_off"] for f in fits if f.get("levelled_off") is not None]
+        recipes = sorted({str(f.get("recipe")) for f in fits})
+        lines.append(
+            f"- {key} ({', '.join(recipes)}): final train top-1 {min(top1):.1f}-{max(top1):.1f}, "
+            f"epochs run {min(f['epochs_run'] for f in fits)}-"
+            f"{max(f['epochs_run'] for f in fits)}"
+            + (f", training loss levelled off in {sum(levelled)}/{len(levelled)} runs"
+               if levelled else ""))
+    return lines
 
 
 def plot_curves(runs: list[dict[str, Any]], path: Path, keys: Sequence[str]) -> bool:

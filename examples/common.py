@@ -1,5 +1,6 @@
 """What the examples share and is not part of the two lines: arguments, CIFAR-10 loading, a kNN
-check at the end, and a picture of the reconstructions.
+check at the end, and a picture of the reconstructions, from the harness packages of the
+checkout (``adapters.data``, ``adapters.backbones``, ``adapters.evaluation``).
 
 The training loops themselves (``lightly_simclr.py``, ``lightly_byol.py``, ``lightly_swav.py``,
 ``lightning_simclr.py``) follow lightly's own ``examples/pytorch`` scripts; the recon-aux lines in

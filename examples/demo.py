@@ -1,4 +1,4 @@
-"""``make demo``: the two lines on real CIFAR-10, with pictures.
+"""``make demo-recon``: the two lines on real CIFAR-10, with pictures.
 
 Trains an AlexNet-CIFAR encoder (narrow, CPU scale) on a balanced CIFAR-10 subset with the
 reconstruction objective attached by the two lines of ``recon_aux``, then writes
@@ -11,7 +11,7 @@ into ``--out`` (default ``outputs/demo``). The encoder's own objective here is t
 alone (an autoencoder): the demo shows the plumbing and the pictures; the comparisons of methods
 with and without the objective live in ``benchmarks/``.
 
-    python examples/demo.py --data-root ../shared/data --epochs 3
+    python -m examples.demo --data-root ../shared/data --epochs 3
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         loader.set_epoch(epoch)
         encoder.train()
         sums = {"l2": 0.0, "lpips": 0.0, "total": 0.0}
-        batches = progress(loader, len(loader), f"epoch {epoch + 1}/{args.epochs}")
+        batches = progress(loader, total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}")
         for images, _, _ in batches:
             encoder(images)  # the method's forward (its own loss would use this output)
             loss = aux.loss(images)  # line 2 (a method adds it: loss = loss + aux.loss(images))

@@ -7,7 +7,7 @@ NegativeCosineSimilarity, BYOLTransform); the only additions are the two lines m
 ``# recon-aux``. The momentum backbone is a deep copy made before ``attach``: it carries no hooks
 and is never reconstructed (the same holds for a copy made after ``attach``).
 
-    python examples/lightly_byol.py --data-root ../shared/data --epochs 10
+    python -m examples.lightly_byol --data-root ../shared/data --epochs 10
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import copy
 import sys
 
 import torch
-from common import NORMALIZE, backbone, finish, log_epoch, parser, train_loader
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
@@ -29,6 +28,7 @@ from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
 import recon_aux
+from examples.common import NORMALIZE, backbone, finish, log_epoch, parser, train_loader
 
 
 class BYOL(nn.Module):

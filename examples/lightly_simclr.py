@@ -4,8 +4,8 @@ SimCLR: Chen et al., "A Simple Framework for Contrastive Learning of Visual Repr
 ICML 2020. The loop follows lightly's ``examples/pytorch/simclr.py`` (SimCLRProjectionHead,
 NTXentLoss, SimCLRTransform); the only additions are the two lines marked ``# recon-aux``.
 
-    python examples/lightly_simclr.py --data-root ../shared/data --epochs 10
-    python examples/lightly_simclr.py --data-root ../shared/data --epochs 10 --no-recon
+    python -m examples.lightly_simclr --data-root ../shared/data --epochs 10
+    python -m examples.lightly_simclr --data-root ../shared/data --epochs 10 --no-recon
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from __future__ import annotations
 import sys
 
 import torch
-from common import NORMALIZE, backbone, finish, log_epoch, parser, train_loader
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from lightly.transforms import SimCLRTransform
 from torch import nn
 
 import recon_aux
+from examples.common import NORMALIZE, backbone, finish, log_epoch, parser, train_loader
 
 
 class SimCLR(nn.Module):

@@ -7,7 +7,7 @@ the only additions are the two lines marked ``# recon-aux``. Multi-crop: two 32x
 16x16 crops per image; only the two full-size crops are reconstructed (16x16 is below LPIPS-alex's
 31-pixel minimum, and the small crops' forwards are released by the backward pass unused).
 
-    python examples/lightly_swav.py --data-root ../shared/data --epochs 10 --lr 0.001
+    python -m examples.lightly_swav --data-root ../shared/data --epochs 10 --lr 0.001
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from __future__ import annotations
 import sys
 
 import torch
-from common import NORMALIZE, backbone, finish, log_epoch, parser, train_loader
 from lightly.loss import SwaVLoss
 from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
 from lightly.transforms.swav_transform import SwaVTransform
 from torch import nn
 
 import recon_aux
+from examples.common import NORMALIZE, backbone, finish, log_epoch, parser, train_loader
 
 
 class SwaV(nn.Module):

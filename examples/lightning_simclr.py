@@ -8,8 +8,8 @@ LightningModule, it is in ``self.parameters()`` (once; the frozen LPIPS network 
 Lightning checkpoint (LPIPS is not), moved by Lightning to the device, and averaged by Lightning's
 DDP like any other layer.
 
-    python examples/lightning_simclr.py --data-root ../shared/data --epochs 10
-    python examples/lightning_simclr.py --data-root ../shared/data --epochs 20 \
+    python -m examples.lightning_simclr --data-root ../shared/data --epochs 10
+    python -m examples.lightning_simclr --data-root ../shared/data --epochs 20 \
         --resume lightning_logs/version_0/checkpoints/last.ckpt
 """
 
@@ -19,13 +19,13 @@ import sys
 
 import pytorch_lightning as pl
 import torch
-from common import NORMALIZE, backbone, finish, parser, train_loader
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from lightly.transforms import SimCLRTransform
 from torch import nn
 
 import recon_aux
+from examples.common import NORMALIZE, backbone, finish, parser, train_loader
 
 
 class SimCLR(pl.LightningModule):

@@ -1,4 +1,4 @@
-"""Shared fixtures: real data, a small CNN (helpers in ``tests/helpers.py``)."""
+"""Shared fixtures: real data, a small CNN, the test-only method (helpers: ``tests/helpers.py``)."""
 
 from __future__ import annotations
 
@@ -23,3 +23,14 @@ def shared_data() -> Path:
 def tiny_alexnet() -> nn.Module:
     torch.manual_seed(0)
     return TinyAlexNet()
+
+
+@pytest.fixture
+def toy_method(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Registers the test-only rotation method (``tests/adapters/toy_method.py``) in the
+    method registry for one test, and removes it after; returns its name."""
+    from adapters.methods import METHODS
+    from tests.adapters.toy_method import Rotation
+
+    monkeypatch.setitem(METHODS, Rotation.name, Rotation)
+    return Rotation.name

@@ -16,6 +16,18 @@ from torch import nn
 #: The root of the checkout under test.
 REPO = Path(__file__).resolve().parents[1]
 
+#: A run config of the test-only rotation method (register it with the ``toy_method`` fixture):
+#: 200 CIFAR-10 images, two epochs, kNN on conv5 and fc7, +recon.
+TOY = {
+    "method": {"name": "rotation"},
+    "backbone": {"name": "alexnet_cifar", "width": 0.25},
+    "data": {"dataset": "cifar10", "per_class": 20, "test_per_class": 10, "batch_size": 50},
+    "train": {"epochs": 2, "lr": 0.05, "seed": 0},
+    "eval": {"knn": {"layers": ["conv5", "fc7"], "k": 20, "temperature": 0.1}},
+    "recon": {"weight": 1.0},
+    "run": {"progress": False},
+}
+
 
 def data_root() -> Path | None:
     """RECON_AUX_DATA, or ../shared/data beside the repo; None when neither exists."""

@@ -10,7 +10,7 @@ are not part of the backbones. Build one by name with :func:`build_backbone`.
 from .alexnet import AlexNet, AlexNetCIFAR, SobelFilter
 from .base import Backbone, count_parameters
 from .nin import NIN
-from .registry import BACKBONES, build_backbone
+from .registry import BACKBONES, backbone_class, build_backbone, check_backbone_arguments
 from .resnet import ResNet18CIFAR
 
 __all__ = [
@@ -21,6 +21,8 @@ __all__ = [
     "AlexNetCIFAR",
     "Backbone",
     "SobelFilter",
+    "backbone_class",
     "build_backbone",
+    "check_backbone_arguments",
     "count_parameters",
 ]

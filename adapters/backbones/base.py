@@ -25,6 +25,7 @@ class Backbone(nn.Module):
 
     Attributes:
         probe_points: Names of the stages whose outputs ``forward_features`` can return.
+        output_layer: Name of the last stage, whose output ``forward`` returns.
         out_dim: Size of the representation returned by ``forward``.
         input_size: The input height and width the model is built for (CIFAR: 32, ImageNet: 224).
         in_channels: Number of input channels (3: RGB).
@@ -106,6 +107,14 @@ class Backbone(nn.Module):
     def feature_dim(self, name: str, input_size: int | None = None) -> int:
         """Number of values in one sample's activation at ``name`` (``prod(feature_shape)``)."""
         return math.prod(self.feature_shape(name, input_size))
+
+    @property
+    def output_layer(self) -> str:
+        """Name of the stage whose output ``forward`` returns (``"fc7"`` for the AlexNets,
+        ``"pool"`` for NIN and the CIFAR ResNet-18): the layer that feeds a method's heads."""
+        if not self._stage_names:  # pragma: no cover - every backbone here has stages
+            raise RuntimeError(f"{type(self).__name__} lists no stages")
+        return self._stage_names[-1]
 
     @property
     def last_conv(self) -> nn.Conv2d:

@@ -12,13 +12,43 @@ from .base import Backbone
 from .nin import NIN
 from .resnet import ResNet18CIFAR
 
-__all__ = ["BACKBONES", "build_backbone"]
+__all__ = ["BACKBONES", "backbone_class", "build_backbone", "check_backbone_arguments"]
 
 #: Registered backbones (read-only).
 BACKBONES: Mapping[str, type[Backbone]] = MappingProxyType(
     {"alexnet": AlexNet, "alexnet_cifar": AlexNetCIFAR, "nin": NIN,
      "resnet18_cifar": ResNet18CIFAR}
 )
+
+
+def backbone_class(name: str) -> type[Backbone]:
+    """The class registered as ``name`` (case-insensitive; ``-`` is read as ``_``).
+
+    Raises:
+        ValueError: Unknown name (the message lists the valid ones).
+    """
+    key = _key(name)
+    if key not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
+    return BACKBONES[key]
+
+
+def _key(name: str) -> str:
+    return str(name).strip().lower().replace("-", "_")
+
+
+def check_backbone_arguments(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Raise a TypeError naming any keyword that backbone ``name``'s class does not take (the
+    message lists those it takes); a ValueError for an unknown name."""
+    cls = backbone_class(name)
+    params = inspect.signature(cls).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise TypeError(
+            f"backbone {_key(name)!r} ({cls.__name__}) takes no argument(s) "
+            f"{', '.join(unknown)}; "
+            f"it takes: {', '.join(params) or 'none'}"
+        )
 
 
 def build_backbone(name: str, **kwargs: Any) -> Backbone:
@@ -43,15 +73,5 @@ def build_backbone(name: str, **kwargs: Any) -> Backbone:
         >>> model.out_dim
         2048
     """
-    key = str(name).strip().lower().replace("-", "_")
-    if key not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
-    cls = BACKBONES[key]
-    params = inspect.signature(cls).parameters
-    unknown = sorted(set(kwargs) - set(params))
-    if unknown:
-        raise TypeError(
-            f"backbone {key!r} ({cls.__name__}) takes no argument(s) {', '.join(unknown)}; "
-            f"it takes: {', '.join(params) or 'none'}"
-        )
-    return cls(**kwargs)
+    check_backbone_arguments(name, kwargs)
+    return backbone_class(name)(**kwargs)

@@ -22,11 +22,9 @@ from .datasets import (
 )
 from .loader import Batch, BatchLoader, IndexedDataset, balanced_subset
 from .paths import (
-    CACHE_ENV,
     DATA_ENV,
     DatasetError,
     DatasetNotFoundError,
-    cache_dir,
     resolve_data_root,
 )
 
@@ -34,7 +32,6 @@ __all__ = [
     "Batch",
     "BatchAugment",
     "BatchLoader",
-    "CACHE_ENV",
     "CIFAR10_JPG_NAME",
     "CIFAR10_JPG_SHA256",
     "CIFAR10_MEAN",
@@ -47,7 +44,6 @@ __all__ = [
     "IndexedDataset",
     "PRESETS",
     "balanced_subset",
-    "cache_dir",
     "load_dataset",
     "make_augment",
     "resolve_data_root",

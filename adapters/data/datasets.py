@@ -32,12 +32,13 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from recon_aux.weights import cache_dir, sha256_of
+
 from .paths import (
     DATA_ENV,
     FIX_HINT,
     DatasetError,
     DatasetNotFoundError,
-    cache_dir,
     resolve_data_root,
 )
 
@@ -256,19 +257,11 @@ def _load_image_tree(source: Path, train: bool, image_size: int | None) -> Image
     return _pick_split(splits, train, source)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _tree_cache_file(source: Path, image_size: int | None) -> Path:
     """Cache file for ``source``; verifies the sha256 of known archives on every call."""
     known = _KNOWN_ARCHIVES.get(source.name) if source.is_file() else None
     if known is not None:
-        got = _sha256(source)
+        got = sha256_of(source)
         if got != known[0]:
             raise DatasetError(
                 f"{source}: sha256 is {got}, expected {known[0]} (the value in the data "

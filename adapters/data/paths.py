@@ -1,4 +1,7 @@
-"""Where data and caches live: ``resolve_data_root`` and ``cache_dir``, plus the data errors."""
+"""Where data lives (``resolve_data_root``) and the data errors.
+
+The cache folder is recon-aux's own (:func:`recon_aux.weights.cache_dir`, ``$RECON_AUX_CACHE``).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +10,12 @@ from pathlib import Path
 
 __all__ = [
     "DATA_ENV",
-    "CACHE_ENV",
     "DatasetError",
     "DatasetNotFoundError",
     "resolve_data_root",
-    "cache_dir",
 ]
 
 DATA_ENV = "RECON_AUX_DATA"
-CACHE_ENV = "RECON_AUX_CACHE"
 
 FIX_HINT = (
     f"Pass --data-root DIR (data_root=DIR in Python) or set {DATA_ENV}=DIR to a local folder "
@@ -59,16 +59,3 @@ def resolve_data_root(data_root: str | os.PathLike[str] | None = None) -> Path:
             f"Data root {str(root)!r} (from the {source}) is not an existing directory. {FIX_HINT}"
         )
     return root.resolve()
-
-
-def cache_dir(create: bool = True) -> Path:
-    """Return the cache folder: ``$RECON_AUX_CACHE``, else ``~/.cache/recon_aux``.
-
-    Args:
-        create: Create the folder (and parents) if missing.
-    """
-    env = os.environ.get(CACHE_ENV, "")
-    path = Path(env).expanduser() if env else Path.home() / ".cache" / "recon_aux"
-    if create:
-        path.mkdir(parents=True, exist_ok=True)
-    return path

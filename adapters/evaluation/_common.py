@@ -2,34 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterable, Iterator
-from typing import TypeVar
-
 import torch
 from torch import Tensor, nn
-
-T = TypeVar("T")
-
-
-def progress_bar(
-    iterable: Iterable[T], *, enabled: bool | None, total: int | None = None, desc: str = ""
-) -> Iterator[T] | Iterable[T]:
-    """Wrap ``iterable`` in a tqdm bar when wanted and available.
-
-    ``enabled=None`` shows a bar only when stderr is a terminal; ``True`` always shows one
-    (tqdm works without a tty, it then writes plain lines); ``False`` never. tqdm is an
-    optional dependency: without it the iterable is returned unchanged.
-    """
-    if enabled is None:
-        enabled = bool(getattr(sys.stderr, "isatty", lambda: False)())
-    if not enabled:
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:  # optional dependency
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def resolve_device(

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import progress_bar, topk_correct
+from ..progress import progress as progress_bar  # the functions' `progress` flag shadows the name
+from ._common import topk_correct
 
 
 @contextlib.contextmanager

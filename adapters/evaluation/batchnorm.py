@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._common import progress_bar, resolve_device
+from ..progress import progress as progress_bar  # the functions' `progress` flag shadows the name
+from ._common import resolve_device
 
 __all__ = ["recalibrate_batchnorm", "recalibrated_batchnorm"]
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import progress_bar, resolve_device
+from ..progress import progress as progress_bar  # the functions' `progress` flag shadows the name
+from ._common import resolve_device
 
 PoolSpec = str | Callable[[Tensor], Tensor] | None
 """How to reduce a feature map per batch: a name accepted by :func:`pool_features`, a callable

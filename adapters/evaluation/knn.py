@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..progress import progress as progress_bar  # the functions' `progress` flag shadows the name
 from ._common import (
     check_features_targets,
     infer_num_classes,
-    progress_bar,
     resolve_device,
     topk_correct,
 )

@@ -1,88 +1,23 @@
-"""AET-project (Auto-Encoding Transformations, projective) as a method of the shared engine.
+"""AET-project (Zhang et al., CVPR 2019): regress the projective warp between an image and its
+warped copy.
 
-Paper: Zhang, Qi, Wang and Luo, "AET vs. AED: Unsupervised Representation Learning by
-Auto-Encoding Transformations rather than Data", CVPR 2019 (arXiv:1901.04596), section 3 and
-4.1: "AET-project + FC" on CIFAR-10, the setup Hizioglu (2020, Table 3, "Perceptual Image
-Similarity for Unsupervised Representation Learning") adds the reconstruction generator to.
+Follows ``maple-research-lab/AET`` ``cifar/projective/``; the provenance (paper, repository,
+commit, what is followed) is in ``docs/methods/aet.md``, and each deviation is a comment at the
+code it concerns.
 
-Code followed (read, not copied): ``maple-research-lab/AET`` at commit
-``042be3361490ae1e839c881a4211ba5fe5125407`` (these files last changed in ``96ef428``),
-``cifar/projective/``:
-
-- ``dataset.py`` (``CIFAR10.__getitem__``, ``find_coeffs``): the transformation sampler and
-  the warp, in :mod:`adapters.ops.projective` (see there for the exact distribution: corner scale
-  ``U(0.8, 1.2)`` about ``(W/2 + 0.5, H/2 + 0.5)``, corner order rotated by a random multiple of
-  90 degrees, independent integer corner shifts in ``[-4, 4]``, bilinear, fill 128);
-- ``main.py``: ``transform_pre = RandomCrop(32, padding=4) + RandomHorizontalFlip`` *before* the
-  transformation (both images of a pair share it; here the engine's ``crop_flip`` view),
-  target ``Normalize((0,0,16,0,0,16,0,0), (1,1,20,1,1,20,0.015,0.015))`` of the 8 coefficients,
-  ``nn.MSELoss()`` (mean over the batch and the 8 outputs, no further scaling), SGD lr 0.1,
-  momentum 0.9, Nesterov, weight decay 5e-4, batch 512, 1500 epochs, lr x0.2 at epochs 240,
-  480, 640, 800, then a linear decay from epoch 1000 (``benchmarks/configs/paper/aet.yaml``);
-- ``NetworkInNetwork.py`` (``Regressor``): two separate forwards of the NIN (4 blocks) on the
-  original and the transformed image, each to its default output (the global average pool of
-  the last block, 192-d), concatenated (original first) and fed to one ``nn.Linear(384, 8)``
-  whose bias is zeroed (weight: PyTorch's default init) -- the "+ FC" head.
-
-One step: ``x = views[0]`` (crop + flip) -> ``xt = warp(x, H)`` with ``H`` drawn per sample ->
-``f1 = backbone(x)``, ``f2 = backbone(xt)`` -> ``pred = regressor([f1, f2])`` ->
-``loss = mse(pred, normalize(H))``.
-
-Reconstruction (the engine adds ``aux.loss(t)`` for ``t`` in ``recon_inputs``):
-
-- both forwards are full ``backbone(...)`` calls, as in AET, so the conv that runs last in
-  ``forward`` runs each time and the engine's capture hook (which fires on ``backbone(...)``
-  calls only, not on ``forward_features``) files both. For ``NIN(4)``
-  ``recon_aux.attach(NIN(), input_shape=(3, 32, 32))`` taps ``conv4.2.0``: block 4's final 1x1
-  conv, 192 x 8 x 8 for a 32 x 32 input, which is the paper's "output of the last convolutional
-  layer" (section 3.2). No ``recon.layer`` is needed.
-- by default only the original ``x`` is reconstructed (``recon_inputs=[x]``): the paper's
-  generator "reconstructs the input images" and AET's input image is ``x``; ``xt`` is ``x``
-  resampled, so a second reconstruction would double the generator and LPIPS cost for little
-  new information, and it would ask the generator to paint the fill borders, whose geometry *is*
-  the regression target. ``recon_transformed=True`` reconstructs ``xt`` as well (its fill,
-  ``128 / 255``, lies inside the [0, 1] range the objective checks).
-
-Deviations, and why:
-
-- no per-channel ``Normalize(mean, std)`` of the inputs: the engine feeds ``[0, 1]`` images to
-  training, evaluation and the reconstruction objective alike (a normalised training input would
-  disagree with the un-normalised features the engine's kNN / probes extract). BatchNorm after
-  the first conv absorbs a per-channel affine map of the input except at the zero-padded border
-  and in the effective learning rate of conv1.
-- the fill colour is ``128 / 255`` in [0, 1] units. The original passes ``fillcolor`` only on
-  Pillow 5.x (``PILLOW_VERSION[0] == '5'``) and fills black on other versions; 128 is its intent.
-- transformations are drawn from ``torch.Generator``s seeded by
-  ``(seed, epoch, step, rank, call)`` instead of Python's global ``random`` in data-loader
-  workers, so a resumed run draws exactly the transformations of an uninterrupted one; the warp
-  is a batched ``grid_sample`` that matches Pillow to uint8 rounding (``tests/test_aet.py``).
-- the optimizer, batch and lr schedule are set in the run config (``train.nesterov: true``,
-  lr 0.1, momentum 0.9, wd 5e-4): ``benchmarks/configs/paper/aet.yaml`` has the original's batch
-  512, 1500 epochs and its x0.2 steps at 240/480/640/800; the engine's ``step`` schedule cannot
-  express the final linear decay from epoch 1000 (lr x0.0016 -> x0.0001), held flat there. The
-  smoke config uses batch 128 and 640 images for a CPU minute.
-
-Attributes:
-    regressor: ``nn.Linear(2 * backbone.out_dim, 8)``, AET's ``Regressor.fc``.
-    shift, scale, fill, interpolation, recon_transformed: The hyperparameters in force.
-    last: Detached ``pred`` and ``target`` ``(N, 8)`` and ``transformed`` (``xt``) of the latest
-        step, for diagnostics and pictures.
+Shapes: ``views[0]`` ``(N, 3, H, W)`` in [0, 1] -> features ``(N, D)`` twice -> ``(N, 8)``.
 
 Example:
     >>> from adapters.backbones import NIN
     >>> method = AET(NIN(), num_samples=1000)
-    >>> method.before_step(ctx)  # doctest: +SKIP  (the engine's EngineContext)
-    >>> out = method.training_step([torch.rand(8, 3, 32, 32)], torch.arange(8))  # doctest: +SKIP
-    >>> out.loss.shape, len(out.recon_inputs)  # doctest: +SKIP
-    (torch.Size([]), 1)
-
-Shapes: ``views[0]`` ``(N, 3, H, W)`` in [0, 1] -> features ``(N, D)`` twice -> ``(N, 8)``.
+    >>> method.regressor  # AET's Regressor.fc: the pooled last block of both images -> 8
+    Linear(in_features=384, out_features=8, bias=True)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -90,15 +25,59 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.projective import INTERPOLATIONS, normalize_coeffs, sample_projective, warp_perspective
-from .base import EngineContext, Method, StepOutput
+from ..schema import SchemaError, at_least, one_of
+from .base import EngineContext, Method, MethodConfig, StepOutput, out_dim_of
 
-__all__ = ["AET", "METHOD"]
+__all__ = ["AET", "AETConfig"]
 
 #: Mixed into every transformation seed, so AET's draws differ from other seeded streams.
 _SEED_TAG = 0xAE7
 #: Version of the seeding scheme, checkpointed: a resume under another scheme would draw
 #: different transformations than the interrupted run.
 _RNG_SCHEME = 1
+
+
+@dataclass(frozen=True)
+class AETConfig(MethodConfig):
+    """AET-project's hyperparameters (defaults: ``cifar/projective/dataset.py``).
+
+    Attributes:
+        shift: Largest integer corner shift in pixels (AET: 4).
+        scale: ``[low, high]`` of the corner scale factor, ``0 < low <= high`` (AET:
+            ``[0.8, 1.2]``).
+        fillcolor: Fill of the warped image outside the source, 0-255 (AET: 128), one value or
+            one per channel.
+        interpolation: ``"bilinear"`` (AET) or ``"nearest"``.
+        recon_transformed: Also reconstruct the warped image (default False: ``x`` only; the
+            warp's fill borders are the regression target, see ``docs/methods/aet.md``).
+        feature_layer: Regress from the global average of this layer's (N, C, h, w) output (a
+            module name of the backbone, e.g. ``"conv5"``) instead of ``backbone(x)``. For NIN,
+            ``backbone(x)`` *is* the pooled last block, AET's own input to its regressor;
+            AlexNet-CIFAR's ``backbone(x)`` is fc7 after two dropout layers whose masks differ
+            between the image's and the warp's forwards, so ``feature_layer="conv5"`` is the
+            pooled-conv analogue of AET's NIN regressor.
+    """
+
+    shift: int = field(default=4, metadata=at_least(0))
+    scale: tuple[float, float] = (0.8, 1.2)
+    fillcolor: float | tuple[float, ...] = 128
+    interpolation: str = field(default="bilinear", metadata=one_of(*INTERPOLATIONS))
+    recon_transformed: bool = False
+    feature_layer: str | None = None
+
+    def check(self) -> None:
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise SchemaError(f"method.scale must be [low, high] with 0 < low <= high "
+                              f"(AET: [0.8, 1.2]), got {list(self.scale)!r}")
+        fills = self.fills
+        if len(fills) not in (1, 3) or not all(0 <= v <= 255 for v in fills):
+            raise SchemaError(f"method.fillcolor must be a value in [0, 255] or three of them "
+                              f"(AET: 128), got {self.fillcolor!r}")
+
+    @property
+    def fills(self) -> tuple[float, ...]:
+        """``fillcolor`` as a tuple (one value or one per channel)."""
+        return self.fillcolor if isinstance(self.fillcolor, tuple) else (self.fillcolor,)
 
 
 class AET(Method):
@@ -108,86 +87,45 @@ class AET(Method):
         backbone: The encoder; ``backbone(x)`` must return ``(N, backbone.out_dim)`` features
             (``NIN``: the global-average-pooled last block, as AET).
         num_samples: Size of the training set (unused by AET; part of the engine's interface).
-        shift: Largest integer corner shift in pixels (AET: 4).
-        scale: ``[low, high]`` of the corner scale factor (AET: ``[0.8, 1.2]``).
-        fillcolor: Fill of the warped image outside the source, 0-255 (AET: 128), an int or
-            one per channel.
-        interpolation: ``"bilinear"`` (AET) or ``"nearest"``.
-        recon_transformed: Also reconstruct the warped image (default False: ``x`` only).
-        feature_layer: Regress from the global average of this layer's (N, C, h, w) output
-            (a module name of the backbone, e.g. ``"conv5"``) instead of ``backbone(x)``. For
-            NIN, ``backbone(x)`` *is* the pooled last block, AET's own input to its regressor;
-            AlexNet-CIFAR's ``backbone(x)`` is fc7 after two dropout layers whose masks differ
-            between the image's and the warp's forwards, so ``feature_layer="conv5"`` is the
-            pooled-conv analogue of AET's NIN regressor.
+        config, **overrides: The hyperparameters (:class:`AETConfig`).
 
-    See the module docstring for the original code followed and the deviations.
+    Attributes:
+        regressor: ``nn.Linear(2 * backbone.out_dim, 8)``, AET's ``Regressor.fc``.
+        shift, scale, fill, interpolation, recon_transformed: The hyperparameters in force
+            (``fill`` in [0, 1] units).
+        last: Detached ``pred`` and ``target`` ``(N, 8)`` and ``transformed`` (``xt``) of the
+            latest step, for diagnostics and pictures.
     """
 
-    name = "aet"
-    views = ("crop_flip",)
+    name: ClassVar[str] = "aet"
+    views = ("crop_flip",)  # main.py's transform_pre, shared by the image and its warp
+    Config: ClassVar[type[MethodConfig]] = AETConfig
+    config: AETConfig
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        num_samples: int,
-        shift: int = 4,
-        scale: Sequence[float] = (0.8, 1.2),
-        fillcolor: int | Sequence[int] = 128,
-        interpolation: str = "bilinear",
-        recon_transformed: bool = False,
-        feature_layer: str | None = None,
-    ) -> None:
-        super().__init__(
-            backbone, num_samples, shift=shift, scale=scale, fillcolor=fillcolor,
-            interpolation=interpolation, recon_transformed=recon_transformed,
-            feature_layer=feature_layer,
-        )
-        if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
-            raise ValueError(f"method.shift must be an int >= 0 (pixels; AET uses 4), "
-                             f"got {shift!r}")
-        if (not isinstance(scale, Sequence) or isinstance(scale, str) or len(scale) != 2
-                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in scale)
-                or not 0 < scale[0] <= scale[1]):
-            raise ValueError(f"method.scale must be [low, high] with 0 < low <= high "
-                             f"(AET: [0.8, 1.2]), got {scale!r}")
-        fills = [fillcolor] if isinstance(fillcolor, int | float) else fillcolor
-        if (isinstance(fillcolor, bool) or not isinstance(fills, Sequence)
-                or len(fills) not in (1, 3)
-                or not all(isinstance(v, int | float) and not isinstance(v, bool)
-                           and 0 <= v <= 255 for v in fills)):
-            raise ValueError(f"method.fillcolor must be a value in [0, 255] or three of them "
-                             f"(AET: 128), got {fillcolor!r}")
-        if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"method.interpolation must be one of {INTERPOLATIONS} "
-                             f"(AET: 'bilinear'), got {interpolation!r}")
-        if not isinstance(recon_transformed, bool):
-            raise ValueError(f"method.recon_transformed must be true or false, "
-                             f"got {recon_transformed!r}")
-        self.feature_layer = feature_layer
+    def __init__(self, backbone: nn.Module, num_samples: int,
+                 config: AETConfig | dict[str, Any] | None = None, **overrides: Any) -> None:
+        super().__init__(backbone, num_samples, config, **overrides)
+        c = self.config
+        self.feature_layer = c.feature_layer
         self._features: Tensor | None = None
-        if feature_layer is not None:
+        if c.feature_layer is not None:
             modules = dict(backbone.named_modules())
-            if feature_layer not in modules or not feature_layer:
-                raise ValueError(f"method.feature_layer={feature_layer!r} is not a module of "
-                                 f"{type(backbone).__name__}; e.g. "
-                                 f"{[n for n in modules if n and '.' not in n][:8]}")
-            shape = backbone.feature_shape(feature_layer)
-            out_dim = shape[0]
-            modules[feature_layer].register_forward_hook(self._keep_features)
+            if c.feature_layer not in modules or not c.feature_layer:
+                raise SchemaError(f"method.feature_layer={c.feature_layer!r} is not a module of "
+                                  f"{type(backbone).__name__}; e.g. "
+                                  f"{[n for n in modules if n and '.' not in n][:8]}")
+            out_dim = backbone.feature_shape(c.feature_layer)[0]
+            modules[c.feature_layer].register_forward_hook(self._keep_features)
         else:
-            out_dim = getattr(backbone, "out_dim", None)
-        if isinstance(out_dim, bool) or not isinstance(out_dim, int) or out_dim < 1:
-            raise ValueError(
-                f"AET needs backbone.out_dim, the size of backbone(x)'s (N, D) output, to size "
-                f"its regressor; {type(backbone).__name__} has out_dim={out_dim!r}. Use a "
-                "adapters.backbones backbone (e.g. nin) or set out_dim on yours."
-            )
-        self.shift = shift
-        self.scale = (float(scale[0]), float(scale[1]))
-        self.fill = tuple(float(v) / 255.0 for v in fills)
-        self.interpolation = interpolation
-        self.recon_transformed = recon_transformed
+            out_dim = out_dim_of(backbone, "AET")
+        self.shift = c.shift
+        self.scale = c.scale
+        # Deviation: the fill is 128 / 255 on every Pillow version; the original passes its
+        # fillcolor only on Pillow 5.x and fills black elsewhere. It lies inside the [0, 1]
+        # range the reconstruction objective checks.
+        self.fill = tuple(float(v) / 255.0 for v in c.fills)
+        self.interpolation = c.interpolation
+        self.recon_transformed = c.recon_transformed
         self.regressor = nn.Linear(2 * out_dim, 8)  # AET's Regressor.fc (indim=384 for NIN)
         nn.init.zeros_(self.regressor.bias)
         self._rng_key: tuple[int, int, int, int] | None = None
@@ -207,7 +145,12 @@ class AET(Method):
 
     # -- randomness ------------------------------------------------------------------------------
     def before_step(self, ctx: EngineContext) -> None:
-        """Keys this step's transformations to ``(seed, epoch, step, rank)``."""
+        """Keys this step's transformations to ``(seed, epoch, step, rank)``.
+
+        Deviation: the original draws from Python's global ``random`` in data-loader workers;
+        keyed generators make a resumed run draw exactly the transformations of an
+        uninterrupted one.
+        """
         self._rng_key = (int(ctx.seed), int(ctx.epoch), int(ctx.step), int(ctx.rank))
         self._calls = 0
 
@@ -245,6 +188,9 @@ class AET(Method):
         x = views[0]
         if x.dim() != 4:
             raise ValueError(f"AET expects views[0] of shape (N, 3, H, W), got {tuple(x.shape)}")
+        # Deviation: no per-channel Normalize(mean, std) of the inputs: the engine feeds [0, 1]
+        # images to training, evaluation and the objective alike; the BatchNorm after conv1
+        # absorbs a per-channel affine map except at the padded border.
         xt, target = self.transform(x, self._generator())
         f1 = self._forward(x)
         f2 = self._forward(xt)
@@ -293,5 +239,3 @@ class AET(Method):
                 + "; resume with the same method settings."
             )
 
-
-METHOD = AET

@@ -1,13 +1,14 @@
 """What a self-supervised method plugs into the shared training engine (``adapters/engine.py``).
 
-A method file (``deepcluster.py``, ``sela.py``, ``aet.py``) holds only what is specific to its
-method: its pseudo-label or target step, its heads, its loss. The engine owns everything else
-(data, epochs, optimizer, LR schedule, seeds, checkpoints, logging, evaluation, distributed
-plumbing) and the two lines of ``recon_aux``:
+A method file (``deepcluster.py``, ``sela.py``, ``aet.py``, ...) holds only what is specific to
+its method: its hyperparameters (a :class:`MethodConfig`), its pseudo-label or target step, its
+heads, its loss; ``adapters/methods/__init__.py`` registers it by name. The engine owns
+everything else (data, epochs, optimizer, LR schedule, seeds, checkpoints, logging, evaluation,
+distributed plumbing) and the two lines of ``recon_aux``:
 
 .. code-block:: python
 
-    aux = recon_aux.attach(backbone, optimizer, config=cfg["recon"])  # engine, once
+    aux = recon_aux.attach(backbone, optimizer, config=cfg.recon.config)  # engine, once
     out = method.training_step(views, indices)                        # method
     loss = out.loss + sum(aux.loss(x) for x in out.recon_inputs)      # engine, each step
 
@@ -20,15 +21,40 @@ forward hook captures conv5) and returns its loss and the tensors it fed the bac
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Method", "StepOutput", "EngineContext"]
+from ..schema import Section
+
+__all__ = ["Method", "MethodConfig", "StepOutput", "EngineContext", "out_dim_of"]
+
+
+@dataclass(frozen=True)
+class MethodConfig(Section):
+    """A method's hyperparameters: the keys of a run config's ``method:`` section besides
+    ``name``. Each method subclasses it with its fields (this base has none); unknown keys,
+    wrong types and values out of range are errors that name the key (see
+    :mod:`adapters.schema`)."""
+
+    label: ClassVar[str] = "method"
+    noun: ClassVar[str] = "hyperparameter"
+
+
+def out_dim_of(backbone: nn.Module, method: str) -> int:
+    """``backbone.out_dim``, the size of ``backbone(x)``'s ``(N, D)`` output that a method's
+    heads are sized with; a ValueError that says so when the backbone has none."""
+    out_dim = getattr(backbone, "out_dim", None)
+    if isinstance(out_dim, bool) or not isinstance(out_dim, int) or out_dim < 1:
+        raise ValueError(
+            f"{method} needs backbone.out_dim, the size of backbone(x)'s (N, D) output, to size "
+            f"its heads; {type(backbone).__name__} has out_dim={out_dim!r}. Use an "
+            "adapters.backbones backbone (e.g. alexnet_cifar, nin) or set out_dim on yours.")
+    return out_dim
 
 
 @dataclass
@@ -97,16 +123,29 @@ class Method(nn.Module, ABC):
     returns) is checkpointed by the engine and restored on resume. Parameters are optimised by the
     engine's optimizer together with the backbone.
 
-    Subclasses set ``name`` and ``views`` (augmentation presets of the views the loader yields,
-    e.g. ``("crop_flip",)``) and implement :meth:`training_step`; the hooks default to no-ops.
+    Subclasses set ``name`` (their registry key), ``views`` (augmentation presets of the views
+    the loader yields, e.g. ``("crop_flip",)``) and ``Config`` (their :class:`MethodConfig`),
+    and implement :meth:`training_step`; the hooks default to no-ops.
+
+    Args:
+        backbone: The encoder (shared with the engine, not a submodule of the method).
+        num_samples: Size of the training set.
+        config: The hyperparameters: a ``Config`` instance, a mapping of its keys, or None.
+        **overrides: Hyperparameters that replace those of ``config``, e.g. ``k=10``.
+
+    Attributes:
+        config: The validated hyperparameters (a ``Config`` instance).
     """
 
-    name: str = "method"
+    name: ClassVar[str] = "method"
     views: tuple[str, ...] = ("crop_flip",)
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
 
-    def __init__(self, backbone: nn.Module, num_samples: int, **hparams: Any) -> None:
+    def __init__(self, backbone: nn.Module, num_samples: int,
+                 config: MethodConfig | Mapping[str, Any] | None = None,
+                 **overrides: Any) -> None:
         super().__init__()
-        self.hparams = hparams
+        self.config = self.Config.from_any(config, where=f"method {self.name!r}", **overrides)
         self.num_samples = num_samples
         object.__setattr__(self, "backbone", backbone)  # shared, not a submodule of the method
 

@@ -1,78 +1,12 @@
-"""DeepCluster (Caron et al., ECCV 2018) as a method of the shared engine.
+"""DeepCluster (Caron et al., ECCV 2018): k-means pseudo-labels of fc7, re-computed every epoch.
 
-Paper: Mathilde Caron, Piotr Bojanowski, Armand Joulin, Matthijs Douze, "Deep Clustering for
-Unsupervised Learning of Visual Features", ECCV 2018 (arXiv:1807.05520).
-Code followed: ``facebookresearch/deepcluster`` at commit 2d1927e (``main.py``,
-``clustering.py``, ``util.py``, ``models/alexnet.py``, ``main.sh``); read, not copied.
-
-Each epoch (:meth:`DeepCluster.on_epoch_start`), as ``main.py``:
-
-1. features of every training image, un-augmented, in eval mode (dropout off, BN running
-   statistics), at the output of fc7 *before* its ReLU (``main.py`` removes the classifier's last
-   ReLU while computing features): ``layer="fc7.1"``, the ``nn.Linear`` of
-   :class:`~adapters.backbones.AlexNet` / :class:`~adapters.backbones.AlexNetCIFAR`, read by a
-   forward hook (``ctx.extract``);
-2. ``clustering.preprocess_features``: PCA to ``pca_dim=256`` with whitening (each component
-   scaled by eigenvalue^-0.5, as ``faiss.PCAMatrix(d, 256, eigen_power=-0.5)``), then
-   L2-normalised rows (:func:`adapters.ops.kmeans.preprocess_features`);
-3. ``clustering.run_kmeans``: k-means with ``k`` clusters (``main.sh``: 10000 on ImageNet),
-   20 iterations, no subsampling, a new seed every epoch, empty clusters re-created during the
-   iterations by splitting big ones (faiss' ``split_clusters``), final assignment = nearest
-   final centroid (:func:`adapters.ops.kmeans.kmeans`);
-4. the assignment becomes the pseudo-labels; NMI against the previous epoch's assignment (and,
-   as a diagnostic only, the true labels) is logged;
-5. ``top_layer = nn.Linear(fc7_dim, k)`` is re-created with weights ``N(0, 0.01)`` and zero bias;
-6. ``util.UnifLabelSampler`` draws the epoch's sample list (:meth:`epoch_indices`): as many
-   samples as the training set, ``N // m + 1`` from each of the ``m`` non-empty clusters (with
-   replacement when the cluster has at most that many images), shuffled, cut to ``N``.
-
-Each step (:meth:`training_step`) is ``main.train``: cross-entropy of
-``top_layer(ReLU(fc7(x)))`` (the backbone's ``forward`` output) against the pseudo-labels, SGD
-lr 0.05, momentum 0.9, weight decay 1e-5 (``main.py`` defaults; set in the run config's
-``train`` section); the augmented images ``x`` also feed the reconstruction objective.
-
-Deviations, and why:
-
-- Top layer in the shared optimizer. The original trains it with its own optimizer, re-created
-  every epoch: ``SGD(top_layer, lr, weight_decay)``, *without momentum*. The engine has one SGD
-  optimizer with momentum for everything, so (i) the top layer is re-initialised *in place* and
-  its optimizer state is deleted at every epoch start (no momentum carried across epochs), and
-  (ii) with ``top_layer_momentum=False`` (default, as the original) its momentum buffer is
-  deleted before every step, which makes PyTorch's SGD take a plain ``lr * (grad + wd * w)``
-  step for it, exactly the original's update. ``top_layer_momentum=True`` lets it use momentum.
-- Pseudo-label ids are the k-means cluster ids (``0..k-1``, empty ones unused). The original
-  renumbers the non-empty clusters to ``0..m-1`` (``ReassignedDataset``) but still builds a
-  ``k``-way top layer; both leave ``k - m`` outputs without targets, only their order differs.
-- Randomness is seeded from ``(ctx.seed, ctx.epoch)`` (k-means init and splits, sampler, top-layer
-  init) instead of a global NumPy RNG, so a run resumed after any epoch is exact.
-- k-means runs with :func:`adapters.ops.kmeans.kmeans` (``kmeans_backend``): ``"auto"`` is the
-  pure-torch implementation, on the training device (GPU when there is one); on the CPU it is
-  as fast as faiss-cpu within noise (``benchmarks/studies/kmeans.py``). ``"faiss"`` runs the
-  original's faiss k-means on the CPU (optional package). The torch version differs from faiss
-  only in its random numbers and a vectorised choice of the cluster to split (see
-  :mod:`adapters.ops.kmeans`).
-- Distributed: ``ctx.extract`` gathers every rank's features, every rank runs PCA and k-means
-  from the same seed, and rank 0's assignment is broadcast (``ctx.broadcast``) so that ranks
-  agree even where floating-point sums differ. The original is single-process.
-- ``views`` defaults to ``("crop_flip",)`` (pad-4 random crop + flip, the CIFAR standard) while
-  the original's ImageNet training uses ``RandomResizedCrop(224)`` + flip; inputs are in [0, 1]
-  without the ImageNet mean/std normalisation (a BatchNorm follows conv1). The original's
-  ``--reassign`` (epochs between clusterings, default 1) is fixed to 1 and PIC clustering is
-  not implemented.
-- A clustering layer with a spatial map (e.g. ``layer="conv5"``) is flattened per image; the
-  original clusters fc7 only.
-
-Attributes:
-    top_layer: ``nn.Linear(backbone.out_dim, k)``, re-initialised every epoch.
-    pseudo_labels: Buffer ``(num_samples,)`` int64, the current epoch's cluster of each training
-        image (``-1`` before the first clustering); checkpointed with the method's state dict.
-    labels_epoch: Epoch whose clustering ``pseudo_labels`` holds (``-1``: none yet).
-    k, layer, pca_dim, kmeans_iters, kmeans_backend, top_layer_momentum: The hyperparameters.
+Follows ``facebookresearch/deepcluster``; the provenance (paper, repository, commit, what is
+followed) is in ``docs/methods/deepcluster.md``, and each deviation is a comment at the code it
+concerns.
 
 Example:
     >>> from adapters.backbones import AlexNetCIFAR
-    >>> backbone = AlexNetCIFAR(width=0.25)
-    >>> method = DeepCluster(backbone, num_samples=1000, k=100)
+    >>> method = DeepCluster(AlexNetCIFAR(width=0.25), num_samples=1000, k=100)
     >>> method.top_layer  # fc7 (1024 at width 0.25) -> k
     Linear(in_features=1024, out_features=100, bias=True)
     >>> # engine: method.on_epoch_start(ctx); order = method.epoch_indices(ctx); then per batch
@@ -82,33 +16,69 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adapters.evaluation import nmi
-
+from ..evaluation import nmi
 from ..ops.kmeans import BACKENDS, kmeans, preprocess_features, resolve_backend
-from .base import EngineContext, Method, StepOutput
+from ..schema import SchemaError, at_least, one_of
+from .base import EngineContext, Method, MethodConfig, StepOutput, out_dim_of
 
-__all__ = ["DeepCluster", "METHOD", "uniform_label_sampler", "derive_seed"]
+__all__ = ["DeepCluster", "DeepClusterConfig", "uniform_label_sampler", "derive_seed"]
 
-# Streams of random numbers derived from (seed, epoch), one per use.
+# Streams of random numbers derived from (seed, epoch), one per use. Deviation: the original
+# draws from a global NumPy RNG; seeding each use from (seed, epoch) makes a resume exact.
 _KMEANS, _SAMPLER, _TOP_LAYER = 0, 1, 2
-_HPARAMS = (
-    "k",
-    "layer",
-    "pca_dim",
-    "pca_epsilon",
-    "kmeans_iters",
-    "kmeans_backend",
-    "top_layer_momentum",
-    "views",
-)
+
+
+@dataclass(frozen=True)
+class DeepClusterConfig(MethodConfig):
+    """DeepCluster's hyperparameters (defaults: ``main.py`` / ``main.sh``).
+
+    Attributes:
+        k: Number of k-means clusters (original: 10000 on ImageNet); ``k < num_samples``.
+        layer: What to cluster: a submodule name of the backbone (``"fc7.1"``: the fc7 Linear,
+            i.e. fc7 before ReLU, as the original) or one of its probe points.
+        pca_dim: PCA-whitening output dimension (original: 256); less than the number of
+            training images and at most the clustered layer's dimension.
+        pca_epsilon: Whitening regulariser as a fraction of the top eigenvalue, in [0, 1)
+            (original: 0, faiss' default). With 0, features that span fewer than ``pca_dim``
+            directions (dead fc units, a partial collapse) are an error; > 0 clusters them
+            anyway without amplifying their degenerate directions.
+        kmeans_iters: Lloyd iterations (original: 20).
+        kmeans_backend: ``"auto"``, ``"torch"`` or ``"faiss"`` (see
+            :mod:`adapters.ops.kmeans`).
+        top_layer_momentum: False (original): plain SGD steps for the top layer; True: the
+            optimizer's momentum applies to it too (within an epoch).
+        views: Augmentation preset of the one training view (default the class's
+            ``("crop_flip",)``); a single name is read as a one-element list.
+    """
+
+    k: int = field(default=10000, metadata=at_least(2))
+    layer: str = "fc7.1"
+    pca_dim: int = field(default=256, metadata=at_least(1))
+    pca_epsilon: float = field(default=0.0, metadata=at_least(0))
+    kmeans_iters: int = field(default=20, metadata=at_least(1))
+    kmeans_backend: str = field(default="auto", metadata=one_of(*BACKENDS))
+    top_layer_momentum: bool = False
+    views: tuple[str, ...] | str | None = None
+
+    def check(self) -> None:
+        if not self.pca_epsilon < 1:
+            raise SchemaError(f"method.pca_epsilon={self.pca_epsilon!r} must be in [0, 1) (a "
+                              "fraction of the top eigenvalue; 0 is the original)")
+        if isinstance(self.views, str):
+            object.__setattr__(self, "views", (self.views,))
+        if self.views is not None and len(self.views) != 1:
+            raise SchemaError(
+                f"DeepCluster trains on one augmented view, got views={list(self.views)}; "
+                "give one preset, e.g. [crop_flip]"
+            )
 
 
 def derive_seed(seed: int, epoch: int, stream: int) -> int:
@@ -153,111 +123,61 @@ def uniform_label_sampler(labels: Tensor | np.ndarray, size: int, seed: int) -> 
 class DeepCluster(Method):
     """DeepCluster: k-means pseudo-labels of fc7 features, re-computed every epoch.
 
-    See the module docstring for what follows the original and the deviations.
-
     Args:
         backbone: The encoder; ``forward`` gives the features the top layer classifies (fc7
             after ReLU for the AlexNets) and must have an ``out_dim`` attribute.
         num_samples: Size of the training set.
-        k: Number of k-means clusters (original: 10000 on ImageNet). Needs ``k < num_samples``.
-        layer: What to cluster: a submodule name of the backbone (``"fc7.1"``: the fc7 Linear,
-            i.e. fc7 before ReLU, as the original) or one of its probe points.
-        pca_dim: PCA-whitening output dimension (original: 256). Needs ``pca_dim < num_samples``
-            and at most the clustered layer's dimension.
-        pca_epsilon: Whitening regulariser as a fraction of the top eigenvalue (original: 0,
-            faiss' default). With 0, features that span fewer than ``pca_dim`` directions (dead
-            fc units, a partial collapse) are an error; > 0 clusters them anyway without
-            amplifying their degenerate directions.
-        kmeans_iters: Lloyd iterations (original: 20).
-        kmeans_backend: ``"auto"``, ``"torch"`` or ``"faiss"`` (see :mod:`adapters.ops.kmeans`).
-        top_layer_momentum: False (original): plain SGD steps for the top layer; True: the
-            optimizer's momentum applies to it too (within an epoch).
-        views: Augmentation presets of the training view (one), default ``("crop_flip",)``.
+        config, **overrides: The hyperparameters (:class:`DeepClusterConfig`).
+
+    Attributes:
+        top_layer: ``nn.Linear(backbone.out_dim, k)``, re-initialised every epoch.
+        pseudo_labels: Buffer ``(num_samples,)`` int64, the current epoch's cluster of each
+            training image (``-1`` before the first clustering); checkpointed with the
+            method's state dict.
+        labels_epoch: Epoch whose clustering ``pseudo_labels`` holds (``-1``: none yet).
+        k, layer, pca_dim, pca_epsilon, kmeans_iters, kmeans_backend, top_layer_momentum: The
+            hyperparameters in force.
     """
 
-    name = "deepcluster"
+    name: ClassVar[str] = "deepcluster"
+    # Deviation: pad-4 random crop + flip (the CIFAR standard) where the original's ImageNet
+    # training uses RandomResizedCrop(224) + flip; inputs in [0, 1] without the ImageNet
+    # mean/std (a BatchNorm follows conv1). The original's --reassign (epochs between
+    # clusterings) is fixed to 1 and its PIC clustering is not implemented.
     views: tuple[str, ...] = ("crop_flip",)
+    Config: ClassVar[type[MethodConfig]] = DeepClusterConfig
+    config: DeepClusterConfig
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        num_samples: int,
-        k: int = 10000,
-        layer: str = "fc7.1",
-        pca_dim: int = 256,
-        pca_epsilon: float = 0.0,
-        kmeans_iters: int = 20,
-        kmeans_backend: str = "auto",
-        top_layer_momentum: bool = False,
-        views: Sequence[str] | None = None,
-        **unknown: Any,
-    ) -> None:
-        if unknown:
-            raise TypeError(
-                f"DeepCluster got unknown hyperparameter(s) {sorted(unknown)}; valid ones: "
-                f"{', '.join(_HPARAMS)} (set them in the config's method: section)"
-            )
-        super().__init__(
-            backbone,
-            num_samples,
-            k=k,
-            layer=layer,
-            pca_dim=pca_dim,
-            pca_epsilon=pca_epsilon,
-            kmeans_iters=kmeans_iters,
-            kmeans_backend=kmeans_backend,
-            top_layer_momentum=top_layer_momentum,
-            views=views,
-        )
+    def __init__(self, backbone: nn.Module, num_samples: int,
+                 config: DeepClusterConfig | dict[str, Any] | None = None,
+                 **overrides: Any) -> None:
+        super().__init__(backbone, num_samples, config, **overrides)
+        c = self.config
         self.num_samples = _positive_int(num_samples, "num_samples")
-        self.k = _positive_int(k, "method.k")
-        if self.k < 2 or self.k >= self.num_samples:
-            raise ValueError(
-                f"method.k={k} clusters for {num_samples} training images: need "
+        if c.k >= self.num_samples:
+            raise SchemaError(
+                f"method.k={c.k} clusters for {num_samples} training images: need "
                 f"2 <= k < {num_samples}; lower method.k or use more images"
             )
-        self.pca_dim = _positive_int(pca_dim, "method.pca_dim")
-        if isinstance(pca_epsilon, bool) or not isinstance(pca_epsilon, (int, float)) \
-                or not 0 <= pca_epsilon < 1:
-            raise ValueError(f"method.pca_epsilon={pca_epsilon!r} must be a number in [0, 1) "
-                             "(a fraction of the top eigenvalue; 0 is the original)")
-        self.pca_epsilon = float(pca_epsilon)
-        if self.pca_dim >= self.num_samples:
-            raise ValueError(
-                f"method.pca_dim={pca_dim} needs more than {pca_dim} training images, got "
+        if c.pca_dim >= self.num_samples:
+            raise SchemaError(
+                f"method.pca_dim={c.pca_dim} needs more than {c.pca_dim} training images, got "
                 f"{num_samples}; lower method.pca_dim"
             )
-        self.kmeans_iters = _positive_int(kmeans_iters, "method.kmeans_iters")
-        if kmeans_backend not in BACKENDS:
-            raise ValueError(
-                f"method.kmeans_backend must be one of {BACKENDS}, got {kmeans_backend!r}"
-            )
-        if kmeans_backend == "faiss":
+        if c.kmeans_backend == "faiss":
             resolve_backend("faiss")  # raises with the install hint
-        self.kmeans_backend = kmeans_backend
-        self.top_layer_momentum = bool(top_layer_momentum)
-        if views is not None:
-            views = tuple(views) if not isinstance(views, str) else (views,)
-            if len(views) != 1:
-                raise ValueError(
-                    f"DeepCluster trains on one augmented view, got views={list(views)}; "
-                    "give one preset, e.g. [crop_flip]"
-                )
-            self.views = views
-        self.layer = str(layer)
+        self.k, self.layer, self.pca_dim = c.k, c.layer, c.pca_dim
+        self.pca_epsilon, self.kmeans_iters = c.pca_epsilon, c.kmeans_iters
+        self.kmeans_backend, self.top_layer_momentum = c.kmeans_backend, c.top_layer_momentum
+        if c.views is not None:
+            self.views = c.views
         layer_dim = _check_layer(backbone, self.layer)
         if layer_dim is not None and layer_dim < self.pca_dim:
-            raise ValueError(
+            raise SchemaError(
                 f"layer {self.layer!r} has {layer_dim} features, fewer than "
                 f"method.pca_dim={self.pca_dim}; lower method.pca_dim to at most {layer_dim}"
             )
-        out_dim = getattr(backbone, "out_dim", None)
-        if not isinstance(out_dim, int) or out_dim < 1:
-            raise TypeError(
-                f"{type(backbone).__name__} has no positive int out_dim (the size of its "
-                "forward output), needed to build the top layer; use a recon_aux backbone"
-            )
-        self.top_layer = nn.Linear(out_dim, self.k)
+        self.top_layer = nn.Linear(out_dim_of(backbone, "DeepCluster"), self.k)
         self._init_top_layer(torch.Generator().manual_seed(0))
         self.register_buffer("pseudo_labels", torch.full((self.num_samples,), -1, dtype=torch.long))
         self.labels_epoch = -1
@@ -291,6 +211,10 @@ class DeepCluster(Method):
         t0 = time.perf_counter()
         features = self._features(ctx)
         t_features = time.perf_counter() - t0
+        # Deviation: "auto" is the pure-torch k-means on the training device (on the CPU as fast
+        # as faiss-cpu within noise, benchmarks/studies/kmeans.py); "faiss" is the original's
+        # faiss k-means on the CPU. They differ only in their random numbers and a vectorised
+        # choice of the cluster to split (adapters/ops/kmeans.py).
         backend = resolve_backend(self.kmeans_backend)
         work = ctx.device if backend == "torch" else torch.device("cpu")
         points = preprocess_features(features, self.pca_dim, device=work,
@@ -302,6 +226,10 @@ class DeepCluster(Method):
             seed=derive_seed(ctx.seed, ctx.epoch, _KMEANS),
             backend=backend,
         )
+        # Deviation (the original is single-process): every rank clusters the gathered features
+        # from the same seed and rank 0's assignment is broadcast, so ranks agree even where
+        # floating-point sums differ. The ids are k-means' own (0..k-1, empty ones unused); the
+        # original renumbers the non-empty clusters to 0..m-1 but also keeps a k-way top layer.
         labels = ctx.broadcast(result.assignments.to(ctx.device, torch.long).contiguous())
         if labels.shape != (self.num_samples,) or labels.min() < 0 or labels.max() >= self.k:
             raise RuntimeError(
@@ -348,7 +276,13 @@ class DeepCluster(Method):
         )
 
     def before_step(self, ctx: EngineContext) -> None:
-        """Without top-layer momentum: drop its momentum buffer, so SGD steps it plainly."""
+        """Without top-layer momentum: drop its momentum buffer, so SGD steps it plainly.
+
+        Deviation: the original trains the top layer with its own momentum-free
+        ``SGD(top_layer, lr, weight_decay)``, re-created every epoch; the engine has one SGD
+        with momentum for everything. Dropping the buffer before each step makes PyTorch's SGD
+        take the plain ``lr * (grad + wd * w)`` step, exactly the original's update.
+        """
         if self.top_layer_momentum:
             return
         for p in self.top_layer.parameters():
@@ -428,7 +362,7 @@ class DeepCluster(Method):
         """``(num_samples, D)`` features of the training set, rows in position order."""
         features, indices = ctx.extract(self.layer)
         features = features.detach()
-        if features.ndim > 2:
+        if features.ndim > 2:  # a spatial map (layer="conv5") is flattened; the original: fc7
             features = features.flatten(1)
         indices = torch.as_tensor(indices).long()
         expected = torch.arange(self.num_samples, device=indices.device)
@@ -489,5 +423,3 @@ def _groups_of(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[d
             found |= hit
     return groups if len(found) == len(params) else None
 
-
-METHOD = DeepCluster

@@ -8,15 +8,19 @@ loss, same data as the +recon runs).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor
 
 from .base import EngineContext, Method, StepOutput
+
+__all__ = ["ReconOnly"]
 
 
 class ReconOnly(Method):
     """No loss of its own: ``recon_aux`` trains the encoder through its head."""
 
-    name = "recon_only"
+    name: ClassVar[str] = "recon_only"
     views = ("crop_flip",)
 
     def on_train_start(self, ctx: EngineContext) -> None:
@@ -31,5 +35,3 @@ class ReconOnly(Method):
         zero = sum((self.backbone(x) * 0).sum() for x in views)
         return StepOutput(zero, recon_inputs=list(views))
 
-
-METHOD = ReconOnly

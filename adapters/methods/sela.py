@@ -1,89 +1,12 @@
-"""SeLa (self-labelling via simultaneous clustering and representation learning) for the engine.
+"""SeLa (Asano et al., ICLR 2020): classify into Sinkhorn-Knopp equipartitioned pseudo-labels.
 
-Paper: Asano, Rupprecht and Vedaldi, "Self-labelling via simultaneous clustering and
-representation learning", ICLR 2020 (https://openreview.net/forum?id=Hyx-jyBFPr), Sec. 3:
-pseudo-labels are the solution of an optimal-transport problem that asks for an equipartition of
-the ``N`` training images into ``K`` clusters, solved approximately with Sinkhorn-Knopp on
-``softmax(logits) ** lambda``; the network is trained with cross-entropy against these labels, and
-the two steps alternate ``nopts`` times over training.
-
-Code followed (read, not copied): ``yukimasano/self-label`` at commit ``3891e37`` (HEAD of the
-stored snapshot; the files below are unchanged since their dates):
-
-- ``cifar.py`` (``da412d7``, 2020-06-03) and ``scripts/cifar.sh`` (``aacfb17``): the CIFAR
-  experiment: ``optimize_L_sk`` (the Sinkhorn-Knopp solver), ``opt_sk`` (which head is updated),
-  the label init, the ``optimize_times`` schedule and the training loop;
-- ``sinkhornknopp.py`` (``90e14c3``) and ``main.py`` (``7275df2``): the ImageNet variant, for the
-  differences listed below;
-- ``models/alexnet.py`` (``7700246``): the heads ``top_layer{i} = nn.Linear(4096, K)`` and their
-  init (``N(0, 0.01)`` weights, zero bias).
-
-What this module does, as ``cifar.py`` does:
-
-- Labels: ``hc`` heads, each a ``Linear(backbone.out_dim, k)`` with its own ``(N,)`` labels,
-  initialised to a random equipartition (``i % k``, shuffled per head).
-- Loss: cross-entropy of each head against its own labels, averaged over the heads.
-- Label step: the head's logits over the whole training set, in float64 (``feats @ W.T + b``,
-  then softmax), are raised to the power ``lamb`` (= 1/epsilon) and balanced by Sinkhorn-Knopp
-  (:func:`sela_sinkhorn`: ``r = (1/K) / (P c)``, ``c = (1/N) / (P^T r)``, starting from
-  ``c = 1/N``, convergence checked every 10 iterations as ``sum |c / c_new - 1| <= tol`` with
-  ``tol = 1e-2``); the new labels are the argmax over clusters of the transport plan
-  ``diag(c) P diag(r)``. The plan is an equipartition (every cluster gets ``N/K`` of mass);
-  its argmax is not exactly one: with a near-uniform ``P`` (randomly initialised heads, the
-  update before step 0) the hard clusters can range from 0 to ~20x ``N/K``. The original has the
-  same property; the logs show it (``sk_cluster_min`` / ``sk_cluster_max``).
-- Which heads: ``cifar.py`` updates ONE head per label step, head ``epoch % hc`` (``opt_sk``:
-  ``nh = epoch % args.hc``). ``main.py`` (ImageNet, ``sinkhornknopp.cpu_sk``/``gpu_sk``) instead
-  updates ALL heads at every label step. ``head_schedule="epoch"`` (default) follows cifar.py,
-  ``"all"`` follows main.py, ``"cycle"`` updates head ``update_index % hc`` (the same as
-  ``"epoch"`` whenever there is at most one update per epoch, as in the paper setting; it differs
-  when several updates fall in one epoch, where ``"epoch"`` updates the same head repeatedly and
-  leaves others at their random init: a warning says so).
-- When: ``nopts`` label steps at the times ``(epochs + 1.0001) * linspace(0, 1, nopts)`` epochs,
-  i.e. linearly spaced, the first one before the first optimizer step, the last one after the end
-  of training (so ``nopts - 1`` or fewer actually run); a step runs before the first batch whose
-  sample count ``step * N / steps_per_epoch`` reaches the time, at most one per batch (a time that
-  falls in a batch that already had an update waits for the next batch, as in cifar.py, which
-  pops one time per batch). :func:`label_update_steps` computes the list of optimizer steps; it
-  is a pure function of ``(nopts, epochs, steps_per_epoch)``, and the checkpoint stores how many
-  of its entries are done, so a resumed run makes exactly the same updates.
-- Defaults: ``scripts/cifar.sh`` and ``cifar.py``'s argparse defaults (hc=10, K=128, lamb=10,
-  nopts=400; the script does not set ``--lamb``, so CIFAR used 10, not main.py's 25).
-- Augmentation: cifar.py trains on ``Resize(256), RandomResizedCrop(224, scale=(0.2, 1)),
-  ColorJitter(0.4, 0.4, 0.4, 0.4), RandomGrayscale(0.2), RandomHorizontalFlip``. Of the recon_aux
-  presets the closest is ``"simclr"`` (RandomResizedCrop scale (0.08, 1), flip, jitter
-  (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale 0.2); ``"crop_flip"`` has no colour augmentation at
-  all, which cifar.py has at full strength. So ``views = ("simclr",)``.
-
-Deviations (and why):
-
-- The label step reads features from ``ctx.extract``: un-augmented images, network in eval mode
-  (BatchNorm running statistics, no dropout). cifar.py (and main.py) compute them with the
-  training loader (augmented images) while the network is still in train mode (batch statistics,
-  dropout 0.5 before fc6/fc7). The engine's interface only offers the clean pass, and the paper
-  defines the assignment on the images, not on augmentations of them.
-- The update time is counted in ``step * N / steps_per_epoch`` samples; cifar.py counts
-  ``step * batch_size`` (the engine drops the last partial batch and does not tell methods the
-  batch size; the two differ by less than one batch per epoch).
-- Convergence: cifar.py loops until converged with no bound; here ``max_sk_iters`` (default
-  100,000) bounds it with an error. A cluster whose ``p ** lamb`` underflows to 0 on every image
-  makes cifar.py produce NaN; here it is an error that says to lower ``lamb``.
-- Float64 Sinkhorn runs on the features' device (cifar.py: numpy on the CPU), on the CPU for MPS
-  (no float64 there); every rank computes it and rank 0's labels are broadcast.
-- Input normalisation: cifar.py normalises images with the CIFAR mean/std; engine views are in
-  [0, 1] (the engine's choice, the same for every method).
-
-Not from lightly: ``lightly.loss.swav_loss.sinkhorn`` balances the same matrix (``exp(out / eps)``
-with ``out = log p``, ``eps = 1 / lamb``) with the same row-then-column updates, so run for the
-same number of iterations in float64 it gives the same labels (``tests/test_sela.py`` checks
-this), but it runs a fixed number of iterations (default 3) with no convergence test, in the
-input's dtype (float32 underflows for ``p ** 25``), and returns SwAV's soft codes. SeLa needs the
-tolerance-controlled, float64 run, so :func:`sela_sinkhorn` is its own.
+Follows ``yukimasano/self-label`` ``cifar.py``; the provenance (paper, repository, commit, what
+is followed) is in ``docs/methods/sela.md``, and each deviation is a comment at the code it
+concerns.
 
 Example:
     >>> from adapters.backbones import AlexNetCIFAR
-    >>> backbone = AlexNetCIFAR(width=0.25)
-    >>> method = SeLa(backbone, num_samples=1000, hc=2, k=10)
+    >>> method = SeLa(AlexNetCIFAR(width=0.25), num_samples=1000, hc=2, k=10)
     >>> method.labels.shape, [tuple(h.weight.shape) for h in method.heads]
     (torch.Size([2, 1000]), [(10, 1024), (10, 1024)])
 """
@@ -93,149 +16,54 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adapters.evaluation import nmi
+from ..evaluation import nmi
+from ..ops.sinkhorn import sela_sinkhorn
+from ..schema import SchemaError, above, at_least, one_of
+from .base import EngineContext, Method, MethodConfig, StepOutput, out_dim_of
 
-from .base import EngineContext, Method, StepOutput
-
-__all__ = ["SeLa", "SinkhornResult", "sela_sinkhorn", "label_update_steps", "METHOD"]
+__all__ = ["SeLa", "SeLaConfig", "label_update_steps"]
 
 HEAD_SCHEDULES = ("epoch", "cycle", "all")
 LABEL_PASSES = ("clean", "augmented")
 
 
-# ---------------------------------------------------------------------------------------------
-# Sinkhorn-Knopp
-
-
-@dataclass
-class SinkhornResult:
-    """What :func:`sela_sinkhorn` returns.
+@dataclass(frozen=True)
+class SeLaConfig(MethodConfig):
+    """SeLa's hyperparameters (defaults: ``scripts/cifar.sh`` and ``cifar.py``'s argparse).
 
     Attributes:
-        labels: ``(N,)`` int64, argmax over clusters of the transport plan.
-        r: ``(K,)`` float64 cluster scaling.
-        c: ``(N,)`` float64 sample scaling; the plan is ``c[:, None] * probs**lamb * r[None]``.
-        iterations: Sinkhorn iterations run (``1 + check_every * m``).
-        error: ``sum |c / c_new - 1|`` at the last check (``<= tol``).
-        cost: ``-mean(log probs[n, labels[n]])``, the cost cifar.py prints.
-        plan: The ``(N, K)`` float64 transport plan (rows sum to ``1/N``, columns to about
-            ``1/K``) when asked for with ``return_plan=True``, else None.
+        hc: Number of heads (cifar.sh 10).
+        k: Clusters per head (cifar.sh 128); at most the number of training images.
+        lamb: Sinkhorn power ``1/epsilon`` (cifar.py 10; main.py 25).
+        nopts: Label optimisations in the schedule (cifar.sh 400), see
+            :func:`label_update_steps`.
+        tol: Sinkhorn tolerance (cifar.py 1e-2).
+        head_schedule: ``"epoch"`` (cifar.py: head ``epoch % hc``), ``"cycle"`` (head
+            ``update_index % hc``) or ``"all"`` (main.py: every head at every update).
+        feature_layer: Layer name for ``ctx.extract``; default: the backbone's
+            ``output_layer`` (e.g. ``"fc7"``), whose output ``forward`` returns.
+        max_sk_iters: Bound on Sinkhorn iterations (an error beyond).
+        label_pass: Images the label step reads: ``"clean"`` (un-augmented, eval mode) or
+            ``"augmented"`` (the training augmentation, train mode, as cifar.py's ``opt_sk``).
     """
 
-    labels: Tensor
-    r: Tensor
-    c: Tensor
-    iterations: int
-    error: float
-    cost: float
-    plan: Tensor | None = None
-
-
-@torch.no_grad()
-def sela_sinkhorn(
-    probs: Tensor,
-    lamb: float,
-    tol: float = 1e-2,
-    check_every: int = 10,
-    max_iters: int = 100_000,
-    return_plan: bool = False,
-) -> SinkhornResult:
-    """SeLa's Sinkhorn-Knopp: equipartitioned pseudo-labels from class probabilities.
-
-    Solves ``max_Q <Q, log P>`` + entropy over transport plans with uniform marginals
-    (``N`` samples, ``K`` clusters, each cluster ``N/K`` samples) by scaling ``P ** lamb`` as
-    ``yukimasano/self-label`` ``cifar.py`` ``optimize_L_sk`` does, in float64::
-
-        c = 1/N;  repeat: r = (1/K) / (P^T c);  c_new = (1/N) / (P r)
-        every check_every-th iteration (the 1st, 11th, ...): err = sum |c / c_new - 1|
-        stop when err <= tol;  labels = argmax_k c_n P_nk r_k
-
-    Args:
-        probs: ``(N, K)`` non-negative probabilities (softmax of the head's logits); converted
-            to float64 first (pass float64 to keep the precision of the softmax).
-        lamb: The power ``lambda = 1 / epsilon`` (cifar.py default 10, main.py 25).
-        tol: Convergence tolerance on ``sum |c / c_new - 1|`` (cifar.py 1e-2, main.py 1e-1).
-        check_every: Iterations between convergence checks (10 in the original).
-        max_iters: Raise if not converged after this many iterations.
-        return_plan: Also return the ``(N, K)`` transport plan.
-
-    Returns:
-        :class:`SinkhornResult` (labels on ``probs.device``).
-
-    Raises:
-        ValueError: Bad shapes/values, or a cluster whose ``p ** lamb`` underflows to 0 for
-            every sample (lower ``lamb``).
-        RuntimeError: No convergence within ``max_iters``.
-
-    Example:
-        >>> probs = torch.softmax(torch.randn(100, 10, dtype=torch.float64), 1)
-        >>> res = sela_sinkhorn(probs, lamb=25)
-        >>> res.labels.shape, res.error <= 1e-2
-        (torch.Size([100]), True)
-    """
-    if probs.ndim != 2 or min(probs.shape) < 1:
-        raise ValueError(f"probs must be a non-empty (N, K) matrix, got shape {tuple(probs.shape)}")
-    if not (lamb > 0 and math.isfinite(lamb)):
-        raise ValueError(f"lamb must be a positive finite number (e.g. 10 or 25), got {lamb!r}")
-    if not tol > 0 or check_every < 1 or max_iters < 1:
-        raise ValueError(
-            f"need tol > 0, check_every >= 1, max_iters >= 1; got {tol}, {check_every}, "
-            f"{max_iters}"
-        )
-    n, k = probs.shape
-    p = probs.to(torch.float64, copy=True)
-    if not torch.isfinite(p).all() or (p < 0).any():
-        raise ValueError(
-            "probs has negative or non-finite entries; pass softmax probabilities (check the "
-            "features and head weights for NaN/inf)"
-        )
-    p.pow_(lamb)  # P ** lambda, (N, K)
-    dead = (p.sum(0) == 0).nonzero().flatten()
-    if dead.numel():
-        raise ValueError(
-            f"{dead.numel()} of {k} clusters have p ** lamb == 0 (float64 underflow) for every "
-            f"sample, e.g. cluster {int(dead[0])}; Sinkhorn-Knopp cannot give them mass. Lower "
-            f"lamb (now {lamb}) or check the head for collapse."
-        )
-    if (p.sum(1) == 0).any():
-        raise ValueError(
-            f"some samples have p ** lamb == 0 for every cluster (float64 underflow); lower lamb "
-            f"(now {lamb})"
-        )
-    inv_k, inv_n = 1.0 / k, 1.0 / n
-    c = torch.full((n,), inv_n, dtype=torch.float64, device=p.device)
-    err = math.inf
-    iterations = 0
-    while err > tol:
-        if iterations >= max_iters:
-            raise RuntimeError(
-                f"Sinkhorn-Knopp did not converge in {max_iters} iterations (error {err:.3g} > "
-                f"tol {tol}); raise max_sk_iters or tol, or lower lamb ({lamb})"
-            )
-        r = inv_k / (p.T @ c)
-        c_new = inv_n / (p @ r)
-        if iterations % check_every == 0:
-            err = float((c / c_new - 1).abs().sum())
-            if not math.isfinite(err):
-                raise ValueError(
-                    f"Sinkhorn-Knopp diverged to a non-finite error at iteration {iterations + 1}"
-                    f" (lamb {lamb}); lower lamb"
-                )
-        c = c_new
-        iterations += 1
-    labels = torch.argmax(p * r, dim=1)  # c_n is constant along a row: same argmax as the plan
-    chosen = probs.to(torch.float64).gather(1, labels[:, None]).squeeze(1)
-    cost = float(-chosen.log().mean())
-    plan = p.mul_(r).mul_(c[:, None]) if return_plan else None
-    return SinkhornResult(labels, r, c, iterations, err, cost, plan)
+    hc: int = field(default=10, metadata=at_least(1))
+    k: int = field(default=128, metadata=at_least(2))
+    lamb: float = field(default=10.0, metadata=above(0))
+    nopts: int = field(default=400, metadata=at_least(0))
+    tol: float = field(default=1e-2, metadata=above(0))
+    head_schedule: str = field(default="epoch", metadata=one_of(*HEAD_SCHEDULES))
+    feature_layer: str | None = None
+    max_sk_iters: int = field(default=100_000, metadata=at_least(1))
+    label_pass: str = field(default="clean", metadata=one_of(*LABEL_PASSES))
 
 
 def label_update_steps(nopts: int, epochs: int, steps_per_epoch: int) -> list[int]:
@@ -243,7 +71,13 @@ def label_update_steps(nopts: int, epochs: int, steps_per_epoch: int) -> list[in
 
     The times are ``(epochs + 1.0001) * linspace(0, 1, nopts)`` epochs; update ``j`` runs before
     the first step ``s`` with ``s >= time_j * steps_per_epoch`` and after the step of update
-    ``j - 1`` (one update per step); times at or after the end of training never run.
+    ``j - 1`` (one update per step, as cifar.py pops one time per batch); times at or after
+    the end of training never run. A pure function of its arguments: a resumed run plans the
+    same steps.
+
+    Deviation: time is counted in ``step * N / steps_per_epoch`` samples, where cifar.py counts
+    ``step * batch_size`` (the engine drops the last partial batch; the two differ by less than
+    one batch per epoch).
 
     Args:
         nopts: Number of label optimisations in the schedule (``--nopts``).
@@ -278,36 +112,21 @@ def label_update_steps(nopts: int, epochs: int, steps_per_epoch: int) -> list[in
 class SeLa(Method):
     """SeLa: multi-head classification against Sinkhorn-Knopp equipartitioned pseudo-labels.
 
-    Follows Asano et al., ICLR 2020, and ``yukimasano/self-label`` ``cifar.py`` (see the module
-    docstring for the commit, what is followed and every deviation).
-
     Shapes: ``training_step`` takes one view ``(B, 3, H, W)`` and ``indices (B,)``; each head maps
     ``backbone(x)`` ``(B, out_dim)`` to ``(B, k)`` logits; ``labels`` is ``(hc, num_samples)``.
-
-    Attributes:
-        heads: ``hc`` ``nn.Linear(backbone.out_dim, k)`` (init ``N(0, 0.01)``, zero bias).
-        labels: Buffer ``(hc, num_samples)`` int64, the current pseudo-labels of every head.
-        update_steps: Optimizer steps with a label update (set in ``on_train_start``).
-        updates_done: How many entries of ``update_steps`` have run.
-        feature_layer: What ``ctx.extract`` reads for the label step (the layer feeding the heads).
 
     Args:
         backbone: Encoder whose ``forward`` returns ``(B, out_dim)`` (``out_dim`` attribute).
         num_samples: Training-set size ``N``.
-        hc: Number of heads (cifar.sh 10).
-        k: Clusters per head (cifar.sh 128).
-        lamb: Sinkhorn power ``1/epsilon`` (cifar.py 10; main.py 25).
-        nopts: Label optimisations in the schedule (cifar.sh 400), see
-            :func:`label_update_steps`.
-        tol: Sinkhorn tolerance (cifar.py 1e-2).
-        head_schedule: ``"epoch"`` (cifar.py: head ``epoch % hc``), ``"cycle"`` (head
-            ``update_index % hc``) or ``"all"`` (main.py: every head at every update).
-        feature_layer: Layer name for ``ctx.extract``; default: the backbone's last stage (e.g.
-            ``"fc7"``), which must be its ``forward`` output.
-        max_sk_iters: Bound on Sinkhorn iterations (error beyond).
-        label_pass: Images the label step reads: ``"clean"`` (un-augmented, eval mode) or
-            ``"augmented"`` (the training augmentation, train mode: ``cifar.py``'s ``opt_sk``
-            iterates the training loader inside ``train()``, after ``model.train()``).
+        config, **overrides: The hyperparameters (:class:`SeLaConfig`).
+
+    Attributes:
+        heads: ``hc`` ``nn.Linear(backbone.out_dim, k)`` (init ``N(0, 0.01)``, zero bias, as
+            ``models/alexnet.py``'s ``_initialize_weights``).
+        labels: Buffer ``(hc, num_samples)`` int64, the current pseudo-labels of every head.
+        update_steps: Optimizer steps with a label update (set in ``on_train_start``).
+        updates_done: How many entries of ``update_steps`` have run.
+        feature_layer: What ``ctx.extract`` reads for the label step (the layer feeding the heads).
 
     Example:
         >>> from adapters.backbones import AlexNetCIFAR
@@ -317,79 +136,32 @@ class SeLa(Method):
         (torch.Size([]), 1)
     """
 
-    name = "sela"
-    views = ("simclr",)
+    name: ClassVar[str] = "sela"
+    views = ("simclr",)  # cifar.py's crop + colour jitter + grayscale: the closest engine preset
+    Config: ClassVar[type[MethodConfig]] = SeLaConfig
+    config: SeLaConfig
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        num_samples: int,
-        hc: int = 10,
-        k: int = 128,
-        lamb: float = 10.0,
-        nopts: int = 400,
-        tol: float = 1e-2,
-        head_schedule: str = "epoch",
-        feature_layer: str | None = None,
-        max_sk_iters: int = 100_000,
-        label_pass: str = "clean",
-        **unknown: Any,
-    ) -> None:
-        if unknown:
-            raise TypeError(
-                f"SeLa got unknown hyperparameter(s) {sorted(unknown)}; valid: hc, k, lamb, nopts, "
-                "tol, head_schedule, feature_layer, max_sk_iters, label_pass"
-            )
-        hparams = dict(hc=hc, k=k, lamb=lamb, nopts=nopts, tol=tol, head_schedule=head_schedule,
-                       feature_layer=feature_layer, max_sk_iters=max_sk_iters,
-                       label_pass=label_pass)
-        super().__init__(backbone, num_samples, **hparams)
-        for name, value, low in (("hc", hc, 1), ("k", k, 2), ("nopts", nopts, 0),
-                                 ("num_samples", num_samples, 1), ("max_sk_iters", max_sk_iters,
-                                                                   1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"SeLa: {name} must be an int >= {low}, got {value!r}")
-        if k > num_samples:
-            raise ValueError(
-                f"SeLa: k={k} clusters for {num_samples} samples leaves clusters empty; use "
+    def __init__(self, backbone: nn.Module, num_samples: int,
+                 config: SeLaConfig | dict[str, Any] | None = None, **overrides: Any) -> None:
+        super().__init__(backbone, num_samples, config, **overrides)
+        c = self.config
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise SchemaError(f"SeLa: num_samples must be an int >= 1, got {num_samples!r}")
+        if c.k > num_samples:
+            raise SchemaError(
+                f"SeLa: k={c.k} clusters for {num_samples} samples leaves clusters empty; use "
                 f"k <= num_samples"
             )
-        if isinstance(lamb, bool) or not isinstance(lamb, int | float) or not (
-            0 < lamb < math.inf
-        ):
-            raise ValueError(f"SeLa: lamb must be a positive number (cifar.py: 10), got {lamb!r}")
-        if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol > 0:
-            raise ValueError(f"SeLa: tol must be a positive number (cifar.py: 1e-2), got {tol!r}")
-        if label_pass not in LABEL_PASSES:
-            raise ValueError(f"SeLa: label_pass must be one of {LABEL_PASSES}, got {label_pass!r}")
-        if head_schedule not in HEAD_SCHEDULES:
-            raise ValueError(
-                f"SeLa: head_schedule must be one of {HEAD_SCHEDULES}, got {head_schedule!r}"
-            )
-        out_dim = getattr(backbone, "out_dim", None)
-        if not isinstance(out_dim, int) or out_dim < 1:
-            raise ValueError(
-                f"SeLa needs a backbone with an int out_dim attribute (its forward output size); "
-                f"{type(backbone).__name__} has out_dim={out_dim!r}"
-            )
-        if feature_layer is None:
-            stages = getattr(backbone, "_stage_names", ())
-            if not stages:
-                raise ValueError(
-                    f"SeLa cannot tell which layer of {type(backbone).__name__} feeds the heads; "
-                    "pass feature_layer=<the module/probe point whose output is forward()'s>"
-                )
-            feature_layer = stages[-1]
-        self.hc, self.k, self.lamb, self.nopts = hc, k, float(lamb), nopts
-        self.tol, self.head_schedule, self.max_sk_iters = float(tol), head_schedule, max_sk_iters
-        self.feature_layer = feature_layer
-        self.label_pass = label_pass
+        out_dim = out_dim_of(backbone, "SeLa")
+        self.feature_layer = c.feature_layer or _output_layer(backbone)
+        self.hc, self.k, self.lamb, self.nopts = c.hc, c.k, c.lamb, c.nopts
+        self.head_schedule, self.label_pass = c.head_schedule, c.label_pass
 
-        self.heads = nn.ModuleList(nn.Linear(out_dim, k) for _ in range(hc))
+        self.heads = nn.ModuleList(nn.Linear(out_dim, c.k) for _ in range(c.hc))
         for head in self.heads:  # models/alexnet.py _initialize_weights: N(0, 0.01), zero bias
             nn.init.normal_(head.weight, 0.0, 0.01)
             nn.init.zeros_(head.bias)
-        self.register_buffer("labels", torch.zeros(hc, num_samples, dtype=torch.long))
+        self.register_buffer("labels", torch.zeros(c.hc, num_samples, dtype=torch.long))
         self.update_steps: list[int] | None = None
         self.updates_done = 0
         self._labels_initialized = False
@@ -423,6 +195,8 @@ class SeLa(Method):
             self._labels_initialized = True
             self.updates_done = 0
         self.update_steps = steps
+        # "epoch" is cifar.py's rule (head epoch % hc); with several updates in one epoch it
+        # updates the same head repeatedly and leaves others at their random init: warn.
         if self.head_schedule == "epoch" and self.hc > 1:
             never = sorted(set(range(self.hc)) - {
                 (s // ctx.steps_per_epoch) % self.hc for s in steps})
@@ -442,7 +216,7 @@ class SeLa(Method):
         if self.updates_done < len(self.update_steps) and (
             ctx.step >= self.update_steps[self.updates_done]
         ):
-            if self.head_schedule == "all":
+            if self.head_schedule == "all":  # main.py (ImageNet): every head at every update
                 heads = list(range(self.hc))
             elif self.head_schedule == "cycle":
                 heads = [self.updates_done % self.hc]
@@ -487,6 +261,11 @@ class SeLa(Method):
     def update_labels(self, ctx: EngineContext, heads: list[int]) -> None:
         """Recomputes the labels of ``heads`` from the whole training set (one extract)."""
         t0 = time.perf_counter()
+        # Deviation (default label_pass="clean"): the features of un-augmented images with the
+        # network in eval mode (BatchNorm running statistics, no dropout); the paper defines the
+        # assignment on the images. cifar.py (and main.py) read the training loader (augmented
+        # images) in train mode (batch statistics, dropout 0.5 before fc6/fc7), which is
+        # label_pass="augmented".
         if self.label_pass == "augmented":
             feats, idx = ctx.extract(self.feature_layer, augmented=True)
         else:
@@ -506,6 +285,9 @@ class SeLa(Method):
                 f"ctx.extract returned indices that are not a permutation of 0..{n - 1}; the "
                 "label step needs every training image exactly once"
             )
+        # Deviation: float64 Sinkhorn on the features' device (cifar.py: numpy on the CPU), on
+        # the CPU for MPS (no float64 there); every rank computes it and rank 0's labels are
+        # broadcast, so ranks agree where floating-point sums differ.
         device = feats.device if feats.device.type != "mps" else torch.device("cpu")
         feats = feats.to(device)
         idx = idx.to(device)
@@ -517,7 +299,8 @@ class SeLa(Method):
             logits = torch.cat([f.to(torch.float64) @ w.T + b for f in feats.split(8192)])
             probs = torch.softmax(logits, dim=1)
             del logits
-            res = sela_sinkhorn(probs, self.lamb, self.tol, max_iters=self.max_sk_iters)
+            res = sela_sinkhorn(probs, self.lamb, self.config.tol,
+                                max_iters=self.config.max_sk_iters)
             del probs
             new = torch.empty(n, dtype=torch.long, device=device)
             new[idx] = res.labels
@@ -561,4 +344,13 @@ class SeLa(Method):
         self._saved_steps = None if steps is None else [int(s) for s in steps]
 
 
-METHOD = SeLa
+
+def _output_layer(backbone: nn.Module) -> str:
+    """The layer whose output ``backbone.forward`` returns (a Backbone's ``output_layer``)."""
+    layer = getattr(backbone, "output_layer", None)
+    if not isinstance(layer, str):
+        raise SchemaError(
+            f"SeLa cannot tell which layer of {type(backbone).__name__} feeds the heads; "
+            "pass feature_layer=<the module/probe point whose output is forward()'s>"
+        )
+    return layer

@@ -7,11 +7,28 @@ classifier on the backbone's output (``out_dim``) against the training labels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import EngineContext, Method, StepOutput
+from ..schema import at_least
+from .base import EngineContext, Method, MethodConfig, StepOutput, out_dim_of
+
+__all__ = ["Supervised", "SupervisedConfig"]
+
+
+@dataclass(frozen=True)
+class SupervisedConfig(MethodConfig):
+    """The supervised reference row's one setting.
+
+    Attributes:
+        num_classes: Outputs of the linear classifier (more than the largest label).
+    """
+
+    num_classes: int = field(default=10, metadata=at_least(1))
 
 
 class Supervised(Method):
@@ -22,12 +39,16 @@ class Supervised(Method):
         labels: Buffer (``num_samples``) of true labels, copied from the engine at start.
     """
 
-    name = "supervised"
+    name: ClassVar[str] = "supervised"
     views = ("crop_flip",)
+    Config: ClassVar[type[MethodConfig]] = SupervisedConfig
+    config: SupervisedConfig
 
-    def __init__(self, backbone: nn.Module, num_samples: int, num_classes: int = 10) -> None:
-        super().__init__(backbone, num_samples)
-        self.classifier = nn.Linear(backbone.out_dim, num_classes)
+    def __init__(self, backbone: nn.Module, num_samples: int,
+                 config: SupervisedConfig | dict[str, Any] | None = None,
+                 **overrides: Any) -> None:
+        super().__init__(backbone, num_samples, config, **overrides)
+        self.classifier = nn.Linear(out_dim_of(backbone, "supervised"), self.config.num_classes)
         self.register_buffer("labels", torch.zeros(num_samples, dtype=torch.long))
 
     def on_train_start(self, ctx: EngineContext) -> None:
@@ -43,5 +64,3 @@ class Supervised(Method):
         acc = (logits.argmax(1) == y).float().mean()
         return StepOutput(F.cross_entropy(logits, y), recon_inputs=[x], logs={"train_acc": acc})
 
-
-METHOD = Supervised

@@ -1,6 +1,7 @@
 """How much does the kNN protocol's feature choice decide "beats random init"?
 
-Re-evaluates finished runs (their ``checkpoint.pt`` under ``runs/bench/<config>/<run id>/``) and
+Re-evaluates finished runs (their ``checkpoint.pt`` under ``benchmarks/results/<config>/runs/<run
+id>/``) and
 the same backbone untrained (the config's seed), with weighted kNN (k=200, T=0.1, the bench
 protocol) on several feature choices: conv5 globally average-pooled (the bench's ``knn_conv5``),
 max-pooled, flattened (the map as the linear probe reads it), and fc7. Prints one row per run
@@ -10,7 +11,8 @@ is the kNN bank and the full test set the queries.
 Usage::
 
     RECON_AUX_DATA=../shared/data python -m benchmarks.studies.knn_protocol \\
-        runs/bench/cifar10-cpu/sela-base-seed2 runs/bench/cifar10-cpu/aet-base-seed2 ...
+        benchmarks/results/cifar10-cpu/runs/sela-base-seed2 \\
+        benchmarks/results/cifar10-cpu/runs/aet-base-seed2 ...
 
 The runs must share the backbone and data (they are compared with one random-init row, built
 from the first run's config).
@@ -19,13 +21,13 @@ from the first run's config).
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
 
 import torch
 
 from adapters.checkpoint import load_checkpoint
-from adapters.engine import Trainer, machine
+from adapters.config import RunConfig
+from adapters.engine import RunSetup, machine, prepare_run
 from adapters.evaluation import extract_features, pool_features, weighted_knn
 
 CHOICES = {  # column name -> (layer, pooling of its map)
@@ -35,24 +37,16 @@ CHOICES = {  # column name -> (layer, pooling of its map)
 }
 
 
-def evaluate(trainer: Trainer, k: int, temperature: float) -> dict[str, float]:
+def evaluate(setup: RunSetup, batch_size: int, k: int, temperature: float) -> dict[str, float]:
     """One forward pass over bank and queries for all layers, then kNN per feature choice."""
     layers = sorted({layer for layer, _ in CHOICES.values()})
-    bank, queries = (extract_features(trainer.backbone, trainer._plain_loader(split, shard=False),
-                                      layers, trainer.device, progress=False)
-                     for split in (trainer.train_set, trainer.test_set))
+    bank, queries = (extract_features(setup.backbone, setup.plain_loader(split, batch_size),
+                                      layers, setup.device, progress=False)
+                     for split in (setup.train_set, setup.test_set))
     return {name: weighted_knn(pool_features(bank[layer], pool), bank.targets,
                                pool_features(queries[layer], pool), queries.targets, k=k,
-                               temperature=temperature, device=trainer.device)["top1"]
+                               temperature=temperature, device=setup.device)["top1"]
             for name, (layer, pool) in CHOICES.items()}
-
-
-def _eval_config(cfg: dict) -> dict:
-    """The run's config for evaluation only: no recon head, no checkpoint writing."""
-    cfg = copy.deepcopy(cfg)
-    cfg["recon"] = None
-    cfg["run"]["out_dir"] = None
-    return cfg
 
 
 def main() -> None:
@@ -66,19 +60,20 @@ def main() -> None:
     first = None
     for run in args.runs:
         state = load_checkpoint(run / "checkpoint.pt")  # sha256-checked, weights_only
-        cfg = _eval_config(state["config"])
+        cfg = RunConfig.from_dict(state["config"])
+        batch = cfg.data.eval_batch_size
         if first is None:
             first = cfg
-            rows["random-init"] = evaluate(Trainer(first), args.k, args.temperature)
-        trainer = Trainer(cfg)
-        trainer.backbone.load_state_dict(state["backbone"])
-        rows[run.name] = evaluate(trainer, args.k, args.temperature)
+            rows["random-init"] = evaluate(prepare_run(first), batch, args.k, args.temperature)
+        setup = prepare_run(cfg)  # the run's data, and its backbone to load the weights into
+        setup.backbone.load_state_dict(state["backbone"])
+        rows[run.name] = evaluate(setup, batch, args.k, args.temperature)
         print(f"{run.name}: {rows[run.name]}", flush=True)
 
-    d, b = first["data"], first["backbone"]
-    print(f"\nweighted kNN k={args.k} T={args.temperature}; {d['dataset']} "
-          f"{d['per_class']}/class bank, full test set; backbone {b}; random init = seed "
-          f"{first['train']['seed']} untrained; {machine()}; torch threads "
+    d, b = first.data, first.backbone.to_dict()
+    print(f"\nweighted kNN k={args.k} T={args.temperature}; {d.dataset} "
+          f"{d.per_class}/class bank, full test set; backbone {b}; random init = seed "
+          f"{first.train.seed} untrained; {machine()}; torch threads "
           f"{torch.get_num_threads()}\n")
     names = list(CHOICES)
     print("| run | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))

@@ -33,13 +33,13 @@ from adapters.data import (
     ImageArrays,
     IndexedDataset,
     balanced_subset,
-    cache_dir,
     load_dataset,
     make_augment,
     resolve_data_root,
 )
 from adapters.data import augment as aug_mod
 from adapters.data import datasets as ds_mod
+from recon_aux.weights import cache_dir
 
 TORCHVISION_CIFAR10_CLASSES = [
     "airplane", "automobile", "bird", "cat", "deer",
@@ -135,10 +135,15 @@ def test_resolve_data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_cache_dir_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decoded arrays go under recon-aux's one cache folder (recon_aux.weights.cache_dir),
+    which the loader creates when it first writes there."""
     monkeypatch.setenv("RECON_AUX_CACHE", str(tmp_path / "c"))
-    assert cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
+    assert cache_dir() == tmp_path / "c"
+    _make_tree(_split_files(), root=tmp_path / "tree")
+    load_dataset(tmp_path / "tree", train=True)
+    assert (tmp_path / "c" / "arrays").is_dir()
     monkeypatch.delenv("RECON_AUX_CACHE")
-    assert cache_dir(create=False) == Path.home() / ".cache" / "recon_aux"
+    assert cache_dir() == Path.home() / ".cache" / "recon_aux"
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import yaml
 
@@ -16,23 +14,22 @@ TINY = [
 ]
 
 
-def torchrun(config, out_dir, data_root, extra=()):
-    """``torchrun -m benchmarks.cli train CONFIG`` on two processes; rank 0's result line."""
-    return helpers.torchrun("-m", "benchmarks.cli", "train", str(config), *TINY,
-                            f"run.out_dir={out_dir}", *extra,
-                            env={"RECON_AUX_DATA": str(data_root),
-                                 "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "adapters"),
-                                                                str(REPO)])})
+def torchrun(config, out_dir, data_root, extra=(), entry=("-m", "benchmarks.cli")):
+    """``torchrun ENTRY train CONFIG`` on two processes (ENTRY: the harness's command line, or
+    a script that registers a test-only method first); rank 0's result line."""
+    return helpers.torchrun(*entry, "train", str(config), *TINY, f"run.out_dir={out_dir}",
+                            *extra, env={"RECON_AUX_DATA": str(data_root)})
 
 
 @pytest.mark.slow
 def test_two_process_toy(tmp_path, shared_data):
     cfg = tmp_path / "toy.yaml"
     cfg.write_text(yaml.safe_dump({
-        "method": {"name": "toy_method:Rotation"},
+        "method": {"name": "rotation"},
         "backbone": {"name": "alexnet_cifar", "width": 0.25},
         "eval": {"knn": {"layers": ["conv5"], "k": 20, "temperature": 0.1}},
         "recon": {"weight": 1.0},
     }))
-    result = torchrun(cfg, tmp_path / "run", shared_data)
+    result = torchrun(cfg, tmp_path / "run", shared_data,
+                      entry=[str(REPO / "tests" / "adapters" / "toy_method.py")])
     assert result["recon"] is True and "knn_conv5" in result["metrics"]

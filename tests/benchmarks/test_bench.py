@@ -7,10 +7,12 @@ import json
 import pytest
 import yaml
 
-from benchmarks import bench, report
+from benchmarks import ablate, bench, matrix, report
+from benchmarks.matrix import dotted
+from tests.helpers import REPO
 
 TOY_RUN = {
-    "method": {"name": "toy_method:Rotation"},
+    "method": {"name": "rotation"},  # tests/adapters/toy_method.py, registered per test
     "backbone": {"name": "alexnet_cifar", "width": 0.25},
     "data": {"dataset": "cifar10", "per_class": 10, "test_per_class": 5, "batch_size": 50},
     "train": {"epochs": 1, "lr": 0.05},
@@ -20,11 +22,8 @@ TOY_RUN = {
 
 
 @pytest.fixture
-def toy_config(tmp_path, monkeypatch, shared_data):
-    from tests.helpers import REPO
-
-    monkeypatch.syspath_prepend(str(REPO / "tests" / "adapters"))
-    monkeypatch.chdir(tmp_path)  # runs/ goes under tmp_path
+def toy_config(tmp_path, monkeypatch, shared_data, toy_method):
+    monkeypatch.chdir(tmp_path)  # anything written outside the results folder lands here
     monkeypatch.setenv("RECON_AUX_DATA", str(shared_data))
     path = tmp_path / "toy_run.yaml"
     path.write_text(yaml.safe_dump(TOY_RUN))
@@ -57,11 +56,14 @@ def test_bench_end_to_end_and_resume(tmp_path, toy_config, monkeypatch):
     assert "transferred supervision" in readme and "Table 1" in readme
     assert (out / "curves.png").is_file()
     assert (out / "pictures" / "toy-recon-seed0.png").is_file()
+    # every output of the matrix is under its results folder, the runs' checkpoints too
+    assert (out / "runs" / "toy-recon-seed0" / "checkpoint.pt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results", "tiny.yaml", "toy_run.yaml"]
 
     def boom(cfg):  # a resumed matrix must not train finished runs again
         raise AssertionError("re-ran a finished run")
 
-    monkeypatch.setattr(bench, "train", boom)
+    monkeypatch.setattr(matrix, "train", boom)
     bench.run_bench(cfg, out=tmp_path / "results", progress=False)
 
     # a changed config is never served from the old results: an error naming the keys, or,
@@ -71,12 +73,13 @@ def test_bench_end_to_end_and_resume(tmp_path, toy_config, monkeypatch):
     with pytest.raises(bench.RunConfigError, match="toy-base-seed0: train.lr"):
         bench.run_bench(changed, out=tmp_path / "results", progress=False)
     trained = []
-    monkeypatch.setattr(bench, "train", lambda c: trained.append(c) or dict(
-        runs[0], metrics={"knn_conv5": 1.0}, config=c, train_images=1, test_images=1))
+    monkeypatch.setattr(matrix, "train", lambda c: trained.append(c) or dict(
+        runs[0], metrics={"knn_conv5": 1.0}, config=c.to_dict(), train_images=1,
+        test_images=1))
     bench.run_bench(changed, out=tmp_path / "results", progress=False, replace_changed=True)
     saved = json.loads((out / "results.json").read_text())
     # the references are built from the method's config, so all five rows changed
-    assert len(trained) == 5 and all(c["train"]["lr"] == 0.01 for c in trained)
+    assert len(trained) == 5 and all(c.train.lr == 0.01 for c in trained)
     assert sorted(r["id"] for r in saved["superseded"]) == sorted(r["id"] for r in runs)
     assert all(r["superseded_because"] == ["train.lr"] for r in saved["superseded"])
     assert len(saved["runs"]) == 5
@@ -94,8 +97,8 @@ def test_ablate_end_to_end(tmp_path, toy_config):
                  "resize_to": [None]},  # the default point again (resize_to: None is default)
         "references": ["random-init", "recon-only"],
     }))
-    out = bench.run_ablate(bench.load_bench_config(cfg_file), out=tmp_path / "abl",
-                           progress=False)
+    out = ablate.run_ablate(ablate.load_ablate_config(cfg_file), out=tmp_path / "abl",
+                            progress=False)
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert len(runs) == 7  # weight=1 and mix=l2+lpips are the same run; 2 references
     assert {r["id"] for r in runs if r["reference"]} == {
@@ -170,39 +173,36 @@ def test_table_renderer_fixed_inputs():
 def test_second_reference_on_one_backbone_gets_its_own_row(tmp_path, monkeypatch):
     # AET and SeLa share the backbone; AET's random-init row carries AET's evaluation, so it
     # must be its own run, not a silent duplicate of SeLa's.
-    from tests.helpers import REPO
-
-    monkeypatch.chdir(REPO)
+    monkeypatch.chdir(tmp_path)  # the run configs resolve against the bench config's folder
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "cifar10-cpu.yaml",
                                   ["seeds=[0]"])
     seen = []
 
     def fake(c):
         seen.append(c)
-        return {"metrics": {"knn_conv5": 1.0}, "config": c, "wall_s": 0.0, "machine": "test",
-                "history": [], "train_images": 1, "test_images": 1}
+        return {"metrics": {"knn_conv5": 1.0}, "config": c.to_dict(), "wall_s": 0.0,
+                "machine": "test", "history": [], "train_images": 1, "test_images": 1}
 
-    monkeypatch.setattr(bench, "train", fake)
-    monkeypatch.setattr(bench, "_write_report", lambda *a, **k: None)
+    monkeypatch.setattr(matrix, "train", fake)
+    monkeypatch.setattr(bench, "write_report", lambda *a, **k: None)
     bench.run_bench(cfg, out=tmp_path, progress=False)
     ids = [r["id"] for r in json.loads((tmp_path / "results.json").read_text())["runs"]]
     assert "random-init-alexnet_cifar-seed0" in ids
     assert "random-init-alexnet_cifar-aet-seed0" in ids
-    aet_ref = next(c for c in seen if c["method"]["name"] == "aet" and c["train"]["epochs"] == 0)
-    assert aet_ref["eval"]["nonlinear"]["layer"] == "conv3"
+    aet_ref = next(c for c in seen if c.method.name == "aet" and c.train.epochs == 0)
+    assert aet_ref.eval.nonlinear.layer == "conv3"
 
 
 def test_report_only_marks_a_partial_matrix(tmp_path, monkeypatch):
-    from tests.helpers import REPO
-
-    monkeypatch.chdir(REPO)
+    monkeypatch.chdir(tmp_path)
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "cifar10-cpu.yaml",
                                   ["seeds=[0]"])
-    monkeypatch.setattr(bench, "train", lambda c: pytest.fail("report_only trained a run"))
-    rc = bench._run_config(cfg["methods"]["sela"], [*bench._dotted(cfg["common"]),
-                                                    "train.seed=0"], cfg["name"], ["recon=null"])
+    monkeypatch.setattr(matrix, "train", lambda c: pytest.fail("report_only trained a run"))
+    rc = cfg.methods["sela"].run_config([*dotted(cfg.common), "train.seed=0"], cfg.name,
+                                        ["recon=null"])
     done = {"id": "sela-base-seed0", "method": "sela", "recon": False, "seed": 0,
-            "reference": None, "metrics": {"knn_conv5": 40.0}, "config": rc, "wall_s": 1.0,
+            "reference": None, "metrics": {"knn_conv5": 40.0}, "config": rc.to_dict(),
+            "wall_s": 1.0,
             "machine": "m", "history": [], "train_images": 1, "test_images": 1}
     (tmp_path / "results.json").write_text(json.dumps({"runs": [done]}))
     out = bench.run_bench(cfg, out=tmp_path, progress=False, report_only=True)
@@ -212,22 +212,21 @@ def test_report_only_marks_a_partial_matrix(tmp_path, monkeypatch):
 
 
 def test_merge_takes_runs_of_a_parallel_seed(tmp_path, monkeypatch):
-    from tests.helpers import REPO
-
-    monkeypatch.chdir(REPO)
+    monkeypatch.chdir(tmp_path)
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
                                   ["seeds=[0, 1]"])
 
     def fake(c):
-        return {"metrics": {"knn_pool": float(c["train"]["seed"])}, "config": c, "wall_s": 0.0,
-                "machine": "test", "history": [], "train_images": 1, "test_images": 1}
+        return {"metrics": {"knn_pool": float(c.train.seed)}, "config": c.to_dict(),
+                "wall_s": 0.0, "machine": "test", "history": [], "train_images": 1,
+                "test_images": 1}
 
-    monkeypatch.setattr(bench, "train", fake)
-    monkeypatch.setattr(bench, "_write_report", lambda *a, **k: None)
+    monkeypatch.setattr(matrix, "train", fake)
+    monkeypatch.setattr(bench, "write_report", lambda *a, **k: None)
     side = tmp_path / "seed1"
     bench.run_bench(bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
                                             ["seeds=[1]"]), out=side, progress=False)
-    monkeypatch.setattr(bench, "train", lambda c: fake(c) if c["train"]["seed"] == 0
+    monkeypatch.setattr(matrix, "train", lambda c: fake(c) if c.train.seed == 0
                         else pytest.fail("re-trained a merged run"))
     out = bench.run_bench(cfg, out=tmp_path / "main", progress=False, merge=side)
     runs = json.loads((out / "results.json").read_text())["runs"]

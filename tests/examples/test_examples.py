@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import sys
 
 import numpy as np
 import pytest
@@ -34,8 +33,6 @@ def image_folder(tmp_path_factory):
 
 
 def load(name: str):
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -128,3 +125,13 @@ def test_lightning_trainer_trains_the_head_and_the_encoder(image_folder, tmp_pat
     assert any(not torch.equal(head0[k], head1[k]) for k in head0 if k.endswith("weight"))
     assert not torch.equal(conv0, module.backbone.conv1[0].weight)
     assert module.aux.calls == 4  # two views per step, two steps
+
+
+def test_demo_recon_runs_on_real_cifar10(shared_data, tmp_path):
+    """``make demo-recon`` (``python -m examples.demo``) at a tiny scale: pictures and metrics."""
+    from examples import demo
+
+    result = demo.main(["--data-root", str(shared_data), "--out", str(tmp_path), "--epochs", "1",
+                        "--per-class", "20", "--test-per-class", "5", "--batch-size", "100"])
+    assert (tmp_path / "reconstructions.png").is_file() and (tmp_path / "metrics.json").is_file()
+    assert len(result["history"]) == 1 and result["settings"]["train_images"] == 200

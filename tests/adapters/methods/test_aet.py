@@ -21,7 +21,8 @@ from PIL import Image
 
 import recon_aux
 from adapters.backbones import NIN
-from adapters.methods.aet import AET, METHOD
+from adapters.methods import METHODS
+from adapters.methods.aet import AET
 from adapters.methods.base import EngineContext, StepOutput
 from adapters.ops.projective import (
     COEFF_MEAN,
@@ -212,8 +213,8 @@ def nin3() -> NIN:
 
 
 def test_training_step_outputs_and_recon_pairing(nin3):
-    method = METHOD(nin3, num_samples=64)
-    assert METHOD is AET and method.name == "aet" and method.views == ("crop_flip",)
+    method = METHODS["aet"](nin3, num_samples=64)
+    assert METHODS["aet"] is AET and method.name == "aet" and method.views == ("crop_flip",)
     assert method.regressor.in_features == 384 and method.regressor.out_features == 8
     assert torch.equal(method.regressor.bias, torch.zeros(8))
     # Two backbone(...) forwards per step: the recon hooks capture both, aux.loss(x) pairs
@@ -356,15 +357,16 @@ def test_configs_build_the_method():
         path = REPO / "benchmarks" / "configs" / kind / "aet.yaml"
         raw = yaml.safe_load(path.read_text())
         cfg = load_run_config(path)
-        assert cfg["method"]["name"] == "aet" and cfg["backbone"] == {"name": "nin",
-                                                                      "num_blocks": 4}
-        assert cfg["train"]["lr"] == 0.1 and cfg["train"]["nesterov"] is True
-        assert cfg["train"]["momentum"] == 0.9 and cfg["train"]["weight_decay"] == 5e-4
+        assert cfg.method.name == "aet" and cfg.backbone.to_dict() == {"name": "nin",
+                                                                       "num_blocks": 4}
+        assert cfg.train.lr == 0.1 and cfg.train.nesterov is True
+        assert cfg.train.momentum == 0.9 and cfg.train.weight_decay == 5e-4
         assert raw["recon"]["net"] == "alex" and raw["eval"]["nonlinear"]["layer"] == "conv2"
-        hparams = {k: v for k, v in cfg["method"].items() if k != "name"}
+        hparams = dict(cfg.method.options)
         AET(NIN(3), 10, **hparams)
+        AET(NIN(3), 10, cfg.method.config)  # the typed hyperparameters build it the same way
     smoke = load_run_config(REPO / "benchmarks" / "configs" / "smoke" / "aet.yaml")
-    assert smoke["data"]["per_class"] * 10 <= 1000 and smoke["train"]["epochs"] == 1
+    assert smoke.data.per_class * 10 <= 1000 and smoke.train.epochs == 1
 
 
 # -- learning on real images -------------------------------------------------------------------

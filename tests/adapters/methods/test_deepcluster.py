@@ -9,8 +9,9 @@ import torch
 
 from adapters.backbones import AlexNetCIFAR
 from adapters.evaluation import extract_features, nmi
+from adapters.methods import METHODS
 from adapters.methods.base import EngineContext, StepOutput
-from adapters.methods.deepcluster import METHOD, DeepCluster, derive_seed, uniform_label_sampler
+from adapters.methods.deepcluster import DeepCluster, derive_seed, uniform_label_sampler
 from adapters.ops.kmeans import (
     SPLIT_EPS,
     _split_empty_clusters,
@@ -300,7 +301,7 @@ def _make(seed: int = 0, **hparams) -> _FakeEngine:
 def test_epoch_hooks_labels_top_layer_and_optimizer_state():
     engine = _make()
     method = engine.method
-    assert METHOD is DeepCluster and method.views == ("crop_flip",)
+    assert METHODS["deepcluster"] is DeepCluster and method.views == ("crop_flip",)
     outs = engine.run_epoch(0)
     labels0 = method.pseudo_labels.clone()
     assert method.labels_epoch == 0 and labels0.min() >= 0 and labels0.max() < 8

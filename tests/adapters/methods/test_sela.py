@@ -13,8 +13,10 @@ import torch
 import yaml
 
 from adapters.backbones import AlexNetCIFAR
+from adapters.methods import METHODS
 from adapters.methods.base import EngineContext, StepOutput
-from adapters.methods.sela import METHOD, SeLa, label_update_steps, sela_sinkhorn
+from adapters.methods.sela import SeLa, label_update_steps
+from adapters.ops.sinkhorn import sela_sinkhorn
 from tests.helpers import REPO
 
 
@@ -169,7 +171,7 @@ def _optimizer(backbone, method):
 
 def test_hooks_train_and_loss_is_mean_over_heads():
     backbone, method, engine, images = _setup()
-    assert METHOD is SeLa and SeLa.views == ("simclr",) and method.feature_layer == "fc7"
+    assert METHODS["sela"] is SeLa and SeLa.views == ("simclr",) and method.feature_layer == "fc7"
     method.on_train_start(engine.ctx(0, 0))
     assert method.update_steps == label_update_steps(6, EPOCHS, SPE) == [0, 4, 7, 10]
     init = method.labels.clone()
