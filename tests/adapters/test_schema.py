@@ -10,7 +10,7 @@ import pytest
 
 from adapters.config import RunConfigError, load_run_config
 from adapters.methods import METHODS, AETConfig, DeepClusterConfig, SeLaConfig, SimCLRConfig
-from adapters.schema import Section, SchemaError, UnknownKeyError, at_least, one_of
+from adapters.schema import SchemaError, Section, UnknownKeyError, at_least, one_of
 
 
 @dataclass(frozen=True)
