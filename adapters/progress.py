@@ -25,7 +25,8 @@ def progress(iterable: Iterable[T], *, enabled: bool | None = None, total: int |
         enabled: ``None`` shows a bar only when stderr is a terminal; ``True`` always (without
             a terminal tqdm writes plain lines); ``False`` never.
         total: Length, when ``len(iterable)`` does not give it.
-        desc, unit: The bar's label and unit (``"run"`` for the bench matrix).
+        desc: The bar's label.
+        unit: What one step is (``"run"`` for the bench matrix).
 
     Returns:
         A ``tqdm`` object (iterable, with ``set_description``) or ``iterable`` itself, so

@@ -202,7 +202,8 @@ def make_augment(
     Args:
         preset: One of :data:`PRESETS`.
         size: Output side length.
-        mean, std: Normalisation (both or neither).
+        mean: Normalisation mean per channel (give ``std`` too, or neither).
+        std: Normalisation std per channel.
         **overrides: Any :class:`BatchAugment` field, e.g. ``scale=(0.2, 1.0)``.
     """
     base = {

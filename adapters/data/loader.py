@@ -172,7 +172,8 @@ class BatchLoader:
             drop_last: Drop the last incomplete batch, and truncate (rather than pad by
                 repetition) the index list to a multiple of ``world_size``.
             seed: Base seed.
-            rank, world_size: Shard of this process (as ``DistributedSampler``).
+            rank: This process's shard (as ``DistributedSampler``).
+            world_size: Number of shards.
             num_threads: torch intra-op threads while a batch is built (restored after; see
                 :func:`~adapters.data.augment.torch_threads`). ``None`` keeps torch's setting.
         """

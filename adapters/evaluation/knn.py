@@ -168,7 +168,11 @@ def knn_eval(
         layer: Probe point / module name, or a list of them (features are extracted once).
         device: Device of the forward pass and the similarity search (default: the model's).
         pool: Reduction of conv maps, default global average pooling (fc features unchanged).
-        k, temperature, num_classes, chunk_size, progress: As in :func:`weighted_knn`.
+        k: Neighbours (as in :func:`weighted_knn`).
+        temperature: Similarity temperature (as in :func:`weighted_knn`).
+        num_classes: As in :func:`weighted_knn`.
+        chunk_size: As in :func:`weighted_knn`.
+        progress: As in :func:`weighted_knn`.
 
     Returns:
         The :func:`weighted_knn` result plus ``"feature"`` (the layer) and ``"pool"``; for a list

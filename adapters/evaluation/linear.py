@@ -328,7 +328,9 @@ def linear_probe_eval(
         layer: Probe point / module name, or a list of them (e.g. ``["conv3", "conv4",
             "conv5"]`` for Table 2; features of all are extracted in one pass).
         device: Device of the forward pass and of probe training (default: the model's).
-        pool, target_dim, progress: As in :func:`linear_probe`.
+        pool: As in :func:`linear_probe`.
+        target_dim: As in :func:`linear_probe`.
+        progress: As in :func:`linear_probe`.
         **probe_kwargs: Passed to :func:`linear_probe` (``epochs``, ``lr``, ...).
 
     Returns:

@@ -200,7 +200,8 @@ def nonlinear_probe_eval(
         test_batches: ``(images, targets[, indices])`` test batches.
         layer: Probe point / module name (AET: the NIN ``conv2`` block), or a list of them.
         device: Device of the forward pass and of probe training (default: the model's).
-        pool, progress: As in :func:`nonlinear_probe`.
+        pool: As in :func:`nonlinear_probe`.
+        progress: As in :func:`nonlinear_probe`.
         **probe_kwargs: Passed to :func:`nonlinear_probe` (``epochs``, ``lr``, ...).
 
     Returns:

@@ -87,7 +87,8 @@ class AET(Method):
         backbone: The encoder; ``backbone(x)`` must return ``(N, backbone.out_dim)`` features
             (``NIN``: the global-average-pooled last block, as AET).
         num_samples: Size of the training set (unused by AET; part of the engine's interface).
-        config, **overrides: The hyperparameters (:class:`AETConfig`).
+        config: The hyperparameters (:class:`AETConfig`), or a mapping of its keys.
+        **overrides: Hyperparameters that replace those of ``config``.
 
     Attributes:
         regressor: ``nn.Linear(2 * backbone.out_dim, 8)``, AET's ``Regressor.fc``.

@@ -127,7 +127,8 @@ class DeepCluster(Method):
         backbone: The encoder; ``forward`` gives the features the top layer classifies (fc7
             after ReLU for the AlexNets) and must have an ``out_dim`` attribute.
         num_samples: Size of the training set.
-        config, **overrides: The hyperparameters (:class:`DeepClusterConfig`).
+        config: The hyperparameters (:class:`DeepClusterConfig`), or a mapping of its keys.
+        **overrides: Hyperparameters that replace those of ``config``.
 
     Attributes:
         top_layer: ``nn.Linear(backbone.out_dim, k)``, re-initialised every epoch.

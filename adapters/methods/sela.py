@@ -118,7 +118,8 @@ class SeLa(Method):
     Args:
         backbone: Encoder whose ``forward`` returns ``(B, out_dim)`` (``out_dim`` attribute).
         num_samples: Training-set size ``N``.
-        config, **overrides: The hyperparameters (:class:`SeLaConfig`).
+        config: The hyperparameters (:class:`SeLaConfig`), or a mapping of its keys.
+        **overrides: Hyperparameters that replace those of ``config``.
 
     Attributes:
         heads: ``hc`` ``nn.Linear(backbone.out_dim, k)`` (init ``N(0, 0.01)``, zero bias, as

@@ -42,7 +42,8 @@ class SimCLR(Method):
     Args:
         backbone: The encoder (its ``out_dim`` sizes the projection head).
         num_samples: Size of the training set (unused by SimCLR; the engine passes it).
-        config, **overrides: The hyperparameters (:class:`SimCLRConfig`).
+        config: The hyperparameters (:class:`SimCLRConfig`), or a mapping of its keys.
+        **overrides: Hyperparameters that replace those of ``config``.
 
     Attributes:
         projection_head: ``SimCLRProjectionHead(backbone.out_dim, hidden_dim, out_dim)``.

@@ -111,7 +111,8 @@ def sample_projective(
 
     Args:
         n: Number of transformations.
-        height, width: Image size (CIFAR: 32 x 32).
+        height: Image height (CIFAR: 32).
+        width: Image width (CIFAR: 32).
         generator: Source of randomness (CPU); None uses torch's global generator.
         shift: Largest corner shift in pixels (integers in ``[-shift, shift]``; AET ``--shift 4``).
         scale: ``(low, high)`` of the uniform scale factor (AET ``--shrink 0.8 --enlarge 1.2``).
