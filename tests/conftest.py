@@ -26,6 +26,15 @@ def tiny_alexnet() -> nn.Module:
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test (restored after)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def toy_method(monkeypatch: pytest.MonkeyPatch) -> str:
     """Registers the test-only rotation method (``tests/adapters/toy_method.py``) in the
     method registry for one test, and removes it after; returns its name."""

@@ -21,14 +21,7 @@ from adapters.ops.kmeans import (
 )
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # comparable timings, deterministic sums
 
 
 def _anisotropic(n: int, d: int, seed: int = 0) -> torch.Tensor:
