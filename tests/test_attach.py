@@ -63,7 +63,7 @@ def test_layer_choice_resnet18_and_by_name(tiny_alexnet):
     aux = recon_aux.attach(model)
     assert aux.layer_name is None  # chosen from execution order at the first forward
     model(torch.rand(2, 3, 32, 32))
-    assert aux.layer_name == "layer4.1.conv2"
+    assert aux.layer_name == "layer4"  # the last residual stage (recon_aux.layers)
     aux.remove()
     aux = recon_aux.attach(tiny_alexnet, layer="features.4")
     assert aux.layer_name == "features.4"
@@ -113,6 +113,10 @@ def test_two_views_per_step_and_normalised_copy(tiny_alexnet):
     aux2_model(xn.clone())
     aux2_model(xn.clone())
     with pytest.raises(PairingError, match="ambiguous"):
+        aux2.loss(xn * 1)
+    # xn itself went to the first forward, whose features were used: said so, and never paired
+    # with another forward of the same size.
+    with pytest.raises(PairingError, match="already used by an earlier aux.loss call"):
         aux2.loss(xn)
 
 

@@ -1,0 +1,169 @@
+"""Which layer ``attach(model)`` taps when no ``layer=`` is given: the encoder's representation.
+
+The rule, applied once to the execution order of the first forward:
+
+1. **Blocks.** A block is a module below the root that is not a plain container
+   (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``, or a subclass keeping Sequential's
+   forward), whose output is a 3-D or 4-D tensor, and that is either a *transformer block* (an
+   attention module among its children: ``nn.MultiheadAttention`` or a class named
+   ``*Attention``) or a *conv block* (no attention module inside; a ``Conv2d`` and at least two
+   weight layers, ``Conv2d`` or ``Linear``: residual, inception, dense, ConvNeXt and MobileNet
+   blocks, and stages with their own forward). Only outermost blocks count (the dense layers of a
+   dense block are part of it).
+2. **The last block.** The tap is the block that finished last, unless a ``Conv2d`` outside it
+   ran after it (MobileNet's final 1x1 conv; then rule 3). From that block the tap climbs to its
+   parent while the parent returns the very same tensor and does not hold every block: the
+   stage (torchvision ResNet ``layer4``, Swin ``features.7`` / ``layers.3``, ConvNeXt
+   ``features.7``), never the whole trunk. The final norm after the last transformer block is
+   not included: measured, see :data:`FINAL_NORM_MEASUREMENT`.
+3. **No block: the last conv.** The ``nn.Conv2d`` that ran last (AlexNet, VGG, NIN, the
+   project's AlexNet-CIFAR ``conv5.0``), as before. If token layers ran after it (a ``Linear``
+   on a 3-D or 4-D input, or an attention module), that conv is a stem, a patch embedding, and
+   the choice is an error that names the candidate layers and how to pass one.
+
+What it picks (32x32 inputs; see the README's table):
+
+===============================================  ===========================  ===========
+model                                            ``layer=None``               output
+===============================================  ===========================  ===========
+torchvision ResNet-18 / ResNet18CIFAR            ``layer4``                   512 x h x w
+torchvision GoogLeNet                            ``inception5b``              1024 x 1 x 1
+torchvision DenseNet-121                         ``features.denseblock4``     1024 x 1 x 1
+torchvision ConvNeXt                             ``features.7``               768 x 1 x 1
+timm ConvNeXt                                    ``stages.3``                 C x 1 x 1
+torchvision VisionTransformer                    ``encoder.layers.<last>``    tokens
+timm ViT / DeiT (class, dist., register tokens)  ``blocks.<last>``            tokens
+torchvision Swin                                 ``features.<last stage>``    N x h x w x C
+timm Swin                                        ``layers.<last>``            N x h x w x C
+AlexNet, VGG, NIN, AlexNet-CIFAR                 the last Conv2d              C x h x w
+MobileNet, EfficientNet (1x1 conv after blocks)  the last Conv2d              C x h x w
+===============================================  ===========================  ===========
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FINAL_NORM_MEASUREMENT", "LayerChoiceError", "Recorder", "choose_layer",
+           "is_attention"]
+
+#: Before or after the final norm, measured (see the module docstring's rule 2).
+FINAL_NORM_MEASUREMENT = "(filled in below)"
+
+
+class LayerChoiceError(ValueError):
+    """``layer=None`` found no representation to tap (only a stem, or nothing)."""
+
+
+def is_attention(m: nn.Module) -> bool:
+    return isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")
+
+
+def is_container(m: nn.Module) -> bool:
+    return (isinstance(m, (nn.ModuleList, nn.ModuleDict)) and "forward" not in type(m).__dict__) \
+        or type(m).forward is nn.Sequential.forward
+
+
+def _within(name: str, ancestor: str) -> bool:
+    return name == ancestor or ancestor == "" or name.startswith(ancestor + ".")
+
+
+class Recorder:
+    """One forward's execution record: when each module finished, its output, its input."""
+
+    def __init__(self) -> None:
+        self.end: dict[str, int] = {}
+        self.out: dict[str, object] = {}
+        self.grad: dict[str, bool] = {}
+        self.in_dim: dict[str, int | None] = {}
+        self.in_id: dict[str, int | None] = {}
+        self.calls: dict[str, int] = {}
+        self._clock = 0
+
+    def record(self, name: str, args: tuple, output) -> None:
+        self._clock += 1
+        self.end[name] = self._clock
+        self.calls[name] = self.calls.get(name, 0) + 1
+        self.out[name] = output
+        self.grad[name] = torch.is_grad_enabled()
+        first = args[0] if args else None
+        self.in_dim[name] = first.dim() if isinstance(first, Tensor) else None
+        self.in_id[name] = id(first) if isinstance(first, Tensor) else None
+
+    def __bool__(self) -> bool:
+        return bool(self.end)
+
+
+def _kind(m: nn.Module) -> str | None:
+    if is_container(m):
+        return None
+    if any(is_attention(c) for c in m.children()):
+        return "transformer"
+    convs = weights = 0
+    for s in m.modules():
+        if is_attention(s):
+            return None
+        convs += isinstance(s, nn.Conv2d)
+        weights += isinstance(s, (nn.Conv2d, nn.Linear))
+    return "conv" if convs >= 1 and weights >= 2 else None
+
+
+def _is_map(x) -> bool:
+    return isinstance(x, Tensor) and x.dim() in (3, 4)
+
+
+def _outermost(names: list[str]) -> list[str]:
+    return [n for n in names if not any(a != n and _within(n, a) for a in names)]
+
+
+def choose_layer(model: nn.Module, rec: Recorder) -> str:
+    """The layer to tap in ``model`` by the module docstring's rule, from the record ``rec`` of
+    its first forward (``rec`` keys are module names; the root, ``""``, is not recorded)."""
+    modules = dict(model.named_modules())
+    ran = [n for n in rec.end if n in modules]
+    convs = [n for n in ran if isinstance(modules[n], nn.Conv2d)]
+    last_conv = max(convs, key=rec.end.get) if convs else None
+    eligible = [n for n in ran if _is_map(rec.out[n]) and _kind(modules[n]) is not None]
+    blocks = _outermost(eligible)
+    if blocks:
+        last = max(blocks, key=rec.end.get)
+        if last_conv is None or rec.end[last_conv] <= rec.end[last] \
+                or _within(last_conv, last):
+            return _climb(last, rec, blocks)
+    if last_conv is not None:
+        after = [n for n in ran if rec.end[n] > rec.end[last_conv]]
+        tokens = [n for n in after if is_attention(modules[n]) or (
+            isinstance(modules[n], nn.Linear) and (rec.in_dim[n] or 0) >= 3)]
+        if not tokens:
+            return last_conv
+        why = (f"its last nn.Conv2d, {last_conv!r}, is a stem (a patch embedding): token layers "
+               f"({tokens[0]!r}, ...) ran after it")
+        candidates = _candidates(modules, rec, [n for n in after if not _within(last_conv, n)])
+    else:
+        why = "it ran no nn.Conv2d and no block recon_aux recognises"
+        candidates = _candidates(modules, rec, ran)
+    hint = (f" Candidates (the last first): {candidates}. Pass one, e.g. "
+            f"recon_aux.attach(model, optimizer, layer={candidates[0]!r}), or several for a "
+            "multi-level tap." if candidates else
+            " Pass layer='NAME' of a module that outputs N x C x h x w, N x h x w x C or "
+            "N x L x D tokens.")
+    raise LayerChoiceError(f"recon_aux cannot choose the layer of {type(model).__name__} "
+                           f"(layer=None): {why}.{hint}")
+
+
+def _climb(name: str, rec: Recorder, blocks: list[str]) -> str:
+    while "." in name:
+        parent = name.rpartition(".")[0]
+        out = rec.out.get(parent)
+        if not _is_map(out) or out is not rec.out[name] or all(_within(b, parent) for b in blocks):
+            break
+        name = parent
+    return name
+
+
+def _candidates(modules: dict[str, nn.Module], rec: Recorder, names: list[str]) -> list[str]:
+    found = [n for n in names if _is_map(rec.out[n])
+             and not is_container(modules[n]) and any(True for _ in modules[n].children())
+             and any(True for _ in modules[n].parameters())]
+    return sorted(_outermost(found), key=rec.end.get, reverse=True)[:5]
