@@ -5,9 +5,9 @@ one-to-one onto :class:`ReconAuxConfig`. Unknown keys and wrong types are errors
 and list what is valid; nothing is silently ignored. Each field declares, next to it, the values
 it admits beyond its type (an :class:`Allowed`: finite numbers, bounds, tuple length, choices) and
 the fix to show when a value is refused; a refused value is an error that names the field, the
-value and that fix, raised when the config is built, before any work. Nothing is clamped,
-reshaped or dropped. :meth:`ReconAuxConfig.check_values` applies the same rules to a subset of the
-fields (``PerceptualLoss`` uses it for its arguments).
+value and that fix, raised when the config is built (and when a field is assigned later),
+before any work. Nothing is clamped, reshaped or dropped. :meth:`ReconAuxConfig.check_values`
+applies the same rules to a subset of the fields (``PerceptualLoss`` uses it for its arguments).
 """
 
 from __future__ import annotations
@@ -157,10 +157,27 @@ class ReconAuxConfig:
         64, ge=1, fix="Use an int >= 1: the captured forwards kept while waiting for aux.loss.")
     sync_grads: bool = True
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Every assignment (the dataclass __init__'s, and later ones such as a weight schedule's
+        # ``aux.config.weight = w``) passes the field's own type and range check.
+        if name in self.__dataclass_fields__:
+            value = self._check_field(name, value)
+        object.__setattr__(self, name, value)
+
     def __post_init__(self) -> None:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name, value in self.check_values(values).items():
-            setattr(self, name, value)
+        self.check_values({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    @classmethod
+    def _check_field(cls, name: str, value: Any) -> Any:
+        field = cls.__dataclass_fields__.get(name)
+        if field is None:
+            raise ConfigError(f"unknown config key(s) {[name]}. {cls.valid_keys_text()}")
+        value = _coerce(name, value, cls._hint(name))
+        allowed = field.metadata.get("allowed")
+        problem = allowed.problem(value) if allowed is not None else None
+        if problem is not None:
+            raise ConfigError(f"{name}={value!r} {problem}. {allowed.fix}".rstrip())
+        return value
 
     @classmethod
     def check_values(cls, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -171,20 +188,10 @@ class ReconAuxConfig:
         Raises:
             ConfigError: naming the field, the value and the fix.
         """
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        out = {}
-        for name, value in values.items():
-            if name not in fields:
-                raise ConfigError(f"unknown config key(s) {[name]}. {cls.valid_keys_text()}")
-            value = _coerce(name, value, cls._hint(name))
-            allowed = fields[name].metadata.get("allowed")
-            problem = allowed.problem(value) if allowed is not None else None
-            if problem is not None:
-                raise ConfigError(f"{name}={value!r} {problem}. {allowed.fix}".rstrip())
-            out[name] = value
+        out = {name: cls._check_field(name, value) for name, value in values.items()}
 
         def get(name: str) -> Any:
-            return out[name] if name in out else fields[name].default
+            return out[name] if name in out else cls.__dataclass_fields__[name].default
 
         if get("l2_weight") == 0 and get("lpips_weight") == 0:
             raise ConfigError("l2_weight and lpips_weight are both 0: the objective is empty. "

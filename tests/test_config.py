@@ -122,6 +122,17 @@ def test_boundary_values_accepted():
         ReconAuxConfig(max_pending=True)
 
 
+def test_assignment_is_checked():
+    cfg = ReconAuxConfig()
+    cfg.weight = 0.25  # e.g. a weight schedule
+    assert cfg.weight == 0.25
+    with pytest.raises(ConfigError, match="weight=nan is not finite"):
+        cfg.weight = NAN
+    with pytest.raises(ConfigError, match="lr=-1.0 must be >= 0"):
+        cfg.lr = -1
+    assert (cfg.weight, cfg.lr) == (0.25, None)
+
+
 def test_every_numeric_field_declares_its_range():
     import dataclasses
 
