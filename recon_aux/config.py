@@ -95,8 +95,8 @@ class ReconAuxConfig:
         lpips_weights: Where the LPIPS backbone's ImageNet weights come from: "auto", a file
             path, or "random" (plumbing tests only; warns).
         input_range: (low, high) of the images before any mean/std normalisation.
-        mean, std: Per-channel normalisation the pipeline applied (``x = (img - mean) / std``),
-            or None when images are fed in ``input_range``.
+        mean, std: Per-channel (3 values, RGB) normalisation the pipeline applied
+            (``x = (img - mean) / std``), or None when images are fed in ``input_range``.
         resize_to: Upsample both images to this size before LPIPS (int or (h, w)); None keeps
             the input size. L2 is always computed at the input size.
         range_tolerance: How far (as a fraction of the range) images may stray outside

@@ -123,6 +123,8 @@ class PerceptualLoss(nn.Module):
     pipelines do; the loss maps them to [0, 1] for L2 and to LPIPS's [-1, 1] itself. Images that
     stray outside the declared range by more than ``range_tolerance`` raise :class:`RangeError`
     (never clamped: the most common LPIPS bug is feeding [0, 1] images as if they were [-1, 1]).
+    Arguments follow :class:`~recon_aux.config.ReconAuxConfig`'s rules (``weights`` is its
+    ``lpips_weights``); a refused value raises its ``ConfigError`` (a ValueError) at construction.
 
     The LPIPS network is frozen, in eval mode, and held outside the module's registry: it has no
     entry in ``parameters()`` or ``state_dict()``, so it never reaches an optimizer or a checkpoint.
