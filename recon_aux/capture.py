@@ -120,6 +120,7 @@ class _Hook:
         self._module = weakref.ref(module)
         self._extra = extra
 
+    @torch.compiler.disable  # bookkeeping in Python, eagerly (torch.compile breaks the graph)
     def __call__(self, module: nn.Module, *args):
         tap = self._tap()
         if tap is None or module is not self._module():
@@ -367,8 +368,8 @@ class FeatureTap:
             h.remove()
         self._select_handles, self._recorder = [], None
         self._tap_layer(name, dict(model.named_modules())[name])
-        if p is None:  # entered without a pass: its training state from the layer's call
-            p = self._pass = _Pass("layer", model.training and rec.grad[name])
+        if p is None:  # entered without a pass (no conv stem): a training pass if it is now
+            p = self._pass = _Pass("layer", model.training and torch.is_grad_enabled())
         p.outputs[name], p.calls[name] = rec.out[name], rec.calls[name]
         if p.entry != "forward" and p.active and p.filed is None:
             self._file(p)

@@ -42,7 +42,6 @@ MobileNet, EfficientNet (1x1 conv after blocks)  the last Conv2d              C 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["FINAL_NORM_MEASUREMENT", "LayerChoiceError", "Recorder", "choose_layer",
@@ -70,29 +69,53 @@ def _within(name: str, ancestor: str) -> bool:
 
 
 class Recorder:
-    """One forward's execution record: when each module finished, its output, its input."""
+    """One forward's execution record: when each module finished, its output, its input.
+
+    ``record`` only appends (cheap to trace under ``torch.compile``); the tables are built on
+    first use.
+    """
 
     def __init__(self) -> None:
-        self.end: dict[str, int] = {}
-        self.out: dict[str, object] = {}
-        self.grad: dict[str, bool] = {}
-        self.in_dim: dict[str, int | None] = {}
-        self.in_id: dict[str, int | None] = {}
-        self.calls: dict[str, int] = {}
-        self._clock = 0
+        self.events: list[tuple[str, tuple, object]] = []
+        self._tables: tuple | None = None
 
     def record(self, name: str, args: tuple, output) -> None:
-        self._clock += 1
-        self.end[name] = self._clock
-        self.calls[name] = self.calls.get(name, 0) + 1
-        self.out[name] = output
-        self.grad[name] = torch.is_grad_enabled()
-        first = args[0] if args else None
-        self.in_dim[name] = first.dim() if isinstance(first, Tensor) else None
-        self.in_id[name] = id(first) if isinstance(first, Tensor) else None
+        self.events.append((name, args, output))
+        self._tables = None
+
+    def _build(self) -> tuple:
+        if self._tables is None:
+            end, out, in_dim, calls = {}, {}, {}, {}
+            for t, (name, args, output) in enumerate(self.events, 1):
+                first = args[0] if args else None
+                end[name], out[name] = t, output
+                in_dim[name] = first.dim() if isinstance(first, Tensor) else None
+                calls[name] = calls.get(name, 0) + 1
+            self._tables = (end, out, in_dim, calls)
+        return self._tables
+
+    @property
+    def end(self) -> dict[str, int]:
+        """Module name -> position of its (last) finish in the forward."""
+        return self._build()[0]
+
+    @property
+    def out(self) -> dict[str, object]:
+        """Module name -> its (last) output."""
+        return self._build()[1]
+
+    @property
+    def in_dim(self) -> dict[str, int | None]:
+        """Module name -> number of dimensions of its first input (None if not a tensor)."""
+        return self._build()[2]
+
+    @property
+    def calls(self) -> dict[str, int]:
+        """Module name -> times it ran."""
+        return self._build()[3]
 
     def __bool__(self) -> bool:
-        return bool(self.end)
+        return bool(self.events)
 
 
 def _kind(m: nn.Module) -> str | None:
@@ -163,7 +186,15 @@ def _climb(name: str, rec: Recorder, blocks: list[str]) -> str:
 
 
 def _candidates(modules: dict[str, nn.Module], rec: Recorder, names: list[str]) -> list[str]:
-    found = [n for n in names if _is_map(rec.out[n])
-             and not is_container(modules[n]) and any(True for _ in modules[n].children())
+    """Modules worth naming in an error: non-leaf, with parameters, returning a map; repeated
+    units (siblings of one type: the blocks) first."""
+    found = [n for n in names if _is_map(rec.out[n]) and any(True for _ in modules[n].children())
              and any(True for _ in modules[n].parameters())]
-    return sorted(_outermost(found), key=rec.end.get, reverse=True)[:5]
+
+    def parent(n: str) -> str:
+        return n.rpartition(".")[0]
+
+    repeated = [n for n in found if any(s != n and parent(s) == parent(n)
+                                        and type(modules[s]) is type(modules[n]) for s in found)]
+    pool = repeated or [n for n in found if not is_container(modules[n])]
+    return sorted(_outermost(pool), key=rec.end.get, reverse=True)[:5]
