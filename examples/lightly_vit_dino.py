@@ -1,4 +1,4 @@
-"""DINO with a small Vision Transformer on CIFAR-10 (lightly's modules), plus the recon-aux objective.
+"""DINO with a small Vision Transformer on CIFAR-10 (lightly's modules), plus the recon-aux loss.
 
 DINO: Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021. The
 loop follows lightly's ``examples/pytorch/dino.py`` (DINOProjectionHead, DINOLoss, DINOTransform,

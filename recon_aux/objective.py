@@ -68,9 +68,10 @@ class ReconAux(nn.Module):
     """The auxiliary reconstruction objective attached to an encoder (Hizioglu, 2020, Figure 1).
 
     A generator reconstructs each training batch from the encoder's feature map (its last block
-    or last conv layer, or the named layers); ``weight * (l2_weight * L2 + lpips_weight * LPIPS)`` is added to the method's loss, and
-    its gradient flows back into the encoder. Nothing in the model's code changes: the feature map
-    is read by forward hooks. Build it with :func:`attach`.
+    or last conv layer, or the named layers); ``weight * (l2_weight * L2 + lpips_weight *
+    LPIPS)`` is added to the method's loss, and its gradient flows back into the encoder. Nothing
+    in the model's code changes: the feature map is read by forward hooks. Build it with
+    :func:`attach`.
 
     As an ``nn.Module`` its parameters and ``state_dict()`` hold the head only (the frozen LPIPS
     network is never registered), plus an ``_extra_state`` entry with the head's geometry so that

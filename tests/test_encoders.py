@@ -19,6 +19,7 @@ import pytest
 import torch
 import torchvision
 from conftest import REPO
+from test_loops import _free_port, _grads
 from torch import nn
 from torchvision.models import VisionTransformer
 from torchvision.models.swin_transformer import SwinTransformer
@@ -342,34 +343,27 @@ def test_vit_autocast_bf16():
     opt.step()
 
 
-def _vit_grads(order: str, backend: str | None) -> dict[str, torch.Tensor]:
-    torch._dynamo.reset()
+def seeded_vit() -> nn.Module:
     torch.manual_seed(0)
-    model = timm_vit()
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    # layer=None chooses from a forward hooked at every module: under compile that first
-    # forward is slow to trace, so the choice runs eagerly (input_shape's dry forward) or the
-    # layer is named
-    if order == "attach_then_compile":
-        aux = recon_aux.attach(model, opt, lpips_weight=0.0, input_shape=(3, X, X))
-        net = torch.compile(model, backend=backend) if backend else model
-    else:
-        net = torch.compile(model, backend=backend) if backend else model
-        aux = recon_aux.attach(net, opt, layer="_orig_mod.blocks.1" if backend else "blocks.1",
-                               lpips_weight=0.0)
-    x = images()
-    loss = net(x).pow(2).mean() + aux.loss(x)
-    loss.backward()
-    assert aux.layer_name.endswith("blocks.1")
-    return {n: p.grad.clone() for n, p in model.named_parameters()}
+    return timm_vit()
 
 
 @pytest.mark.parametrize("order", ["attach_then_compile", "compile_then_attach"])
-def test_vit_torch_compile_gives_eager_gradients(order):
-    eager = _vit_grads(order, None)
-    compiled = _vit_grads(order, "aot_eager")
+@pytest.mark.parametrize("choice", ["named", pytest.param("layer_none", marks=pytest.mark.slow)])
+def test_vit_torch_compile_gives_eager_gradients(order, choice):
+    # layer=None chooses from one forward hooked at every module; those hooks run eagerly
+    # (graph breaks), so that compiled first forward traces slowly (slow test).
+    def kw(backend):
+        if choice == "layer_none":
+            return {}
+        compiled_root = backend and order == "compile_then_attach"
+        return {"layer": "_orig_mod.blocks.1" if compiled_root else "blocks.1"}
+
+    eager = _grads(order, None, build=seeded_vit, **kw(None))
+    compiled = _grads(order, "aot_eager", build=seeded_vit, **kw("aot_eager"))
     for name, g in eager.items():
         torch.testing.assert_close(compiled[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert not torch.equal(eager["blocks.0.attn.qkv.weight"], torch.zeros_like(g))
 
 
 DDP_SCRIPT = textwrap.dedent("""
@@ -398,8 +392,6 @@ DDP_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_vit_under_ddp(tmp_path):
-    from test_loops import _free_port
-
     script = tmp_path / "ddp_vit.py"
     script.write_text(DDP_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
