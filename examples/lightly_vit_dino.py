@@ -9,8 +9,9 @@ cancelled in the first epoch) with the ViT backbone the paper uses, scaled to 32
 position embedding). Multi-crop: two 32 px global crops and four 16 px local crops per image.
 
 The only additions are the two lines marked ``# recon-aux``. ``attach`` taps the ViT's last
-transformer block (``layer=None`` picks it: never the patch embedding), turns its 64 patch tokens
-into an 8x8 map (the class token dropped), and the head decodes that back to 32x32. The two
+block after its final norm (``layer=None`` picks ``vit.vit.encoder.ln``: never the patch
+embedding), turns its 64 patch tokens into an 8x8 map (the class token dropped), and the head
+decodes that back to 32x32. The two
 global crops are reconstructed; the local crops' forwards are released by the backward pass
 unused, and the teacher, a copy made before ``attach``, is never captured.
 

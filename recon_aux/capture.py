@@ -436,7 +436,8 @@ class FeatureTap:
                     f, name, image_hw, stem=stem, prefix_tokens=self.prefix_tokens,
                     grid=self.grid, layout=self.layout,
                     has_conv=any(isinstance(s, nn.Conv2d) for s in sub),
-                    has_linear=any(isinstance(s, nn.Linear) or is_attention(s) for s in sub))
+                    has_linear=any(isinstance(s, nn.Linear) or type(s) is nn.LayerNorm
+                                   or is_attention(s) for s in sub))
                 self.layouts[name] = layout
             out.append(to_map(f, layout, name, image_hw, stem=stem, grid=self.grid))
         return tuple(out) if self.multi_level else out[0]
@@ -457,7 +458,9 @@ class FeatureTap:
         elif not self.layer_names and self._pass is None and self._recorder:
             self._choose(None)
         match = next((c for c in self.pending if c.received(images)), None)
-        if match is None and self._released_for(images) is not None:
+        p = self._pass
+        if match is None and (self._released_for(images) is not None or (
+                p is not None and p.input_ref is not None and p.input_ref() is images)):
             raise PairingError(self._pairing_message(images, [], []))
         if match is None:
             same = [c for c in self.pending if c.batch_size == images.shape[0]]
@@ -486,6 +489,13 @@ class FeatureTap:
     def _pairing_message(self, images: Tensor, same: list[Capture],
                          fitting: list[Capture]) -> str:
         n, shape = images.shape[0], tuple(images.shape)
+        p = self._pass
+        if p is not None and p.entry == "stem" and p.active and p.filed is None and (
+                not self.pending or (p.input_ref is not None and p.input_ref() is images)):
+            return (f"aux.loss(images) found no training forward to pair with: the last forward "
+                    f"(entered at the stem {self.stem!r}, not through the model's forward) has "
+                    f"not run the tapped layer {self.layer_name!r}. Call aux.loss after a "
+                    "forward that runs it (model(x), or forward_features(x) when it does).")
         gone = self._released_for(images)
         if gone is not None:
             return (f"aux.loss(images) got the images ({shape}) of a forward whose features were "

@@ -13,42 +13,43 @@ The rule, applied once to the execution order of the first forward:
 2. **The last block.** The tap is the block that finished last, unless a ``Conv2d`` outside it
    ran after it (MobileNet's final 1x1 conv; then rule 3). From that block the tap climbs to its
    parent while the parent returns the very same tensor and does not hold every block: the
-   stage (torchvision ResNet ``layer4``, Swin ``features.7`` / ``layers.3``, ConvNeXt
-   ``features.7``), never the whole trunk. The final norm after the last transformer block is
-   not included: measured, see :data:`FINAL_NORM_MEASUREMENT`.
+   stage (torchvision ResNet ``layer4``, ConvNeXt ``features.7``), never the whole trunk. After
+   a transformer block, the tap moves on to the final norm when one runs on that very output
+   (timm's ``norm``, torchvision's ``encoder.ln``, Swin's ``norm``): the model's own token
+   output, measured to reconstruct better (:data:`FINAL_NORM`). A conv net's block output is
+   kept as it is (DenseNet: ``denseblock4``, before ``norm5``).
 3. **No block: the last conv.** The ``nn.Conv2d`` that ran last (AlexNet, VGG, NIN, the
    project's AlexNet-CIFAR ``conv5.0``), as before. If token layers ran after it (a ``Linear``
    on a 3-D or 4-D input, or an attention module), that conv is a stem, a patch embedding, and
    the choice is an error that names the candidate layers and how to pass one.
 
-What it picks (32x32 inputs; see the README's table):
+What it picks (32x32 inputs; the README has the same table):
 
-===============================================  ===========================  ===========
+===============================================  ===========================  ==============
 model                                            ``layer=None``               output
-===============================================  ===========================  ===========
-torchvision ResNet-18 / ResNet18CIFAR            ``layer4``                   512 x h x w
+===============================================  ===========================  ==============
+torchvision ResNet-18 / ResNet18CIFAR            ``layer4``                   C x h x w
 torchvision GoogLeNet                            ``inception5b``              1024 x 1 x 1
 torchvision DenseNet-121                         ``features.denseblock4``     1024 x 1 x 1
-torchvision ConvNeXt                             ``features.7``               768 x 1 x 1
-timm ConvNeXt                                    ``stages.3``                 C x 1 x 1
-torchvision VisionTransformer                    ``encoder.layers.<last>``    tokens
-timm ViT / DeiT (class, dist., register tokens)  ``blocks.<last>``            tokens
-torchvision Swin                                 ``features.<last stage>``    N x h x w x C
-timm Swin                                        ``layers.<last>``            N x h x w x C
+torchvision ConvNeXt / timm ConvNeXt             ``features.7`` / ``stages.3``  C x 1 x 1
+torchvision VisionTransformer                    ``encoder.ln``               N x 1+h*w x D
+timm ViT / DeiT (class, dist., register tokens)  ``norm``                     N x p+h*w x D
+torchvision Swin / timm Swin                     ``norm``                     N x h x w x C
 AlexNet, VGG, NIN, AlexNet-CIFAR                 the last Conv2d              C x h x w
 MobileNet, EfficientNet (1x1 conv after blocks)  the last Conv2d              C x h x w
-===============================================  ===========================  ===========
+MLP-Mixer (no attention module)                  an error naming ``blocks.N``
+===============================================  ===========================  ==============
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["FINAL_NORM_MEASUREMENT", "LayerChoiceError", "Recorder", "choose_layer",
-           "is_attention"]
+__all__ = ["FINAL_NORM", "LayerChoiceError", "Recorder", "choose_layer", "is_attention"]
 
-#: Before or after the final norm, measured (see the module docstring's rule 2).
-FINAL_NORM_MEASUREMENT = "(filled in below)"
+#: Tap a transformer's final norm (the norm that runs on the last block's output) rather than
+#: the block itself. MEASUREMENT_PLACEHOLDER
+FINAL_NORM = True
 
 
 class LayerChoiceError(ValueError):
@@ -85,13 +86,13 @@ class Recorder:
 
     def _build(self) -> tuple:
         if self._tables is None:
-            end, out, in_dim, calls = {}, {}, {}, {}
+            end, out, in_dim, calls, first_in = {}, {}, {}, {}, {}
             for t, (name, args, output) in enumerate(self.events, 1):
                 first = args[0] if args else None
-                end[name], out[name] = t, output
+                end[name], out[name], first_in[name] = t, output, first
                 in_dim[name] = first.dim() if isinstance(first, Tensor) else None
                 calls[name] = calls.get(name, 0) + 1
-            self._tables = (end, out, in_dim, calls)
+            self._tables = (end, out, in_dim, calls, first_in)
         return self._tables
 
     @property
@@ -113,6 +114,11 @@ class Recorder:
     def calls(self) -> dict[str, int]:
         """Module name -> times it ran."""
         return self._build()[3]
+
+    @property
+    def first_in(self) -> dict[str, object]:
+        """Module name -> its (last call's) first input."""
+        return self._build()[4]
 
     def __bool__(self) -> bool:
         return bool(self.events)
@@ -153,7 +159,10 @@ def choose_layer(model: nn.Module, rec: Recorder) -> str:
         last = max(blocks, key=rec.end.get)
         if last_conv is None or rec.end[last_conv] <= rec.end[last] \
                 or _within(last_conv, last):
-            return _climb(last, rec, blocks)
+            name = _climb(last, rec, blocks)
+            if FINAL_NORM and _kind(modules[last]) == "transformer":
+                name = _final_norm(name, rec, modules) or name
+            return name
     if last_conv is not None:
         after = [n for n in ran if rec.end[n] > rec.end[last_conv]]
         tokens = [n for n in after if is_attention(modules[n]) or (
@@ -183,6 +192,20 @@ def _climb(name: str, rec: Recorder, blocks: list[str]) -> str:
             break
         name = parent
     return name
+
+
+def is_norm(m: nn.Module) -> bool:
+    return isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)) \
+        or "Norm" in type(m).__name__
+
+
+def _final_norm(name: str, rec: Recorder, modules: dict[str, nn.Module]) -> str | None:
+    """The norm that ran next on the very output of ``name`` (a ViT's final LayerNorm)."""
+    out = rec.out[name]
+    after = sorted((n for n in rec.end if rec.end[n] > rec.end[name] and not _within(n, name)),
+                   key=rec.end.get)
+    return next((n for n in after if rec.first_in[n] is out and is_norm(modules[n])
+                 and _is_map(rec.out[n])), None)
 
 
 def _candidates(modules: dict[str, nn.Module], rec: Recorder, names: list[str]) -> list[str]:

@@ -25,8 +25,9 @@ silent guess:
   that can be the image's spatial grid (each at most the image side, with strides ``H/h`` and
   ``W/w`` within a factor 1.5 of each other) is the spatial one: dims 2-3 give ``"nchw"``, dims
   1-2 ``"nhwc"``. When both pairs can (``N x 8 x 8 x 8`` on a square image) the tapped module
-  decides if it is unambiguous (Conv2d inside and no Linear: ``"nchw"``; Linear and no Conv2d:
-  ``"nhwc"``), and otherwise it is an error asking for ``layout=``. When neither pair fits, the
+  decides if it is unambiguous (Conv2d inside and no Linear: ``"nchw"``; Linear or
+  ``nn.LayerNorm`` and no Conv2d: ``"nhwc"``), and otherwise it is an error asking for
+  ``layout=``. When neither pair fits, the
   map is taken as ``"nchw"``, the layout of conv layers.
 
 A tuple output is accepted when it holds one tensor (or a tensor followed by ``None`` s, as

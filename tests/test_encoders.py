@@ -70,14 +70,14 @@ def resnet18() -> nn.Module:
 
 # (builder, expected layer, a parameter of the first block, map shape C x h x w, prefix tokens)
 FAMILIES = {
-    "torchvision-vit": (tv_vit, "encoder.layers.encoder_layer_1",
+    "torchvision-vit": (tv_vit, "encoder.ln",
                         "encoder.layers.encoder_layer_0.self_attention.in_proj_weight",
                         (32, 8, 8), 1),
-    "torchvision-swin": (tv_swin, "features.3", "features.1.0.attn.qkv.weight", (32, 8, 8), 0),
-    "timm-vit-registers": (lambda: timm_vit(reg_tokens=4, class_token=True), "blocks.1",
+    "torchvision-swin": (tv_swin, "norm", "features.1.0.attn.qkv.weight", (32, 8, 8), 0),
+    "timm-vit-registers": (lambda: timm_vit(reg_tokens=4, class_token=True), "norm",
                            "blocks.0.attn.qkv.weight", (32, 8, 8), 5),
-    "timm-deit-distilled": (timm_deit, "blocks.1", "blocks.0.attn.qkv.weight", (32, 8, 8), 2),
-    "timm-swin": (timm_swin, "layers.1", "layers.0.blocks.0.attn.qkv.weight", (48, 4, 4), 0),
+    "timm-deit-distilled": (timm_deit, "norm", "blocks.0.attn.qkv.weight", (32, 8, 8), 2),
+    "timm-swin": (timm_swin, "norm", "layers.0.blocks.0.attn.qkv.weight", (48, 4, 4), 0),
     "timm-convnext": (lambda: timm.create_model("convnext_atto", pretrained=False), "stages.3",
                       "stages.0.blocks.0.conv_dw.weight", (320, 1, 1), 0),
     "googlenet": (lambda: torchvision.models.googlenet(weights=None, aux_logits=False,
@@ -138,7 +138,7 @@ def test_input_shape_builds_the_token_head_before_any_forward():
     # Lightning's pattern: attach in __init__ with input_shape (a dry forward), no optimizer
     model = timm_vit()
     aux = recon_aux.attach(model, input_shape=(3, X, X), lpips_weight=0.0)
-    assert aux.layer_name == "blocks.1" and aux.head.in_size == (8, 8)
+    assert aux.layer_name == "norm" and aux.head.in_size == (8, 8)
     assert aux.tap.pending == []
     x = images()
     model(x)
@@ -154,7 +154,7 @@ def test_forward_features_is_captured(layer):
     x0, x1 = images(seed=0), images(seed=1)
     t0, t1 = model.forward_features(x0), model.forward_features(x1)  # hooks of forward never run
     loss = (t0 - t1).pow(2).mean() + aux.loss(x1) + aux.loss(x0)  # paired by identity
-    assert aux.layer_name == "blocks.1" and aux.tap.stem == "patch_embed.proj"
+    assert aux.layer_name == (layer or "norm") and aux.tap.stem == "patch_embed.proj"
     loss.backward()
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     with pytest.raises(PairingError, match="already used"):
@@ -162,6 +162,17 @@ def test_forward_features_is_captured(layer):
     # forward_head after forward_features, and forward itself, still pair as before
     model(x0)
     assert torch.isfinite(aux.loss(x0))
+
+
+def test_entry_point_that_stops_before_the_tapped_layer_says_so():
+    model = AlexNetCIFAR(width=0.25).train()
+    aux = recon_aux.attach(model, lpips_weight=0.0, input_shape=(3, X, X))
+    x = images()
+    model.forward_features(x, ["conv2"])  # enters at the stem, stops before conv5
+    with pytest.raises(PairingError, match="entered at the stem 'conv1.0'.*not run the tapped"):
+        aux.loss(x)
+    model.forward_features(x, ["conv5"])
+    assert torch.isfinite(aux.loss(x))
 
 
 class LinearEmbedViT(nn.Module):
@@ -229,7 +240,7 @@ def test_non_square_grid_and_explicit_grid():
     aux = recon_aux.attach(model, grid=(8, 12), lpips_weight=0.0)
     model(x)
     aux.loss(x)
-    assert aux.tap.layouts["blocks.1"].prefix == 1 and aux.head.in_size == (8, 12)
+    assert aux.tap.layouts["norm"].prefix == 1 and aux.head.in_size == (8, 12)
 
 
 class Maps(nn.Module):
@@ -401,4 +412,4 @@ def test_vit_under_ddp(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("{"))
-    assert '"layer": "module.blocks.1"' in line and '"agree": true' in line
+    assert '"layer": "module.norm"' in line and '"agree": true' in line

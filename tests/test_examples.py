@@ -62,8 +62,9 @@ def test_vit_dino_example_taps_the_last_block(image_folder, capsys):
     top1 = load("lightly_vit_dino").main(tiny(image_folder, "--depth", "2"))
     out = capsys.readouterr().out
     assert 0.0 <= top1 <= 100.0
-    # the last transformer block, its 64 patch tokens as an 8x8 map (not the patch embedding)
-    assert "recon-aux tapped vit.vit.encoder.layers.encoder_layer_1 (24 x 8 x 8 map)" in out
+    # the last block's tokens after the final norm, 64 patch tokens as an 8x8 map (not the
+    # patch embedding)
+    assert "recon-aux tapped vit.vit.encoder.ln (24 x 8 x 8 map)" in out
 
 
 def test_lightning_example_trains_checkpoints_and_resumes(image_folder, tmp_path, capsys):
