@@ -8,7 +8,8 @@ The rule, applied once to the execution order of the first forward:
    attention module among its children: ``nn.MultiheadAttention`` or a class named
    ``*Attention``) or a *conv block* (no attention module inside; a ``Conv2d`` and at least two
    weight layers, ``Conv2d`` or ``Linear``: residual, inception, dense, ConvNeXt and MobileNet
-   blocks, and stages with their own forward). Only outermost blocks count (the dense layers of a
+   blocks, and stages with their own forward), and not a pass-through wrapper (one child whose
+   output it returns: ``nn.DataParallel``). Only outermost blocks count (the dense layers of a
    dense block are part of it).
 2. **The last block.** The tap is the block that finished last, unless a ``Conv2d`` outside it
    ran after it (MobileNet's final 1x1 conv; then rule 3). From that block the tap climbs to its
@@ -138,6 +139,16 @@ def _kind(m: nn.Module) -> str | None:
     return "conv" if convs >= 1 and weights >= 2 else None
 
 
+def _wrapper(name: str, m: nn.Module, rec: Recorder) -> bool:
+    """A pass-through wrapper (``nn.DataParallel`` around DeepCluster's ``features``): one child,
+    whose output it returns as it is."""
+    children = [c for c, _ in m.named_children()]
+    if len(children) != 1:
+        return False
+    child = f"{name}.{children[0]}" if name else children[0]
+    return rec.out.get(child) is rec.out[name]
+
+
 def _is_map(x) -> bool:
     return isinstance(x, Tensor) and x.dim() in (3, 4)
 
@@ -153,7 +164,8 @@ def choose_layer(model: nn.Module, rec: Recorder) -> str:
     ran = [n for n in rec.end if n in modules]
     convs = [n for n in ran if isinstance(modules[n], nn.Conv2d)]
     last_conv = max(convs, key=rec.end.get) if convs else None
-    eligible = [n for n in ran if _is_map(rec.out[n]) and _kind(modules[n]) is not None]
+    eligible = [n for n in ran if _is_map(rec.out[n]) and _kind(modules[n]) is not None
+                and not _wrapper(n, modules[n], rec)]
     blocks = _outermost(eligible)
     if blocks:
         last = max(blocks, key=rec.end.get)

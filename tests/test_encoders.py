@@ -125,10 +125,23 @@ def test_family_layer_gradient_shape_and_round_trip(family):
     assert torch.isfinite(aux2.loss(x))
 
 
+class DataParallelFeatures(nn.Module):
+    """DeepCluster's AlexNet wraps ``features`` in nn.DataParallel: a wrapper, not a block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.DataParallel(nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU()))
+
+    def forward(self, x):
+        return self.features(x).mean((2, 3))
+
+
 def test_plain_cnns_keep_the_last_conv(tiny_alexnet):
     # the benchmarks' encoders tap what they tapped before: AlexNet-style nets have no blocks
     for model, expected in ((AlexNetCIFAR(width=0.25), "conv5.0"), (tiny_alexnet, "features.13"),
-                            (torchvision.models.vgg11(), "features.18")):
+                            (torchvision.models.vgg11(), "features.18"),
+                            (DataParallelFeatures(), "features.module.3")):
         aux = recon_aux.attach(model, input_shape=(3, X, X), lpips_weight=0.0)
         assert aux.layer_name == expected
         aux.remove()
