@@ -12,10 +12,11 @@ from .config import ConfigError, ReconAuxConfig
 from .head import ReconstructionHead
 from .objective import ReconAux, attach
 from .perceptual import NonFiniteLossError, PerceptualLoss, RangeError
-from .weights import WeightsError
+from .weights import WeightsCacheWarning, WeightsError
 
 __version__ = "0.1.0"
 __all__ = [
     "attach", "ReconAux", "ReconAuxConfig", "ReconstructionHead", "PerceptualLoss", "FeatureTap",
     "ConfigError", "PairingError", "RangeError", "NonFiniteLossError", "WeightsError",
+    "WeightsCacheWarning",
 ]

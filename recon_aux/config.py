@@ -2,12 +2,19 @@
 
 Every knob of :func:`recon_aux.attach` lives here, so a training config's ``recon:`` block maps
 one-to-one onto :class:`ReconAuxConfig`. Unknown keys and wrong types are errors that name the key
-and list what is valid; nothing is silently ignored.
+and list what is valid; nothing is silently ignored. Each field declares, next to it, the values
+it admits beyond its type (an :class:`Allowed`: finite numbers, bounds, tuple length, choices) and
+the fix to show when a value is refused; a refused value is an error that names the field, the
+value and that fix, raised when the config is built (and when a field is assigned later),
+before any work. Nothing is clamped, reshaped or dropped. :meth:`ReconAuxConfig.check_values`
+applies the same rules to a subset of the fields (``PerceptualLoss`` uses it for its arguments).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import types
 import typing
 from collections.abc import Mapping
@@ -17,11 +24,60 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ReconAuxConfig", "ConfigError"]
+__all__ = ["ReconAuxConfig", "ConfigError", "Allowed"]
 
 
 class ConfigError(ValueError):
     """A configuration key is unknown or its value has the wrong type or range."""
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """The values one field admits beyond its type, and the fix shown when one is refused.
+
+    Every number in the value (each element of a tuple) must be finite and satisfy ``ge`` /
+    ``gt``; ``length`` is the number of elements a tuple must have; ``increasing`` asks for
+    strictly increasing elements; ``choices`` lists the admitted values. None passes wherever the
+    field's type admits it (it means "not set").
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    length: int | None = None
+    increasing: bool = False
+    choices: tuple | None = None
+    fix: str = ""
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` (already type-checked), or None when it is admitted."""
+        if value is None:
+            return None
+        if self.choices is not None:
+            return None if value in self.choices else f"is not one of {self.choices}"
+        if isinstance(value, (bool, str)):
+            return None
+        items = value if isinstance(value, tuple) else (value,)
+        if self.length is not None and isinstance(value, tuple) and len(value) != self.length:
+            return f"has {len(value)} value(s), not {self.length}"
+        each = "" if items is not value else "holds {}; each value "
+        for v in items:
+            if not math.isfinite(v):
+                return (each.format(v) + "must be finite") if each else "is not finite"
+            if self.ge is not None and not v >= self.ge:
+                return each.format(v) + f"must be >= {self.ge:g}"
+            if self.gt is not None and not v > self.gt:
+                return each.format(v) + f"must be > {self.gt:g}"
+        if self.increasing and not all(b > a for a, b in zip(items, items[1:])):
+            return "must be (low, high) with high > low"
+        return None
+
+
+def _knob(default: Any, **allowed: Any) -> Any:
+    """A dataclass field with ``default`` and its :class:`Allowed` values."""
+    return dataclasses.field(default=default, metadata={"allowed": Allowed(**allowed)})
+
+
+_WEIGHT_FIX = "Use a finite number >= 0; 0 turns {} off."
 
 
 @dataclass
@@ -39,8 +95,8 @@ class ReconAuxConfig:
         lpips_weights: Where the LPIPS backbone's ImageNet weights come from: "auto", a file
             path, or "random" (plumbing tests only; warns).
         input_range: (low, high) of the images before any mean/std normalisation.
-        mean, std: Per-channel normalisation the pipeline applied (``x = (img - mean) / std``),
-            or None when images are fed in ``input_range``.
+        mean, std: Per-channel (3 values, RGB) normalisation the pipeline applied
+            (``x = (img - mean) / std``), or None when images are fed in ``input_range``.
         resize_to: Upsample both images to this size before LPIPS (int or (h, w)); None keeps
             the input size. L2 is always computed at the input size.
         range_tolerance: How far (as a fraction of the range) images may stray outside
@@ -62,50 +118,99 @@ class ReconAuxConfig:
             averages it already.
     """
 
-    weight: float = 1.0
-    l2_weight: float = 1.0
-    lpips_weight: float = 1.0
-    net: str = "alex"
-    lpips_weights: str = "auto"
-    input_range: tuple[float, float] = (0.0, 1.0)
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    resize_to: int | tuple[int, int] | None = None
-    range_tolerance: float = 0.01
+    weight: float = _knob(1.0, ge=0, fix=_WEIGHT_FIX.format("the auxiliary loss"))
+    l2_weight: float = _knob(1.0, ge=0, fix=_WEIGHT_FIX.format("the L2 term"))
+    lpips_weight: float = _knob(1.0, ge=0, fix=_WEIGHT_FIX.format("LPIPS"))
+    net: str = _knob("alex", choices=("alex", "vgg"),
+                     fix="No other backbone's ImageNet weights are available offline.")
+    lpips_weights: str = _knob("auto")
+    input_range: tuple[float, float] = _knob(
+        (0.0, 1.0), increasing=True,
+        fix="Give the finite (low, high) of your images before any mean/std normalisation: (0, 1) "
+            "for ToTensor images, (-1, 1) for images scaled to [-1, 1], (0, 255) for raw pixels.")
+    mean: tuple[float, ...] | None = _knob(
+        None, length=3,
+        fix="Give the 3 finite per-channel (RGB) means your pipeline's Normalize used, or None.")
+    std: tuple[float, ...] | None = _knob(
+        None, length=3, gt=0,
+        fix="Give the 3 finite, positive per-channel (RGB) stds your pipeline's Normalize used, "
+            "or None.")
+    resize_to: int | tuple[int, int] | None = _knob(
+        None, ge=1, fix="Give a size in pixels (int or (h, w)) large enough for the LPIPS "
+                        "backbone, or None to keep the input size.")
+    range_tolerance: float = _knob(
+        0.01, ge=0, fix="Use a finite fraction of the range >= 0 (default 0.01); to skip the "
+                        "range check, set check_inputs=False.")
     check_inputs: bool = True
-    head_width: int | None = None
-    head_min_width: int = 16
-    head_norm: str = "batch"
-    head_upsample: str = "nearest"
-    head_out_scale: int = 2
-    lr: float | None = None
-    weight_decay: float | None = None
-    max_pending: int = 64
+    head_width: int | None = _knob(
+        None, ge=1, fix="Use a channel count >= 1, or None to size the head with the encoder.")
+    head_min_width: int = _knob(16, ge=1, fix="Use a channel count >= 1.")
+    head_norm: str = _knob("batch", choices=("batch", "group", "none"))
+    head_upsample: str = _knob("nearest", choices=("nearest", "bilinear"))
+    head_out_scale: int = _knob(2, choices=(1, 2, 4))
+    lr: float | None = _knob(
+        None, ge=0, fix="Use a finite learning rate >= 0 (a negative one makes the head ascend "
+                        "its loss), or None for the optimizer's default.")
+    weight_decay: float | None = _knob(
+        None, ge=0, fix="Use a finite weight decay >= 0, or None for the optimizer's default.")
+    max_pending: int = _knob(
+        64, ge=1, fix="Use an int >= 1: the captured forwards kept while waiting for aux.loss.")
     sync_grads: bool = True
-    _choices: typing.ClassVar[dict[str, tuple[str, ...]]] = {
-        "net": ("alex", "vgg"),
-        "head_norm": ("batch", "group", "none"),
-        "head_upsample": ("nearest", "bilinear"),
-    }
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Every assignment (the dataclass __init__'s, and later ones such as a weight schedule's
+        # ``aux.config.weight = w``) passes the field's own type and range check.
+        if name in self.__dataclass_fields__:
+            value = self._check_field(name, value)
+        object.__setattr__(self, name, value)
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), self._hint(f.name)))
-        for name, allowed in self._choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
-        for name in ("weight", "l2_weight", "lpips_weight"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
-        if self.l2_weight == 0 and self.lpips_weight == 0:
-            raise ConfigError("l2_weight and lpips_weight are both 0: the objective is empty.")
-        lo, hi = self.input_range
-        if not hi > lo:
-            raise ConfigError(f"input_range={self.input_range} must be (low, high), high > low.")
-        if (self.mean is None) != (self.std is None):
-            raise ConfigError("give both mean and std (the normalisation your pipeline applied).")
-        if self.std is not None and any(s <= 0 for s in self.std):
-            raise ConfigError(f"std={self.std} must be positive.")
+        self.check_values({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    @classmethod
+    def _check_field(cls, name: str, value: Any) -> Any:
+        field = cls.__dataclass_fields__.get(name)
+        if field is None:
+            raise ConfigError(f"unknown config key(s) {[name]}. {cls.valid_keys_text()}")
+        value = _coerce(name, value, cls._hint(name))
+        allowed = field.metadata.get("allowed")
+        problem = allowed.problem(value) if allowed is not None else None
+        if problem is not None:
+            raise ConfigError(f"{name}={value!r} {problem}. {allowed.fix}".rstrip())
+        return value
+
+    @classmethod
+    def check_values(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Type-check and range-check ``values`` (some or all fields); return them converted
+        (ints to floats, lists to tuples). Rules that relate two fields use the defaults of those
+        not given.
+
+        Raises:
+            ConfigError: naming the field, the value and the fix.
+        """
+        out = {name: cls._check_field(name, value) for name, value in values.items()}
+
+        def get(name: str) -> Any:
+            return out[name] if name in out else cls.__dataclass_fields__[name].default
+
+        if get("l2_weight") == 0 and get("lpips_weight") == 0:
+            raise ConfigError("l2_weight and lpips_weight are both 0: the objective is empty. "
+                              "Give one of them a weight > 0.")
+        if (get("mean") is None) != (get("std") is None):
+            raise ConfigError(f"mean={get('mean')!r} and std={get('std')!r}: give both mean and "
+                              "std (the normalisation your pipeline applied), or neither.")
+        resize, net = get("resize_to"), get("net")
+        if resize is not None and get("lpips_weight") > 0:
+            from .perceptual import MIN_SIZE  # here: perceptual imports this module
+
+            size = (resize, resize) if isinstance(resize, int) else resize
+            if min(size) < MIN_SIZE[net]:
+                raise ConfigError(
+                    f"resize_to={resize!r} is smaller than the {MIN_SIZE[net]}x{MIN_SIZE[net]} "
+                    f"pixels LPIPS-{net} needs. Use resize_to >= {MIN_SIZE[net]}, or None to keep "
+                    "the input size."
+                )
+        return out
 
     @classmethod
     def _hint(cls, name: str) -> Any:
@@ -183,10 +288,11 @@ def _match(value: Any, hint: Any) -> tuple[bool, Any]:
         return value is None, value
     if hint is bool:
         return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:  # numpy integers pass as ints; bools do not
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        return ok, int(value) if ok else value
+    if hint is float:  # any real number (numpy's too), as a Python float; not a bool
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
         return ok, float(value) if ok else value
     if hint is str:
         return isinstance(value, str), value

@@ -6,8 +6,10 @@
     loss = loss + aux.loss(images)               # each step, after encoder(images)
 
 :class:`ReconAux` ties the pieces together: a :class:`~recon_aux.capture.FeatureTap` on the
-encoder's last conv layer, a :class:`~recon_aux.head.ReconstructionHead` built from the first
-captured feature map, and a :class:`~recon_aux.perceptual.PerceptualLoss`.
+encoder's representation (its last block, or its last conv layer: :mod:`recon_aux.layers`), a
+:class:`~recon_aux.head.ReconstructionHead` built from the first captured feature map (token
+outputs of transformer blocks become maps: :mod:`recon_aux.tokens`), and a
+:class:`~recon_aux.perceptual.PerceptualLoss`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .capture import FeatureTap
 from .config import ReconAuxConfig
 from .head import ReconstructionHead
 from .perceptual import NonFiniteLossError, PerceptualLoss, check_images
+from .tokens import Layout
 
 __all__ = ["ReconAux", "attach", "NonFiniteLossError"]
 
@@ -64,10 +67,11 @@ class _SyncHook:
 class ReconAux(nn.Module):
     """The auxiliary reconstruction objective attached to an encoder (Hizioglu, 2020, Figure 1).
 
-    A generator reconstructs each training batch from the encoder's last convolutional feature
-    map; ``weight * (l2_weight * L2 + lpips_weight * LPIPS)`` is added to the method's loss, and
-    its gradient flows back into the encoder. Nothing in the model's code changes: the feature map
-    is read by forward hooks. Build it with :func:`attach`.
+    A generator reconstructs each training batch from the encoder's feature map (its last block
+    or last conv layer, or the named layers); ``weight * (l2_weight * L2 + lpips_weight *
+    LPIPS)`` is added to the method's loss, and its gradient flows back into the encoder. Nothing
+    in the model's code changes: the feature map is read by forward hooks. Build it with
+    :func:`attach`.
 
     As an ``nn.Module`` its parameters and ``state_dict()`` hold the head only (the frozen LPIPS
     network is never registered), plus an ``_extra_state`` entry with the head's geometry so that
@@ -94,6 +98,9 @@ class ReconAux(nn.Module):
         layer: str | Sequence[str] | None = None,
         config: ReconAuxConfig | Mapping | str | Path | None = None,
         input_shape: Sequence[int] | None = None,
+        prefix_tokens: int | None = None,
+        grid: Sequence[int] | None = None,
+        layout: str | None = None,
         **overrides: Any,
     ) -> None:
         super().__init__()
@@ -117,7 +124,8 @@ class ReconAux(nn.Module):
                 range_tolerance=cfg.range_tolerance, check_inputs=cfg.check_inputs,
             )
         self.head: ReconstructionHead | None = None
-        self.tap = FeatureTap(model, layer, max_pending=cfg.max_pending)
+        self.tap = FeatureTap(model, layer, max_pending=cfg.max_pending,
+                              prefix_tokens=prefix_tokens, grid=grid, layout=layout)
         self._model = weakref.ref(model)
         self._optimizer = optimizer
         self._head_spec: dict | None = None
@@ -312,13 +320,21 @@ class ReconAux(nn.Module):
 
     # -- checkpoints -----------------------------------------------------------------------------
     def get_extra_state(self) -> dict:
-        return {"version": 1, "head_spec": self._head_spec, "layer_name": self.layer_name}
+        return {"version": 1, "head_spec": self._head_spec, "layer_name": self.layer_name,
+                "layouts": {n: v.to_list() for n, v in self.tap.layouts.items()}}
 
     def set_extra_state(self, state: dict) -> None:
         spec = state.get("head_spec")
-        if state.get("layer_name") not in (None, self.layer_name) and self.layer_name is not None:
+        saved = state.get("layer_name")
+        if saved is not None and self.layer_name is None:
+            # layer=None not chosen yet: keep the checkpoint's layer (the rule may have changed)
+            self.tap.adopt(saved.split("+"))
+        if saved not in (None, self.layer_name) and self.layer_name is not None:
             raise ValueError(f"checkpoint was made with layer {state['layer_name']!r}, this "
                              f"ReconAux taps {self.layer_name!r}.")
+        for name, value in (state.get("layouts") or {}).items():
+            if name in self.tap.layer_names:
+                self.tap.layouts.setdefault(name, Layout.from_list(value))
         if spec is None:
             return
         if self.head is None:
@@ -374,20 +390,33 @@ def attach(
     layer: str | Sequence[str] | None = None,
     config: ReconAuxConfig | Mapping | str | Path | None = None,
     input_shape: Sequence[int] | None = None,
+    prefix_tokens: int | None = None,
+    grid: Sequence[int] | None = None,
+    layout: str | None = None,
     **overrides: Any,
 ) -> ReconAux:
     """Attach the L2 + LPIPS reconstruction objective to ``model`` (line 1 of 2).
 
     Args:
-        model: The encoder (any ``nn.Module`` whose forward receives the images).
+        model: The encoder (any ``nn.Module`` whose forward, or ``forward_features``, receives
+            the images): a conv net, a Vision Transformer, a Swin, a timm model.
         optimizer: The loop's optimizer; the head's parameters join it as a new param group when
             the head is built. None when the optimizer is created later (then use
             ``aux.parameters()``, or let a LightningModule that holds ``aux`` collect them).
-        layer: Module name to tap; None picks the Conv2d that runs last in the forward pass; a
-            list of names (``["layer3", "layer4"]``) feeds a head that fuses those levels.
+        layer: Module name to tap (``"layer4"``, ``"blocks.11"``); None picks the encoder's
+            representation at the first forward: its last block (residual, inception, dense,
+            ConvNeXt or transformer block, or the stage ending with it), else its last Conv2d,
+            never a stem (rule and table: :mod:`recon_aux.layers`); a list of names
+            (``["layer3", "layer4"]``, ``["blocks.3", "blocks.7", "blocks.11"]``) feeds a head
+            that fuses those levels.
         config: A :class:`ReconAuxConfig`, a dict, or a YAML file path.
         input_shape: ``(C, H, W)``: build the head now from a dry forward (no state of the
             model changes), e.g. before an LR scheduler or ``configure_optimizers`` exists.
+        prefix_tokens: For a tapped layer returning ``N x L x D`` tokens: how many leading tokens
+            are not patches (class, distillation, register tokens). None infers it
+            (:mod:`recon_aux.tokens`).
+        grid: ``(h, w)`` of the patch grid, for non-square grids the inference cannot find.
+        layout: ``"nchw"`` or ``"nhwc"`` for a 4-D output whose shape does not say which.
         **overrides: Config fields (``weight=0.5``, ``net="vgg"``, ``mean=..., std=...``).
 
     Returns:
@@ -401,4 +430,4 @@ def attach(
         ...     optimizer.zero_grad(); loss.backward(); optimizer.step()
     """
     return ReconAux(model, optimizer, layer=layer, config=config, input_shape=input_shape,
-                    **overrides)
+                    prefix_tokens=prefix_tokens, grid=grid, layout=layout, **overrides)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import ReconAuxConfig
 from .weights import CONV_INDICES, resolve_backbone_weights
 
 __all__ = ["PerceptualLoss", "RangeError", "NonFiniteLossError", "build_lpips", "check_images"]
@@ -102,6 +103,15 @@ def _build_lpips(net: str, weights: str) -> nn.Module:
     return metric.to(memory_format=torch.channels_last).eval()
 
 
+def _as_tuple(value):
+    """Sequences (lists, tuples, arrays, tensors) as tuples of Python numbers; others unchanged."""
+    if value is None or isinstance(value, (int, float, str)):
+        return value
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
 class PerceptualLoss(nn.Module):
     """``l2_weight * L2 + lpips_weight * LPIPS`` between a reconstruction and its target images.
 
@@ -113,6 +123,8 @@ class PerceptualLoss(nn.Module):
     pipelines do; the loss maps them to [0, 1] for L2 and to LPIPS's [-1, 1] itself. Images that
     stray outside the declared range by more than ``range_tolerance`` raise :class:`RangeError`
     (never clamped: the most common LPIPS bug is feeding [0, 1] images as if they were [-1, 1]).
+    Arguments follow :class:`~recon_aux.config.ReconAuxConfig`'s rules (``weights`` is its
+    ``lpips_weights``); a refused value raises its ``ConfigError`` (a ValueError) at construction.
 
     The LPIPS network is frozen, in eval mode, and held outside the module's registry: it has no
     entry in ``parameters()`` or ``state_dict()``, so it never reaches an optimizer or a checkpoint.
@@ -144,23 +156,23 @@ class PerceptualLoss(nn.Module):
         check_inputs: bool = True,
     ) -> None:
         super().__init__()
-        if l2_weight < 0 or lpips_weight < 0 or (l2_weight == 0 and lpips_weight == 0):
-            raise ValueError(f"weights must be >= 0 and not both 0, got l2_weight={l2_weight}, "
-                             f"lpips_weight={lpips_weight}.")
-        lo, hi = (float(v) for v in input_range)
-        if not hi > lo:
-            raise ValueError(f"input_range={tuple(input_range)} must be (low, high), high > low.")
-        if (mean is None) != (std is None):
-            raise ValueError("give both mean and std, or neither.")
-        self.l2_weight, self.lpips_weight = float(l2_weight), float(lpips_weight)
-        self.net, self.input_range = net, (lo, hi)
-        self.range_tolerance, self.check_inputs = float(range_tolerance), check_inputs
-        if isinstance(resize_to, int):
-            resize_to = (resize_to, resize_to)
-        self.resize_to = tuple(resize_to) if resize_to is not None else None
-        stats = None if mean is None else torch.tensor([list(mean), list(std)], dtype=torch.float32)
+        # The same rules as attach()'s config (recon_aux.config): a refused value raises a
+        # ConfigError (a ValueError) that names the argument, the value and the fix.
+        v = ReconAuxConfig.check_values(dict(
+            l2_weight=l2_weight, lpips_weight=lpips_weight, net=net,
+            input_range=_as_tuple(input_range), mean=_as_tuple(mean), std=_as_tuple(std),
+            resize_to=_as_tuple(resize_to), lpips_weights=str(weights),
+            range_tolerance=range_tolerance, check_inputs=check_inputs,
+        ))
+        self.l2_weight, self.lpips_weight = v["l2_weight"], v["lpips_weight"]
+        self.net, self.input_range = v["net"], v["input_range"]
+        self.range_tolerance, self.check_inputs = v["range_tolerance"], v["check_inputs"]
+        resize_to = v["resize_to"]
+        self.resize_to = (resize_to, resize_to) if isinstance(resize_to, int) else resize_to
+        stats = (None if v["mean"] is None
+                 else torch.tensor([v["mean"], v["std"]], dtype=torch.float32))
         self.register_buffer("_norm", stats, persistent=False)
-        lp = build_lpips(net, weights) if lpips_weight > 0 else None
+        lp = build_lpips(self.net, weights) if self.lpips_weight > 0 else None
         object.__setattr__(self, "lpips", lp)  # not registered: no parameters, no state_dict
 
     def _apply(self, fn, recurse: bool = True):
@@ -176,10 +188,8 @@ class PerceptualLoss(nn.Module):
         """Map images from their encoding to [0, 1] (float32). Shape N x 3 x H x W."""
         check_images(images, name)
         x = images.float()
-        if self._norm is not None:
+        if self._norm is not None:  # 3 values each, checked at construction
             n = self._norm.to(x.device)
-            if n.shape[1] not in (1, 3):
-                raise ValueError(f"mean/std have {n.shape[1]} values; give 1 or 3.")
             x = x * n[1].view(1, -1, 1, 1) + n[0].view(1, -1, 1, 1)
         lo, hi = self.input_range
         return (x - lo) / (hi - lo)

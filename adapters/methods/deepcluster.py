@@ -57,6 +57,10 @@ class DeepClusterConfig(MethodConfig):
             optimizer's momentum applies to it too (within an epoch).
         views: Augmentation preset of the one training view (default the class's
             ``("crop_flip",)``); a single name is read as a one-element list.
+        reassign: Epochs of training between two clusterings (the original's ``--reassign``,
+            default 1); the top layer is re-drawn at each clustering. The original's epoch is an
+            ImageNet epoch, ~5,000 steps; a 20k-image epoch is ~150, too few for a fresh top
+            layer to fit its clusters, so CPU-scale recipes may re-assign less often.
     """
 
     k: int = field(default=10000, metadata=at_least(2))
@@ -67,6 +71,7 @@ class DeepClusterConfig(MethodConfig):
     kmeans_backend: str = field(default="auto", metadata=one_of(*BACKENDS))
     top_layer_momentum: bool = False
     views: tuple[str, ...] | str | None = None
+    reassign: int = field(default=1, metadata=at_least(1))
 
     def check(self) -> None:
         if not self.pca_epsilon < 1:
@@ -136,15 +141,14 @@ class DeepCluster(Method):
             training image (``-1`` before the first clustering); checkpointed with the
             method's state dict.
         labels_epoch: Epoch whose clustering ``pseudo_labels`` holds (``-1``: none yet).
-        k, layer, pca_dim, pca_epsilon, kmeans_iters, kmeans_backend, top_layer_momentum: The
-            hyperparameters in force.
+        k, layer, pca_dim, pca_epsilon, kmeans_iters, kmeans_backend, top_layer_momentum,
+            reassign: The hyperparameters in force.
     """
 
     name: ClassVar[str] = "deepcluster"
     # Deviation: pad-4 random crop + flip (the CIFAR standard) where the original's ImageNet
     # training uses RandomResizedCrop(224) + flip; inputs in [0, 1] without the ImageNet
-    # mean/std (a BatchNorm follows conv1). The original's --reassign (epochs between
-    # clusterings) is fixed to 1 and its PIC clustering is not implemented.
+    # mean/std (a BatchNorm follows conv1). The original's PIC clustering is not implemented.
     views: tuple[str, ...] = ("crop_flip",)
     Config: ClassVar[type[MethodConfig]] = DeepClusterConfig
     config: DeepClusterConfig
@@ -170,6 +174,7 @@ class DeepCluster(Method):
         self.k, self.layer, self.pca_dim = c.k, c.layer, c.pca_dim
         self.pca_epsilon, self.kmeans_iters = c.pca_epsilon, c.kmeans_iters
         self.kmeans_backend, self.top_layer_momentum = c.kmeans_backend, c.top_layer_momentum
+        self.reassign = c.reassign
         if c.views is not None:
             self.views = c.views
         layer_dim = _check_layer(backbone, self.layer)
@@ -207,8 +212,14 @@ class DeepCluster(Method):
                         "method.top_layer_momentum=true"
                     )
 
+    def _clustering_epoch(self, epoch: int) -> int:
+        return epoch - epoch % self.reassign
+
     def on_epoch_start(self, ctx: EngineContext) -> None:
-        """Cluster the features, re-assign the pseudo-labels, re-initialise the top layer."""
+        """Cluster the features, re-assign the pseudo-labels, re-initialise the top layer (on
+        every ``reassign``-th epoch; the labels of the last clustering stay otherwise)."""
+        if self.labels_epoch >= 0 and self.labels_epoch == self._clustering_epoch(ctx.epoch):
+            return
         t0 = time.perf_counter()
         features = self._features(ctx)
         t_features = time.perf_counter() - t0
@@ -240,7 +251,7 @@ class DeepCluster(Method):
             )
         previous = self.pseudo_labels.clone() if self.labels_epoch >= 0 else None
         self.pseudo_labels.copy_(labels.to(self.pseudo_labels.device))
-        self.labels_epoch = int(ctx.epoch)
+        self.labels_epoch = self._clustering_epoch(int(ctx.epoch))
         self.reset_top_layer(ctx)
 
         sizes = torch.bincount(labels.cpu(), minlength=self.k)
@@ -267,7 +278,7 @@ class DeepCluster(Method):
 
     def epoch_indices(self, ctx: EngineContext) -> np.ndarray:
         """This epoch's sample list: ``num_samples`` positions, uniform over non-empty clusters."""
-        if self.labels_epoch != ctx.epoch:
+        if self.labels_epoch != self._clustering_epoch(ctx.epoch):
             raise RuntimeError(
                 f"DeepCluster.epoch_indices(epoch={ctx.epoch}) was called but the pseudo-labels "
                 f"are from epoch {self.labels_epoch}; call on_epoch_start(ctx) first"

@@ -112,3 +112,15 @@ def test_recipe_options_sela_augmented_labels_aet_pooled_conv_and_augment_overri
     with pytest.raises(ValueError, match="feature_layer='conv9' is not a module"):
         train(toy(tmp_path / "bad2", "method={name: aet, feature_layer: conv9}",
                   data=shared_data))
+
+
+def test_deepcluster_reassign_clusters_on_schedule_and_resumes_exactly(tmp_path,
+                                                                              shared_data):
+    dc = ["method={name: deepcluster, k: 10, pca_dim: 16, pca_epsilon: 0.001, "
+          "reassign: 2, top_layer_momentum: true}", "train.epochs=3", "recon=null"]
+    full = train(toy(tmp_path / "full", *dc, data=shared_data))
+    assert ["kmeans_loss" in row for row in full["history"]] == [True, False, True]
+    with pytest.raises(StopTraining):
+        train(toy(tmp_path / "cut", *dc, "run.stop_after_epoch=2", data=shared_data))
+    resumed = train(toy(tmp_path / "cut", *dc, "run.resume=true", data=shared_data))
+    assert resumed["metrics"] == full["metrics"]

@@ -44,7 +44,8 @@ def tiny(folder, *extra):
             "--width", "0.125", "--workers", "0", "--device", "cpu", *extra]
 
 
-@pytest.mark.parametrize("name", ["lightly_simclr", "lightly_byol", "lightly_swav"])
+@pytest.mark.parametrize("name", ["lightly_simclr", "lightly_byol", "lightly_swav",
+                                  "lightly_vit_dino"])
 @pytest.mark.parametrize("recon", ["--recon", "--no-recon"])
 def test_plain_loop_examples_run(name, recon, image_folder, tmp_path, capsys):
     pictures = tmp_path / "rec.png"
@@ -53,6 +54,15 @@ def test_plain_loop_examples_run(name, recon, image_folder, tmp_path, capsys):
     assert 0.0 <= top1 <= 100.0 and "kNN top-1" in out
     assert ("recon l2" in out) == (recon == "--recon")
     assert pictures.is_file() == (recon == "--recon")
+
+
+def test_vit_dino_example_taps_the_last_block(image_folder, capsys):
+    top1 = load("lightly_vit_dino").main(tiny(image_folder, "--depth", "2"))
+    out = capsys.readouterr().out
+    assert 0.0 <= top1 <= 100.0
+    # the last block's tokens after the final norm, 64 patch tokens as an 8x8 map (not the
+    # patch embedding)
+    assert "recon-aux tapped vit.vit.encoder.ln (24 x 8 x 8 map)" in out
 
 
 def test_lightning_example_trains_checkpoints_and_resumes(image_folder, tmp_path, capsys):

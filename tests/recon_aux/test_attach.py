@@ -63,7 +63,7 @@ def test_layer_choice_resnet18_and_by_name(tiny_alexnet):
     aux = recon_aux.attach(model)
     assert aux.layer_name is None  # chosen from execution order at the first forward
     model(torch.rand(2, 3, 32, 32))
-    assert aux.layer_name == "layer4.1.conv2"
+    assert aux.layer_name == "layer4"  # the last residual stage (recon_aux.layers)
     aux.remove()
     aux = recon_aux.attach(tiny_alexnet, layer="features.4")
     assert aux.layer_name == "features.4"
@@ -113,6 +113,10 @@ def test_two_views_per_step_and_normalised_copy(tiny_alexnet):
     aux2_model(xn.clone())
     aux2_model(xn.clone())
     with pytest.raises(PairingError, match="ambiguous"):
+        aux2.loss(xn * 1)
+    # xn itself went to the first forward, whose features were used: said so, and never paired
+    # with another forward of the same size.
+    with pytest.raises(PairingError, match="already used by an earlier aux.loss call"):
         aux2.loss(xn)
 
 
@@ -253,3 +257,50 @@ def test_channels_last_and_autocast_bf16(tiny_alexnet):
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     opt.step()
+
+
+def test_pairing_checks_the_image_shape(tiny_alexnet):
+    model = tiny_alexnet
+    aux = recon_aux.attach(model, lpips_weight=0.0)
+    model(torch.rand(4, 3, 32, 32))
+    with pytest.raises(PairingError, match=r"\(4, 3, 40, 40\).*\(4, 3, 32, 32\)"):
+        aux.loss(torch.rand(4, 3, 40, 40))  # same batch size, other size: never paired
+
+
+def test_pairing_errors_say_what_released_the_forward(tiny_alexnet):
+    model = tiny_alexnet
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    aux = recon_aux.attach(model, opt, lpips_weight=0.0)
+    with pytest.raises(PairingError, match="No forward of the model has been seen yet.*stem"):
+        aux.loss(torch.rand(2, 3, 32, 32))
+    x = torch.rand(2, 3, 32, 32)
+    loss = base_loss(model(x)) + aux.loss(x)
+    with pytest.raises(PairingError, match="already used by an earlier aux.loss call"):
+        aux.loss(x)
+    loss.backward()
+    opt.step()
+    y = torch.rand(2, 3, 32, 32)
+    model(y)
+    opt.step()
+    with pytest.raises(PairingError, match=r"released by optimizer.step\(\).*before"):
+        aux.loss(y)
+    with pytest.raises(PairingError, match=r"last captured forward was released by optimizer"):
+        aux.loss(torch.rand(2, 3, 32, 32))  # a tensor never seen: the last release is named
+    z = torch.rand(2, 3, 32, 32)
+    model(z).pow(2).mean().backward()
+    with pytest.raises(PairingError, match="released when backward reached its feature map"):
+        aux.loss(z)
+
+
+def test_checkpoint_keeps_its_layer_when_the_default_rule_differs():
+    # A run checkpointed when layer=None meant layer4.1.conv2 resumes tapping layer4.1.conv2.
+    model = resnet18()
+    aux = recon_aux.attach(model, layer="layer4.1.conv2", lpips_weight=0.0,
+                           input_shape=(3, 32, 32))
+    model2 = resnet18()
+    fresh = recon_aux.attach(model2, lpips_weight=0.0)
+    fresh.load_state_dict(aux.state_dict())
+    assert fresh.layer_name == "layer4.1.conv2"
+    x = torch.rand(2, 3, 32, 32)
+    model2(x)
+    assert fresh.loss(x).requires_grad

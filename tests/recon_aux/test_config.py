@@ -36,6 +36,111 @@ def test_config_errors(kwargs, match):
         ReconAuxConfig.from_any(None, **kwargs)
 
 
+NAN, INF = float("nan"), float("inf")
+
+# Each refused value: (overrides, what the error must say). The message names field and value.
+REFUSED = [
+    ({"weight": NAN}, r"weight=nan is not finite\. Use a finite number >= 0"),
+    ({"weight": INF}, r"weight=inf is not finite"),
+    ({"l2_weight": NAN}, r"l2_weight=nan is not finite"),
+    ({"lpips_weight": -INF}, r"lpips_weight=-inf is not finite"),
+    ({"l2_weight": -0.5}, r"l2_weight=-0\.5 must be >= 0"),
+    ({"lpips_weight": -1}, r"lpips_weight=-1\.0 must be >= 0"),
+    ({"range_tolerance": -0.01}, r"range_tolerance=-0\.01 must be >= 0.*check_inputs=False"),
+    ({"range_tolerance": NAN}, r"range_tolerance=nan is not finite"),
+    ({"range_tolerance": INF}, r"range_tolerance=inf is not finite"),
+    ({"input_range": (0, INF)}, r"input_range=\(0\.0, inf\) holds inf; each value must be finite"),
+    ({"input_range": (NAN, 1)}, r"input_range=\(nan, 1\.0\) holds nan"),
+    ({"input_range": (1, 0)}, r"input_range=\(1\.0, 0\.0\) must be \(low, high\) with high > low"),
+    ({"input_range": (1, 1)}, r"input_range=\(1\.0, 1\.0\) must be \(low, high\)"),
+    ({"max_pending": 0}, r"max_pending=0 must be >= 1"),
+    ({"max_pending": -3}, r"max_pending=-3 must be >= 1"),
+    ({"head_width": 0}, r"head_width=0 must be >= 1.*or None"),
+    ({"head_width": -8}, r"head_width=-8 must be >= 1"),
+    ({"head_min_width": 0}, r"head_min_width=0 must be >= 1"),
+    ({"head_out_scale": 3}, r"head_out_scale=3 is not one of \(1, 2, 4\)"),
+    ({"resize_to": 0}, r"resize_to=0 must be >= 1"),
+    ({"resize_to": -64}, r"resize_to=-64 must be >= 1"),
+    ({"resize_to": [64, 0]}, r"resize_to=\(64, 0\) holds 0; each value must be >= 1"),
+    ({"resize_to": 16}, r"resize_to=16 is smaller than the 31x31 pixels LPIPS-alex needs"),
+    ({"resize_to": 8, "net": "vgg"}, r"resize_to=8 is smaller than the 16x16 pixels LPIPS-vgg"),
+    ({"mean": [0.5] * 3, "std": [0.5]}, r"std=\(0\.5,\) has 1 value\(s\), not 3"),
+    ({"mean": [0.5, 0.5], "std": [0.5] * 3}, r"mean=\(0\.5, 0\.5\) has 2 value\(s\), not 3"),
+    ({"mean": [0.5], "std": [0.5]}, r"mean=\(0\.5,\) has 1 value\(s\), not 3.*RGB"),
+    ({"mean": [0.5] * 4, "std": [0.5] * 4}, r"mean=.* has 4 value\(s\), not 3"),
+    ({"mean": [0.5, NAN, 0.5], "std": [0.5] * 3}, r"mean=\(0\.5, nan, 0\.5\) holds nan"),
+    ({"mean": [0.5] * 3, "std": [0.5, 0, 0.5]}, r"std=\(0\.5, 0\.0, 0\.5\) holds 0\.0; each value "
+                                                r"must be > 0"),
+    ({"mean": [0.5] * 3, "std": [0.5, INF, 0.5]}, r"std=\(0\.5, inf, 0\.5\) holds inf"),
+    ({"std": [0.5] * 3}, r"give both mean and std"),
+    ({"lr": -0.1}, r"lr=-0\.1 must be >= 0.*ascend"),
+    ({"lr": NAN}, r"lr=nan is not finite"),
+    ({"weight_decay": -1e-4}, r"weight_decay=-0\.0001 must be >= 0"),
+    ({"weight_decay": INF}, r"weight_decay=inf is not finite"),
+]
+
+
+@pytest.mark.parametrize("kwargs, match", REFUSED, ids=[repr(k) for k, _ in REFUSED])
+def test_refused_values(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ReconAuxConfig.from_any(None, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", REFUSED, ids=[repr(k) for k, _ in REFUSED])
+def test_refused_at_attach_before_any_work(tiny_alexnet, kwargs, match):
+    opt = torch.optim.SGD(tiny_alexnet.parameters(), lr=0.1)
+    hooks = len(tiny_alexnet._forward_hooks), len(tiny_alexnet._forward_pre_hooks)
+    with pytest.raises(ConfigError, match=match):
+        recon_aux.attach(tiny_alexnet, opt, input_shape=(3, 32, 32), **kwargs)
+    assert (len(tiny_alexnet._forward_hooks), len(tiny_alexnet._forward_pre_hooks)) == hooks
+    assert len(opt.param_groups) == 1
+    recon_aux.attach(tiny_alexnet, opt, lpips_weight=0)  # nothing was left attached
+
+
+def test_non_finite_yaml_values_refused(tmp_path):
+    for text, match in [("weight: .nan\n", "weight=nan is not finite"),
+                        ("input_range: [0, .inf]\n", r"input_range=\(0\.0, inf\)"),
+                        ("lr: -.inf\n", "lr=-inf is not finite")]:
+        path = tmp_path / "recon.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            ReconAuxConfig.from_any(path)
+
+
+def test_boundary_values_accepted():
+    import numpy as np
+
+    cfg = ReconAuxConfig(weight=0, range_tolerance=0, lr=0, weight_decay=0, max_pending=1,
+                         head_width=1, head_min_width=1, resize_to=(31, 64), lpips_weight=1,
+                         input_range=(-1, 1), mean=np.array([0.5, 0.5, 0.5]).tolist(),
+                         std=(0.25, 0.25, 0.25))
+    assert cfg.resize_to == (31, 64) and cfg.std == (0.25,) * 3
+    assert ReconAuxConfig(lpips_weight=0, resize_to=8).resize_to == 8  # no LPIPS: no minimum
+    numpy_cfg = ReconAuxConfig(weight=np.float32(0.5), max_pending=np.int64(4))
+    assert (type(numpy_cfg.weight), type(numpy_cfg.max_pending)) == (float, int)
+    with pytest.raises(ConfigError, match="'max_pending' expects"):
+        ReconAuxConfig(max_pending=True)
+
+
+def test_assignment_is_checked():
+    cfg = ReconAuxConfig()
+    cfg.weight = 0.25  # e.g. a weight schedule
+    assert cfg.weight == 0.25
+    with pytest.raises(ConfigError, match="weight=nan is not finite"):
+        cfg.weight = NAN
+    with pytest.raises(ConfigError, match="lr=-1.0 must be >= 0"):
+        cfg.lr = -1
+    assert (cfg.weight, cfg.lr) == (0.25, None)
+
+
+def test_every_numeric_field_declares_its_range():
+    import dataclasses
+
+    for f in dataclasses.fields(ReconAuxConfig):
+        if any(t in str(f.type) for t in ("float", "int")):
+            assert "allowed" in f.metadata, f"{f.name} declares no Allowed values"
+
+
 def test_yaml_must_be_a_mapping(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("- 1\n- 2\n")

@@ -97,16 +97,16 @@ def test_autocast_loss_is_float32_and_finite(device, dtype):
 
 
 # -- torch.compile -------------------------------------------------------------------------------
-def _grads(order: str, backend: str | None) -> dict[str, torch.Tensor]:
+def _grads(order: str, backend: str | None, build=fresh, **attach) -> dict[str, torch.Tensor]:
     torch._dynamo.reset()
-    model = fresh()
+    model = build()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     if order == "attach_then_compile":
-        aux = recon_aux.attach(model, opt, lpips_weight=0.0)
+        aux = recon_aux.attach(model, opt, lpips_weight=0.0, **attach)
         net = torch.compile(model, backend=backend) if backend else model
     else:
         net = torch.compile(model, backend=backend) if backend else model
-        aux = recon_aux.attach(net, opt, lpips_weight=0.0)
+        aux = recon_aux.attach(net, opt, lpips_weight=0.0, **attach)
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     loss = net(x).pow(2).mean() + aux.loss(x)
     loss.backward()

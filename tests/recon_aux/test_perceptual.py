@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_config import REFUSED
 
 from recon_aux import PerceptualLoss, RangeError, WeightsError
 from recon_aux import weights as W
@@ -96,6 +97,24 @@ def test_no_parameters_no_state_and_grad_flows():
     assert all(p.grad is None for p in loss.lpips.parameters())
 
 
+PERCEPTUAL_ARGS = {"l2_weight", "lpips_weight", "net", "input_range", "mean", "std", "resize_to",
+                   "range_tolerance"}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    pytest.param(k, m, id=repr(k)) for k, m in REFUSED if set(k) <= PERCEPTUAL_ARGS])
+def test_refused_arguments(kwargs, match):
+    """PerceptualLoss applies the config's rules to its own arguments, before building LPIPS."""
+    with pytest.raises(ValueError, match=match):
+        PerceptualLoss(weights="/nonexistent/never-read.pth", **kwargs)
+
+
+def test_sequences_of_any_kind_accepted():
+    mean, std = np.array([0.5, 0.5, 0.5], dtype=np.float32), torch.tensor([0.25] * 3)
+    loss = PerceptualLoss(lpips_weight=0, mean=mean, std=std, input_range=np.array([0, 1]))
+    assert loss.input_range == (0.0, 1.0) and loss._norm.shape == (2, 3)
+
+
 def test_random_weights_warn():
     with pytest.warns(UserWarning, match="RANDOMLY"):
         PerceptualLoss(weights="random")
@@ -145,5 +164,6 @@ def test_auto_resolution_converts_once(tmp_path, monkeypatch):
     state2, source2 = W.resolve_backbone_weights("alex")
     assert source2.startswith("converted") and torch.equal(state["0.weight"], state2["0.weight"])
     converted.write_bytes(converted.read_bytes()[:-10] + b"0123456789")  # corrupt the cache
-    with pytest.raises(WeightsError, match="side file"):
-        W.resolve_backbone_weights("alex")
+    with pytest.warns(W.WeightsCacheWarning, match="does not match .* in its side file"):
+        state3, source3 = W.resolve_backbone_weights("alex")  # re-derived (tests/test_weights.py)
+    assert "cache was bad" in source3 and torch.equal(state["0.weight"], state3["0.weight"])

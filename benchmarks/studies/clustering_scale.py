@@ -1,0 +1,153 @@
+"""SeLa's Sinkhorn-Knopp and DeepCluster's k-means toward ImageNet scale: time, memory, limits.
+
+For N points (10k up to the largest N that fits this machine's memory) and K = 1000 / 3000
+clusters, it measures
+
+- Sinkhorn-Knopp (``sela_sinkhorn``, float64 as SeLa's ``cifar.py``/``main.py``, and float32):
+  wall time, iterations, peak resident memory added, and whether the float32 labels agree with
+  the float64 ones (share of equal labels);
+- k-means (``kmeans_torch``, DeepCluster's 20 Lloyd iterations on 256-d PCA-whitened features;
+  ``kmeans_faiss`` when faiss is installed): wall time and peak memory,
+
+on synthetic inputs shaped like the real ones (softmax of a linear head on low-rank features for
+Sinkhorn; L2-normalised low-rank 256-d points for k-means), then fits ``time = a * N`` and
+``memory = b * N`` and extrapolates to ImageNet's N = 1,281,167.
+
+    python -m benchmarks.studies.clustering_scale --threads 2
+    python -m benchmarks.studies.clustering_scale --sizes 10000 50000 --ks 1000 --write out.txt
+
+Memory formula (the N x K matrices dominate): Sinkhorn holds ``probs ** lamb`` (N x K) plus the
+input probabilities (N x K) in the working precision: about ``2 * N * K * bytes`` (float64:
+16 bytes per entry, so N = 1.28M, K = 3000 needs ~61 GB; float32 ~31 GB). k-means holds the N x
+D points, K x D centroids and an N-chunked N x K distance block: ``4 * N * D`` bytes plus a
+constant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from adapters.ops.kmeans import faiss_available, kmeans_faiss, kmeans_torch
+from adapters.ops.sinkhorn import sela_sinkhorn
+
+IMAGENET = 1_281_167
+
+
+def _rss_gb() -> float:
+    """Peak resident memory of this process so far (GB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def _probs(n: int, k: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Softmax of a random linear head on rank-16 features (logit std ~2)."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(n, k, dtype=dtype)
+    w = torch.randn(16, k, generator=g, dtype=torch.float32) * 0.5  # logits std ~2
+    for start in range(0, n, 65536):
+        f = torch.randn(min(65536, n - start), 16, generator=g)
+        out[start:start + f.shape[0]] = torch.softmax(f @ w, dim=1).to(dtype)
+    return out
+
+
+def _points(n: int, d: int = 256, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(8, d, generator=g)
+    x = torch.randn(n, 8, generator=g) @ basis + 0.1 * torch.randn(n, d, generator=g)
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def sinkhorn_case(n: int, k: int, lamb: float = 25.0) -> dict:
+    out = {}
+    labels64 = None
+    for dtype in (torch.float64, torch.float32):
+        gc.collect()
+        before = _rss_gb()
+        probs = _probs(n, k, dtype)
+        t0 = time.perf_counter()
+        res = sela_sinkhorn(probs, lamb=lamb, tol=1e-1)
+        seconds = time.perf_counter() - t0
+        name = "f64" if dtype == torch.float64 else "f32"
+        out[name] = {"s": seconds, "iters": res.iterations, "peak_gb": _rss_gb() - before}
+        if labels64 is None:
+            labels64 = res.labels
+        else:
+            out["agree"] = float((res.labels == labels64).double().mean())
+        del probs, res
+    return out
+
+
+def kmeans_case(n: int, k: int) -> dict:
+    gc.collect()
+    x = _points(n)
+    before = _rss_gb()
+    t0 = time.perf_counter()
+    res = kmeans_torch(x, k, niter=20, seed=0)
+    out = {"torch_s": time.perf_counter() - t0, "iters": len(res.objective),
+           "peak_gb": _rss_gb() - before}
+    if faiss_available():
+        t0 = time.perf_counter()
+        kmeans_faiss(x, k, niter=20, seed=0)
+        out["faiss_s"] = time.perf_counter() - t0
+    return out
+
+
+def _fit(ns: list[int], ys: list[float]) -> float:
+    """Least-squares slope of y = a * N through the origin."""
+    return sum(n * y for n, y in zip(ns, ys)) / sum(n * n for n in ns)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 200_000])
+    parser.add_argument("--ks", type=int, nargs="+", default=[1000, 3000])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--skip-kmeans", action="store_true")
+    parser.add_argument("--write", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    lines = [f"# {platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}, "
+             f"faiss {'yes' if faiss_available() else 'no'}"]
+
+    def say(text: str) -> None:
+        lines.append(text)
+        print(text, flush=True)
+
+    for k in args.ks:
+        sk_t, sk_m, km_t = [], [], []
+        for n in args.sizes:
+            s = sinkhorn_case(n, k)
+            sk_t.append(s["f64"]["s"])
+            sk_m.append(max(s["f64"]["peak_gb"], 0.0))
+            say(f"sinkhorn N={n} K={k}: f64 {s['f64']['s']:.1f}s {s['f64']['iters']} it "
+                f"+{s['f64']['peak_gb']:.2f}GB | f32 {s['f32']['s']:.1f}s {s['f32']['iters']} it "
+                f"+{s['f32']['peak_gb']:.2f}GB | f32 labels equal f64 {100 * s['agree']:.2f}%")
+            if not args.skip_kmeans:
+                m = kmeans_case(n, k)
+                km_t.append(m["torch_s"])
+                say(f"kmeans   N={n} K={k} D=256: torch {m['torch_s']:.1f}s ({m['iters']} it, "
+                    f"+{m['peak_gb']:.2f}GB)"
+                    + (f" | faiss {m['faiss_s']:.1f}s" if "faiss_s" in m else ""))
+        a = _fit(args.sizes, sk_t)
+        say(f"-> sinkhorn K={k}: {1e6 * a:.2f} s per 1M points per call (linear fit); at "
+            f"N={IMAGENET}: ~{a * IMAGENET / 60:.1f} min per label update, "
+            f"memory ~{2 * IMAGENET * k * 8 / 1e9:.0f} GB f64 / "
+            f"{2 * IMAGENET * k * 4 / 1e9:.0f} GB f32 (2 N K entries)")
+        if km_t:
+            b = _fit(args.sizes, km_t)
+            say(f"-> kmeans K={k}: at N={IMAGENET}: ~{b * IMAGENET / 60:.1f} min per epoch "
+                f"(20 iterations; linear fit; grows with K too)")
+    if args.write:
+        args.write.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

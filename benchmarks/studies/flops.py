@@ -1,0 +1,147 @@
+"""FLOPs of one training step, base vs +recon: the cost of the objective on any hardware.
+
+A GPU user can read this table before trying: wall-time ratios depend on the machine (LPIPS is a
+fixed cost that a small encoder on a CPU feels more than a ResNet-50 on a GPU), FLOP ratios do
+not. One "training step" is what the encoder pays in a self-supervised loop: the encoder's
+forward on a batch, a linear head with cross-entropy (the shape of a pseudo-label step), the
+backward pass; ``+recon`` adds ``aux.loss(images)`` (head, L2, LPIPS on the reconstruction and
+the target) to the same loss. Counted with ``torch.utils.flop_counter.FlopCounterMode`` (matmul
+and convolution FLOPs, forward and backward; element-wise ops, norms and pooling are not
+counted, which favours neither side much: they are a few percent of either step).
+
+    python -m benchmarks.studies.flops                       # the committed table (batch 8, CPU)
+    python -m benchmarks.studies.flops --models resnet50 --variants base +L2+LPIPS-alex
+    python -m benchmarks.studies.flops --write benchmarks/results/flops.md
+
+FLOPs per image do not depend on the batch size (BatchNorm aside), so a batch of 8 is enough.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import recon_aux
+
+
+@dataclass(frozen=True)
+class Model:
+    """An encoder to count: how to build it, its input size and its output width."""
+
+    build: Callable[[], nn.Module]
+    size: int
+    note: str
+
+
+def _torchvision(name: str, **kwargs) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        model = getattr(torchvision.models, name)(weights=None, **kwargs)
+        for attr in ("fc", "heads", "classifier"):
+            if hasattr(model, attr):
+                setattr(model, attr, nn.Identity())  # the encoder's representation as output
+        return model
+
+    return build
+
+
+def _vit_small() -> nn.Module:
+    # ViT-S/16 (Touvron et al., DeiT-S; timm ``vit_small_patch16_224``): 12 blocks, width 384.
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(image_size=224, patch_size=16, num_layers=12, num_heads=6,
+                              hidden_dim=384, mlp_dim=1536)
+    model.heads = nn.Identity()
+    return model
+
+
+def _alexnet_cifar() -> nn.Module:
+    from adapters.backbones import AlexNetCIFAR
+
+    return AlexNetCIFAR(width=1.0)
+
+
+MODELS: dict[str, Model] = {
+    "resnet18": Model(_torchvision("resnet18"), 224, "torchvision resnet18"),
+    "resnet50": Model(_torchvision("resnet50"), 224, "torchvision resnet50"),
+    "vit_s16": Model(_vit_small, 224, "ViT-S/16 (torchvision VisionTransformer, DeiT-S dims)"),
+    "alexnet": Model(_torchvision("alexnet"), 224, "torchvision alexnet (no BatchNorm)"),
+    "alexnet_cifar": Model(_alexnet_cifar, 32, "AlexNet-CIFAR width 1.0 (this repo)"),
+}
+VARIANTS: dict[str, dict | None] = {
+    "base": None,
+    "+L2": {"lpips_weight": 0.0},
+    "+L2+LPIPS-alex": {"net": "alex"},
+    "+L2+LPIPS-vgg": {"net": "vgg"},
+}
+
+
+def step_flops(model: Model, recon: dict | None, batch: int) -> int:
+    """FLOPs of one forward + backward of (encoder + linear CE head [+ aux.loss])."""
+    torch.manual_seed(0)
+    encoder = model.build()
+    images = torch.rand(batch, 3, model.size, model.size)
+    with torch.no_grad():
+        width = encoder.eval()(images[:2]).flatten(1).shape[1]
+    encoder.train()
+    classifier = nn.Linear(width, 10)
+    opt = torch.optim.SGD([*encoder.parameters(), *classifier.parameters()], lr=0.01)
+    aux = None
+    if recon is not None:
+        aux = recon_aux.attach(encoder, opt, input_shape=(3, model.size, model.size), **recon)
+    labels = torch.randint(0, 10, (batch,))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss = F.cross_entropy(classifier(encoder(images).flatten(1)), labels)
+        if aux is not None:
+            loss = loss + aux.loss(images)
+        loss.backward()
+    if aux is not None:
+        aux.remove()
+    return counter.get_total_flops()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--write", type=Path, default=None,
+                        help="also write the table (markdown) to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    header = ["model", "input", *[f"{v} GFLOPs/img" for v in args.variants],
+              *[f"{v} / base" for v in args.variants if v != "base"]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in args.models:
+        model = MODELS[name]
+        flops = {v: step_flops(model, VARIANTS[v], args.batch_size) / args.batch_size
+                 for v in args.variants}
+        base = flops.get("base", math.nan)
+        row = [f"{name} ({model.note})", f"{model.size} px",
+               *[f"{flops[v] / 1e9:.3f}" for v in args.variants],
+               *[f"{flops[v] / base:.3f}x" for v in args.variants if v != "base"]]
+        lines.append("| " + " | ".join(row) + " |")
+        print(lines[-1], flush=True)
+    text = "\n".join([
+        "FLOPs of one training step per image (forward + backward; encoder + linear CE head, "
+        "+recon adds aux.loss with the default head), counted with "
+        "torch.utils.flop_counter.FlopCounterMode (matmul/conv FLOPs only), "
+        f"batch {args.batch_size}, torch {torch.__version__}.", "", *lines, ""])
+    if args.write:
+        args.write.write_text(text)
+    print("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
