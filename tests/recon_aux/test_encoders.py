@@ -18,16 +18,17 @@ import textwrap
 import pytest
 import torch
 import torchvision
-from tests.helpers import REPO
-from test_loops import _free_port, _grads
 from torch import nn
 from torchvision.models import VisionTransformer
 from torchvision.models.swin_transformer import SwinTransformer
 
 import recon_aux
+from adapters.backbones import AlexNetCIFAR, ResNet18CIFAR
 from recon_aux import PairingError
 from recon_aux.layers import LayerChoiceError
-from adapters.backbones import AlexNetCIFAR, ResNet18CIFAR
+from tests.helpers import REPO
+from tests.helpers import free_port as _free_port
+from tests.recon_aux.test_loops import _grads
 
 timm = pytest.importorskip("timm")
 
