@@ -17,8 +17,9 @@ from typing import Any
 
 from adapters.engine import machine
 
-__all__ = ["PAPER", "summarise", "render_table", "render_readme", "render_setup",
-           "evaluation_lines", "plot_curves", "plot_ablation", "label_of", "mean_std", "paired"]
+__all__ = ["PAPER", "summarise", "render_table", "render_readme", "render_setup", "verdicts",
+           "render_verdicts", "evaluation_lines", "plot_curves", "plot_ablation", "label_of",
+           "mean_std", "paired"]
 
 # The paper's numbers (Hizioglu 2020), AlexNet, full data, paper-scale training.
 PAPER = {
@@ -27,6 +28,18 @@ PAPER = {
         "sela+recon (paper's method)": (83.6, 77.9),
     },
     "table3_cifar10_error": {"aet-project + FC": 9.41, "aet-project + FC + recon": 9.01},
+}
+
+# What the paper claims for each method, beside which each verdict is printed.
+PAPER_CLAIMS = {
+    "sela": "Table 1 (CIFAR-10, AlexNet, full scale): linear conv5 83.4 -> 83.6 (+0.2), "
+            "weighted kNN on FC 77.6 -> 77.9 (+0.3); Table 2 (ImageNet, a smaller SeLa): "
+            "linear conv3/4/5 +0.4/+0.6/+0.3",
+    "deepcluster": "no number: the paper's Table 1 lists DeepCluster only as a baseline "
+                   "(linear conv5 77.9, kNN 62.3), never with the objective",
+    "aet": "Table 3 (CIFAR-10, AET-project + FC, non-linear probe): error 9.41 -> 9.01 "
+           "(accuracy +0.40)",
+    "simclr": "not in the paper (a modern method added here)",
 }
 
 REFERENCE_ORDER = ("random-init", "supervised", "recon-only")
@@ -57,12 +70,13 @@ def paired(diffs: list[float], better: str, worse: str) -> dict[str, Any]:
             "verdict": (better if mean > 0 else worse) if clear else "no clear difference"}
 
 
-def _random_init_of(run: dict[str, Any], runs: list[dict[str, Any]], metric: str):
-    """The random-init run of ``run``'s seed and backbone that has ``metric`` (the untrained
-    network the method started from: the engine seeds before building the backbone)."""
+def _reference_of(kind: str, run: dict[str, Any], runs: list[dict[str, Any]], metric: str):
+    """The ``kind`` reference run (random-init, recon-only) of ``run``'s seed and backbone that
+    has ``metric``: for random-init, the untrained network the method started from (the engine
+    seeds before building the backbone)."""
     backbone = (run.get("config") or {}).get("backbone")
     for r in runs:
-        if ((r.get("reference") or "").startswith("random-init") and r["seed"] == run["seed"]
+        if ((r.get("reference") or "").startswith(kind) and r["seed"] == run["seed"]
                 and (r.get("config") or {}).get("backbone") == backbone
                 and metric in r["metrics"]):
             return r
@@ -71,14 +85,15 @@ def _random_init_of(run: dict[str, Any], runs: list[dict[str, Any]], metric: str
 
 def summarise(runs: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, Any]:
     """Per row label and metric: values by seed, mean, std; per method: paired differences
-    (+recon minus base, and base minus the random-init network it started from)."""
+    (+recon minus base, base minus the random-init network it started from, and +recon minus
+    the objective alone, recon-only, of the same seed)."""
     rows: dict[str, dict[str, dict[int, float]]] = {}
     for run in runs:
         by_metric = rows.setdefault(label_of(run), {})
         for m in metrics:
             if m in run["metrics"]:
                 by_metric.setdefault(m, {})[run["seed"]] = run["metrics"][m]
-    out: dict[str, Any] = {"rows": {}, "paired": {}, "vs_random": {}}
+    out: dict[str, Any] = {"rows": {}, "paired": {}, "vs_random": {}, "vs_recon_only": {}}
     for label, by_metric in rows.items():
         out["rows"][label] = {m: dict(zip(("mean", "std"), mean_std(list(v.values()))),
                                       n=len(v)) for m, v in by_metric.items()}
@@ -92,14 +107,17 @@ def summarise(runs: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, A
             diffs = [plus[m][s] - base[m][s] for s in seeds]
             out["paired"].setdefault(method, {})[m] = paired(diffs, "+recon better",
                                                                "+recon worse")
-        base_runs = [r for r in runs if not r.get("reference") and r["method"] == method
-                     and not r["recon"]]
-        for m in metrics:
-            pairs = [(r, _random_init_of(r, runs, m)) for r in base_runs if m in r["metrics"]]
-            diffs = [r["metrics"][m] - ri["metrics"][m] for r, ri in pairs if ri is not None]
-            if diffs:
-                out["vs_random"].setdefault(method, {})[m] = paired(
-                    diffs, "beats random init", "below random init")
+        for key, kind, recon, words in (
+                ("vs_random", "random-init", False, ("beats random init", "below random init")),
+                ("vs_recon_only", "recon-only", True, ("+recon better", "recon-only better"))):
+            own = [r for r in runs if not r.get("reference") and r["method"] == method
+                   and bool(r["recon"]) == recon]
+            for m in metrics:
+                pairs = [(r, _reference_of(kind, r, runs, m)) for r in own if m in r["metrics"]]
+                diffs = [r["metrics"][m] - ref["metrics"][m] for r, ref in pairs
+                         if ref is not None]
+                if diffs:
+                    out[key].setdefault(method, {})[m] = paired(diffs, *words)
     return out
 
 
@@ -108,13 +126,14 @@ def _fmt(cell: dict | None) -> str:
         return "-"
     if cell["n"] > 1:
         return f"{cell['mean']:.1f} ± {cell['std']:.1f}"
-    return f"{cell['mean']:.1f}"
+    return f"{cell['mean']:.1f} (n=1)"
 
 
 def _fmt_paired(p: dict | None) -> str:
     if p is None:
         return "-"
-    return (f"{p['mean']:+.1f} ± {p['std']:.1f} ({p['improved']}/{p['n']} seeds up; "
+    spread = f"± {p['std']:.1f}" if p["n"] > 1 else "(n=1)"
+    return (f"{p['mean']:+.1f} {spread} ({p['improved']}/{p['n']} seeds up; "
             f"{p['verdict']})")
 
 
@@ -135,12 +154,77 @@ def render_table(runs: list[dict[str, Any]], metrics: Sequence[str]) -> str:
             if label in s["rows"]:
                 cells = [_fmt(s["rows"][label].get(m)) for m in metrics]
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        for key, what in (("vs_random", "base − random-init"), ("paired", "+recon − base")):
+        for key, what in (("vs_random", "base − random-init"), ("paired", "+recon − base"),
+                          ("vs_recon_only", "+recon − recon-only")):
             diffs = s[key].get(method)
             if diffs:
                 lines.append(f"| {method}: {what} (paired) | "
                              + " | ".join(_fmt_paired(diffs.get(m)) for m in metrics) + " |")
     return header + "\n".join(lines) + "\n"
+
+
+def verdicts(runs: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per method: does the objective upgrade it at this scale? ``answer`` is "yes", "no" or
+    "unclear", with the ``reason`` and the paired rows it rests on.
+
+    The rule, from the paired differences over seeds (a difference is "clear" when larger than
+    its std, see :func:`paired`):
+
+    - "unclear" with fewer than two seeds, or when the base method does not clearly beat the
+      random-init network on any metric (there is then nothing learned to upgrade);
+    - "yes" when +recon is clearly better than the base method on most of the metrics and
+      clearly worse on none;
+    - "no" when it is clearly better on none (clearly worse, or no clear difference);
+    - "unclear" otherwise (mixed).
+
+    Whether +recon also beats the objective alone (recon-only) is reported beside it: a "yes"
+    that recon-only matches says the gain may be the objective's own, not an upgrade.
+    """
+    s = summarise(runs, metrics)
+    out: dict[str, dict[str, Any]] = {}
+    for method in sorted(s["paired"]):
+        up = s["paired"][method]
+        vs_random = s["vs_random"].get(method, {})
+        vs_recon = s["vs_recon_only"].get(method, {})
+        better = [m for m in up if up[m]["verdict"] == "+recon better"]
+        worse = [m for m in up if up[m]["verdict"] == "+recon worse"]
+        learned = [m for m in vs_random if vs_random[m]["verdict"] == "beats random init"]
+        if min(p["n"] for p in up.values()) < 2:
+            answer, reason = "unclear", "fewer than two seeds"
+        elif vs_random and not learned:
+            answer, reason = "unclear", ("the base method does not clearly beat the random-init "
+                                         "network on any metric at this scale")
+        elif len(better) > len(up) / 2 and not worse:
+            answer, reason = "yes", f"+recon clearly better on {', '.join(better)}"
+        elif not better:
+            answer = "no"
+            reason = (f"+recon clearly worse on {', '.join(worse)}" if worse
+                      else "no clear difference on any metric")
+        else:
+            answer = "unclear"
+            reason = (f"mixed: +recon clearly better on {', '.join(better)}"
+                      + (f", clearly worse on {', '.join(worse)}" if worse else "")
+                      + ", no clear difference on the rest")
+        out[method] = {"answer": answer, "reason": reason, "paired": up,
+                       "vs_random": vs_random, "vs_recon_only": vs_recon,
+                       "learned_on": learned, "paper": PAPER_CLAIMS.get(method, "")}
+    return out
+
+
+def render_verdicts(runs: list[dict[str, Any]], metrics: Sequence[str]) -> str:
+    """A bullet per method: the verdict, the paired rows behind it, and the paper's claim."""
+    def cells(rows: dict[str, Any]) -> str:
+        return "; ".join(f"{m} {_fmt_paired(rows[m])}" for m in metrics if m in rows) or "-"
+
+    lines = []
+    for method, v in verdicts(runs, metrics).items():
+        lines.append(
+            f"- **{method}: {v['answer']}** ({v['reason']}).\n"
+            f"  +recon − base: {cells(v['paired'])}.\n"
+            f"  base − random-init: {cells(v['vs_random'])}.\n"
+            f"  +recon − recon-only: {cells(v['vs_recon_only'])}.\n"
+            f"  The paper: {v['paper']}.")
+    return "\n".join(lines)
 
 
 def render_readme(title: str, runs: list[dict[str, Any]], metrics: Sequence[str],
@@ -153,6 +237,16 @@ def render_readme(title: str, runs: list[dict[str, Any]], metrics: Sequence[str]
     pics = "\n".join(f"![{p}]({p})" for p in pictures)
     return f"""# {title}
 
+## Verdict: does the objective upgrade each method at this scale?
+
+{render_verdicts(runs, metrics)}
+
+The rule (benchmarks/report.py, `verdicts`): "yes" when +recon is clearly better than the base
+method (paired over seeds, mean larger than its std) on most metrics and clearly worse on none;
+"no" when it is clearly better on none; "unclear" when mixed, with fewer than two seeds, or when
+the base method does not clearly beat the untrained network it started from. LPIPS brings
+ImageNet supervision (see the caveat below).
+
 {setup}
 
 ## Results (top-1 %, test set)
@@ -163,8 +257,10 @@ labels at the same scale; `recon-only` the auxiliary objective alone (same head 
 method loss). `base − random-init (paired)` compares each seed's base run with the untrained
 network it started from (same seed, same backbone, same evaluation): a method that does not
 clearly beat random init says the scale or the recipe is too small, and its +recon comparison
-means little. A paired difference smaller than its std over seeds is reported as "no clear
-difference" (with one seed there is no std and nothing is called clear).
+means little. `+recon − recon-only (paired)` compares the method with the objective against the
+objective alone (same seed): where recon-only is as good, the gain may be the objective's own.
+A paired difference smaller than its std over seeds is reported as "no clear difference" (with
+one seed there is no std, "n=1" is shown, and nothing is called clear).
 
 ## The paper's numbers, for comparison (not comparable in scale)
 

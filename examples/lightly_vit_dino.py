@@ -25,7 +25,6 @@ import copy
 import sys
 
 import torch
-from examples.common import NORMALIZE, finish, log_epoch, parser, train_loader
 from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead, MaskedVisionTransformerTorchvision
 from lightly.models.utils import deactivate_requires_grad, update_momentum
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 from torchvision.models import VisionTransformer
 
 import recon_aux
+from examples.common import NORMALIZE, finish, log_epoch, parser, train_loader
 
 
 class ViT(nn.Module):

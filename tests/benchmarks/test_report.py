@@ -1,0 +1,86 @@
+"""The results tables, the paired rows and the per-method verdicts (benchmarks/report.py)."""
+
+from __future__ import annotations
+
+from benchmarks import report
+
+
+def _run(method, recon, seed, acc, reference=None):
+    return {"method": method, "recon": recon, "seed": seed, "reference": reference,
+            "metrics": {"knn": acc}}
+
+
+def test_table_renderer_fixed_inputs():
+    runs = [
+        _run("random-init", False, 0, 30.0, "random-init"),
+        _run("m", False, 0, 40.0), _run("m", {"weight": 1}, 0, 42.0),
+        _run("m", False, 1, 41.0), _run("m", {"weight": 1}, 1, 44.0),
+        _run("n", False, 0, 50.0), _run("n", {"weight": 1}, 0, 49.0),
+        _run("n", False, 1, 52.0), _run("n", {"weight": 1}, 1, 53.0),
+    ]
+    table = report.render_table(runs, ["knn"])
+    lines = table.strip().splitlines()
+    assert lines[0] == "| run | knn |"
+    assert lines[2] == "| random-init | 30.0 (n=1) |"
+    assert "| m | 40.5 ± 0.7 |" in lines
+    assert "| m +recon | 43.0 ± 1.4 |" in lines
+    assert "| m: +recon − base (paired) | +2.5 ± 0.7 (2/2 seeds up; +recon better) |" in lines
+    # base vs the random-init run of the same seed (only seed 0 has one): one pair, no std
+    assert ("| m: base − random-init (paired) | +10.0 (n=1) (1/1 seeds up; no clear "
+            "difference) |") in lines
+    runs.append(_run("random-init", False, 1, 42.0, "random-init"))
+    lines = report.render_table(runs, ["knn"]).strip().splitlines()
+    # m: 40 - 30 and 41 - 42 -> +4.5 ± 7.8; n: 50 - 30 and 52 - 42 -> +15.0 ± 7.1
+    assert ("| m: base − random-init (paired) | +4.5 ± 7.8 (1/2 seeds up; no clear "
+            "difference) |") in lines
+    assert ("| n: base − random-init (paired) | +15.0 ± 7.1 (2/2 seeds up; beats random "
+            "init) |") in lines
+    # n: diffs -1 and +1 -> mean 0 with std 1.4: no clear difference
+    assert any(line.startswith("| n: +recon − base (paired) | +0.0 ± 1.4 (1/2 seeds up; no clear"
+                               ) for line in lines)
+
+
+def test_one_seed_says_n1_never_plus_minus_zero():
+    runs = [_run("m", False, 0, 40.0), _run("m", {"weight": 1}, 0, 42.0)]
+    lines = report.render_table(runs, ["knn"]).strip().splitlines()
+    assert "| m | 40.0 (n=1) |" in lines
+    assert "| m: +recon − base (paired) | +2.0 (n=1) (1/1 seeds up; no clear difference) |" in lines
+    assert not any("± 0.0" in line for line in lines)
+
+
+def _matrix(base, plus, random, only):
+    """Runs of method m over seeds: base / +recon / random-init / recon-only accuracies."""
+    runs = []
+    for seed, (b, p, r, o) in enumerate(zip(base, plus, random, only)):
+        runs += [_run("m", False, seed, b), _run("m", {"weight": 1}, seed, p),
+                 _run("random-init", False, seed, r, "random-init"),
+                 _run("recon-only", {"weight": 1}, seed, o, "recon-only")]
+    return runs
+
+
+def test_recon_only_paired_row():
+    runs = _matrix([40, 41, 42], [45, 47, 46], [30, 30, 30], [44, 44, 44])
+    lines = report.render_table(runs, ["knn"]).strip().splitlines()
+    assert ("| m: +recon − recon-only (paired) | +2.0 ± 1.0 (3/3 seeds up; +recon better) |"
+            in lines)
+
+
+def test_verdicts_follow_the_paired_rule():
+    yes = report.verdicts(_matrix([40, 41, 42], [45, 47, 46], [30, 30, 30], [44, 44, 44]),
+                          ["knn"])["m"]
+    assert yes["answer"] == "yes" and "knn" in yes["reason"]
+    no = report.verdicts(_matrix([40, 41, 42], [40, 42, 41], [30, 30, 30], [44, 44, 44]),
+                         ["knn"])["m"]
+    assert no["answer"] == "no" and no["reason"] == "no clear difference on any metric"
+    worse = report.verdicts(_matrix([40, 41, 42], [37, 38, 38], [30, 30, 30], [44, 44, 44]),
+                            ["knn"])["m"]
+    assert worse["answer"] == "no" and "clearly worse" in worse["reason"]
+    # a base method that did not learn: nothing to upgrade, whatever +recon does
+    flat = report.verdicts(_matrix([30, 31, 29], [45, 47, 46], [30, 30, 30], [44, 44, 44]),
+                           ["knn"])["m"]
+    assert flat["answer"] == "unclear" and "does not clearly beat" in flat["reason"]
+    one = report.verdicts(_matrix([40], [45], [30], [44]), ["knn"])["m"]
+    assert one["answer"] == "unclear" and one["reason"] == "fewer than two seeds"
+    text = report.render_verdicts(_matrix([40, 41, 42], [45, 47, 46], [30, 30, 30],
+                                          [44, 44, 44]), ["knn"])
+    assert text.startswith("- **m: yes**") and "+recon − recon-only: knn +2.0 ± 1.0" in text
