@@ -40,7 +40,7 @@ class ReconstructionHead(nn.Module):
     Default width (``width=None``): a quarter of the feature map's channels, clamped to [16, 512],
     so the head's cost scales with the encoder's (on AlexNet-CIFAR width 1.0 the default head
     adds ~3% to a training step on a 2-core CPU; half the channels added ~15%: see
-    ``benchmarks/overhead.py``). Parameter counts of the default head (BatchNorm):
+    ``benchmarks/studies/overhead.py``). Parameter counts of the default head (BatchNorm):
 
     ==========================================  ================  ======  =========
     encoder (tapped layer, 32x32 / 224x224 in)  feature map       stages  params
