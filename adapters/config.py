@@ -4,8 +4,8 @@ A run config has seven sections; every one but ``method`` has defaults::
 
     method:   {name: <a name of adapters.methods.METHODS>, ...that method's hyperparameters...}
     backbone: {name: <a name of adapters.backbones.BACKBONES>, ...its keyword arguments...}
-    data:     DataConfig      {dataset, root, per_class, test_per_class, batch_size, augment,
-                               eval_batch_size, resize}
+    data:     DataConfig      {dataset, root, download, per_class, test_per_class, batch_size,
+                               augment, eval_batch_size, resize}
     train:    TrainConfig     {epochs, lr, momentum, weight_decay, nesterov, lr_schedule,
                                milestones, gamma, seed, device, threads}
     eval:     EvalConfig      {knn: {layers, k, temperature, ...} | null,
@@ -13,19 +13,25 @@ A run config has seven sections; every one but ``method`` has defaults::
                                nonlinear: {layer, epochs, ...} | null,
                                bn_recalibration_images: N | null}
     recon:    null (the base method) | {layer, ...recon_aux.ReconAuxConfig fields...}
-    run:      RunSettings     {out_dir, resume, progress, save_checkpoints, stop_after_epoch}
+    run:      RunSettings     {out_dir, resume, overwrite, progress, save_checkpoints,
+                               stop_after_epoch}
 
 :func:`load_run_config` reads one into a :class:`RunConfig`, whose sections are typed
 dataclasses: unknown keys are errors that list the valid ones, values are checked for type and
 range, method and backbone names against their registries, a method's hyperparameters against
-its ``Config`` (e.g. :class:`~adapters.methods.SeLaConfig`), an evaluation protocol's keys
-against the keyword arguments of its function (:func:`~adapters.evaluation.knn_eval`, ...), the
+its ``Config`` (e.g. :class:`~adapters.methods.SeLaConfig`), an evaluation protocol's keys and
+values against its typed section (:class:`KnnSection`, :class:`LinearSection`,
+:class:`NonlinearSection`, whose keys are the keyword arguments of the protocol's function), the
 ``recon`` block against :class:`recon_aux.ReconAuxConfig`. Every problem is a
-:class:`RunConfigError`.
+:class:`RunConfigError`. What depends on the data or the backbone (``k`` against the size of the
+kNN bank, the batch size against the number of training images, ``per_class`` against the class
+sizes, probe layers against the backbone) is checked by the engine before the first step.
 
 ``run.stop_after_epoch: k`` ends the process after epoch k as a kill would (the checkpoint is
-complete); ``run.resume: true`` continues it. ``run.*`` keys may differ between a checkpoint and
-the config that resumes it; any other difference is refused (:func:`config_diff`).
+complete); ``run.resume: true`` continues it. A run folder that holds a run is never written
+over: without ``run.resume`` the engine refuses it, unless ``run.overwrite: true`` (which first
+deletes that run's files). ``run.*`` keys and ``data.download`` may differ between a checkpoint
+and the config that resumes it; any other difference is refused (:func:`config_diff`).
 
 Overrides use dots: ``train.epochs=3``, ``recon=null``, ``recon.weight=0.5``; values are parsed
 as YAML (``safe_load``), so ``[conv5, fc7]`` is a list and ``null`` is None.
@@ -60,13 +66,16 @@ from .evaluation import (
     nonlinear_probe,
     nonlinear_probe_eval,
 )
+from .evaluation.features import POOL_MODES
+from .evaluation.linear import LR_SCHEDULES, RECIPES
 from .methods import METHODS, MethodConfig, method_class
 from .schema import SchemaError, Section, above, at_least, check_value, one_of, plain
 
 __all__ = [
     "RunConfig", "RunConfigError", "DataConfig", "TrainConfig", "EvalConfig", "ProbeConfig",
-    "RunSettings", "MethodSection", "BackboneSection", "ReconSection", "SECTIONS",
-    "load_run_config", "read_yaml", "apply_overrides", "config_diff", "flatten",
+    "KnnSection", "LinearSection", "NonlinearSection", "RunSettings", "MethodSection",
+    "BackboneSection", "ReconSection", "SECTIONS", "protocol_keywords", "load_run_config",
+    "read_yaml", "apply_overrides", "config_diff", "flatten", "yaml_problem",
 ]
 
 SCHEDULES = ("constant", "cosine", "step")
@@ -84,6 +93,8 @@ class DataConfig(Section):
         dataset: ``cifar10``, ``cifar100``, ``svhn``, ``fashion_mnist`` or an ImageFolder path
             (see :func:`adapters.data.load_dataset`).
         root: Data folder (default ``$RECON_AUX_DATA``).
+        download: Let torchvision download ``cifar10``, ``cifar100``, ``svhn`` or
+            ``fashion_mnist`` into the cache when no local copy is found (needs internet).
         per_class, test_per_class: Balanced subsets (seeded by ``train.seed``); None: all.
         batch_size: Training batch of each rank (the engine shards the data by rank).
         augment: One augmentation per view, each a preset name or ``{preset: NAME, <field>:
@@ -95,6 +106,7 @@ class DataConfig(Section):
     label: ClassVar[str] = "data"
     dataset: str = "cifar10"
     root: str | None = None
+    download: bool = False
     per_class: int | None = field(default=None, metadata=at_least(1))
     test_per_class: int | None = field(default=None, metadata=at_least(1))
     batch_size: int = field(default=128, metadata=at_least(1))
@@ -140,6 +152,19 @@ class TrainConfig(Section):
     device: str = "auto"
     threads: int | None = field(default=None, metadata=at_least(1))
 
+    def check(self) -> None:
+        bad = [m for m in self.milestones if m < 1]
+        if bad:
+            raise SchemaError(f"train.milestones={list(self.milestones)} must be epochs >= 1.")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise SchemaError(f"train.device={self.device!r} is not a device; use auto, "
+                                  "cpu, cuda or cuda:<index>.") from None
+
 
 @dataclass(frozen=True)
 class RunSettings(Section):
@@ -149,6 +174,8 @@ class RunSettings(Section):
         out_dir: Where the checkpoint, ``log.jsonl``, ``result.json`` and pictures go (default
             ``runs/<config name>/<method>-<base|recon>-seed<seed>``).
         resume: Continue from ``out_dir``'s checkpoint.
+        overwrite: Start again in an ``out_dir`` that holds a run (its checkpoint, log, results
+            and pictures are deleted first); without it (or ``resume``) such a folder is refused.
         progress: Progress bars (None: only on a terminal).
         save_checkpoints: Write a checkpoint after every epoch.
         stop_after_epoch: End the process after this epoch, as a kill would.
@@ -157,29 +184,136 @@ class RunSettings(Section):
     label: ClassVar[str] = "run"
     out_dir: str | None = None
     resume: bool = False
+    overwrite: bool = False
     progress: bool | None = None
     save_checkpoints: bool = True
     stop_after_epoch: int | None = field(default=None, metadata=at_least(1))
+
+    def check(self) -> None:
+        if self.resume and self.overwrite:
+            raise SchemaError("run.resume and run.overwrite exclude each other: resume continues "
+                              "the run in run.out_dir, overwrite deletes it and starts again.")
 
 
 #: Keyword arguments an evaluation protocol's function takes that a config may not set.
 _NOT_CONFIGURABLE = frozenset({"device", "progress", "return_classifier", "plateau"})
 
 
+def _in_open_unit_interval() -> dict[str, Any]:
+    return {"check": (lambda v: 0 < v < 1, "in (0, 1)")}
+
+
+@dataclass(frozen=True)
+class KnnSection(Section):
+    """``eval.knn``: the keyword arguments of :func:`~adapters.evaluation.knn_eval`, typed.
+
+    Attributes:
+        layers: The probe points whose features are voted on (at least one).
+        pool, k, temperature, num_classes, chunk_size: As in
+            :func:`~adapters.evaluation.knn_eval` (``k`` must also be at most the number of
+            training images, the bank; the engine checks that before training).
+    """
+
+    label: ClassVar[str] = "eval.knn"
+    layers: tuple[str, ...] = ("conv5",)
+    pool: str = field(default="avg", metadata=one_of(*POOL_MODES))
+    k: int = field(default=200, metadata=at_least(1))
+    temperature: float = field(default=0.1, metadata=above(0))
+    num_classes: int | None = field(default=None, metadata=at_least(1))
+    chunk_size: int = field(default=256, metadata=at_least(1))
+
+    def check(self) -> None:
+        if not self.layers:
+            raise SchemaError("eval.knn.layers is empty; name at least one layer (e.g. "
+                              "layers: [conv5]), or set eval.knn: null to switch kNN off.")
+        twice = sorted({x for x in self.layers if self.layers.count(x) > 1})
+        if twice:
+            raise SchemaError(f"eval.knn.layers={list(self.layers)} names {twice} twice; name "
+                              "each layer once.")
+
+
+@dataclass(frozen=True)
+class LinearSection(Section):
+    """``eval.linear``: the keyword arguments of :func:`~adapters.evaluation.linear_probe_eval`
+    and :func:`~adapters.evaluation.linear_probe`, typed (None: the recipe's value)."""
+
+    label: ClassVar[str] = "eval.linear"
+    layer: str
+    recipe: str = field(default="standardized", metadata=one_of(*RECIPES))
+    num_classes: int | None = field(default=None, metadata=at_least(1))
+    pool: str = field(default="deepcluster", metadata=one_of(*POOL_MODES))
+    target_dim: int = field(default=9600, metadata=at_least(1))
+    standardize: bool | None = None
+    epochs: int | None = field(default=None, metadata=at_least(1))
+    batch_size: int = field(default=256, metadata=at_least(2))
+    lr: float | None = field(default=None, metadata=above(0))
+    momentum: float = field(default=0.9, metadata=at_least(0))
+    weight_decay: float | tuple[float, ...] | None = None
+    lr_schedule: str | None = field(default=None, metadata=one_of(*LR_SCHEDULES))
+    milestones: tuple[int, ...] | None = None
+    gamma: float = field(default=0.1, metadata=above(0))
+    val_fraction: float = field(default=0.2, metadata=_in_open_unit_interval())
+    seed: int = field(default=31, metadata=at_least(0))
+
+    def check(self) -> None:
+        wd = self.weight_decay
+        values = wd if isinstance(wd, tuple) else () if wd is None else (wd,)
+        if isinstance(wd, tuple) and not wd:
+            raise SchemaError("eval.linear.weight_decay=[] needs at least one value (a list is "
+                              "chosen from on held-out features).")
+        if any(v < 0 or v != v for v in values):
+            raise SchemaError(f"eval.linear.weight_decay={plain(wd)!r} must be >= 0 (or a list "
+                              "of such values).")
+        _check_milestones(self.milestones, self.label)
+
+
+@dataclass(frozen=True)
+class NonlinearSection(Section):
+    """``eval.nonlinear``: the keyword arguments of
+    :func:`~adapters.evaluation.nonlinear_probe_eval` and
+    :func:`~adapters.evaluation.nonlinear_probe`, typed."""
+
+    label: ClassVar[str] = "eval.nonlinear"
+    layer: str
+    num_classes: int | None = field(default=None, metadata=at_least(1))
+    pool: str = field(default="flatten", metadata=one_of(*POOL_MODES))
+    hidden: int | None = field(default=None, metadata=at_least(1))
+    epochs: int = field(default=200, metadata=at_least(1))
+    batch_size: int = field(default=128, metadata=at_least(2))
+    lr: float = field(default=0.1, metadata=above(0))
+    momentum: float = field(default=0.9, metadata=at_least(0))
+    nesterov: bool = True
+    weight_decay: float = field(default=5e-4, metadata=at_least(0))
+    milestones: tuple[int, ...] | None = None
+    gamma: float = field(default=0.1, metadata=above(0))
+    seed: int = field(default=0, metadata=at_least(0))
+
+    def check(self) -> None:
+        _check_milestones(self.milestones, self.label)
+
+
+def _check_milestones(milestones: tuple[int, ...] | None, label: str) -> None:
+    if milestones is not None and any(m < 1 for m in milestones):
+        raise SchemaError(f"{label}.milestones={list(milestones)} must be epochs >= 1.")
+
+
 @dataclass(frozen=True)
 class ProbeConfig:
     """One evaluation protocol of the ``eval:`` section: the layer(s) it reads and the keyword
-    arguments of its function, as written (each key checked against the function's signature).
+    arguments of its function, as written; every key and value is checked by the protocol's
+    typed section (:class:`KnnSection`, :class:`LinearSection`, :class:`NonlinearSection`).
 
     Attributes:
         kind: ``knn``, ``linear`` or ``nonlinear``.
         layers: What the protocol reads (kNN: ``layers``; the probes: their one ``layer``).
         options: The other keys, passed to the protocol's function as keyword arguments.
+        settings: The typed section (every key, defaults filled in).
     """
 
     kind: str
     layers: tuple[str, ...]
     options: Mapping[str, Any]
+    settings: Section
 
     #: kind -> (the functions whose keyword arguments a config may set, the key of the layers)
     PROTOCOLS: ClassVar[dict[str, tuple[tuple[Callable, ...], str]]] = {
@@ -187,6 +321,9 @@ class ProbeConfig:
         "linear": ((linear_probe_eval, linear_probe), "layer"),
         "nonlinear": ((nonlinear_probe_eval, nonlinear_probe), "layer"),
     }
+    #: kind -> its typed section.
+    SECTIONS: ClassVar[dict[str, type[Section]]] = {
+        "knn": KnnSection, "linear": LinearSection, "nonlinear": NonlinearSection}
     #: The kNN protocol's defaults (the bench protocol: k=200, T=0.1).
     KNN_DEFAULTS: ClassVar[dict[str, Any]] = {"layers": ["conv5"], "k": 200, "temperature": 0.1}
 
@@ -195,25 +332,16 @@ class ProbeConfig:
         where = f"eval.{kind}"
         if not isinstance(data, Mapping):
             raise SchemaError(f"{where} must be null or a mapping, got {data!r}.")
-        functions, layer_key = cls.PROTOCOLS[kind]
+        _, layer_key = cls.PROTOCOLS[kind]
         if kind == "knn":
             data = {**cls.KNN_DEFAULTS, **data}
         if layer_key not in data:
             raise SchemaError(f"{where} needs {layer_key!r} (e.g. {layer_key}: conv5).")
+        settings = cls.SECTIONS[kind].from_any(data, where=where)
         options = {k: v for k, v in data.items() if k != layer_key}
-        hints = _keyword_hints(functions)
-        unknown = sorted(set(options) - set(hints))
-        if unknown:
-            raise SchemaError(f"unknown key(s) {unknown} in {where}; valid ones: {layer_key}, "
-                              f"{', '.join(sorted(hints))}.")
-        for key, value in options.items():
-            check_value(value, hints[key], f"{where}.{key}")
-        layers = data[layer_key]
-        if kind == "knn":
-            layers = check_value(layers, tuple[str, ...], f"{where}.layers")
-        else:
-            layers = (check_value(layers, str, f"{where}.layer"),)
-        return cls(kind, layers, copy.deepcopy(dict(options)))
+        layers = getattr(settings, layer_key)
+        layers = tuple(layers) if kind == "knn" else (layers,)
+        return cls(kind, layers, copy.deepcopy(dict(options)), settings)
 
     @property
     def layer(self) -> str:
@@ -225,11 +353,11 @@ class ProbeConfig:
         return {self.PROTOCOLS[self.kind][1]: layers, **plain(self.options)}
 
 
-def _keyword_hints(functions: Sequence[Callable]) -> dict[str, Any]:
-    """Type hints of the keyword arguments with defaults of ``functions`` (minus
-    :data:`_NOT_CONFIGURABLE`): what a probe section may set."""
+def protocol_keywords(kind: str) -> dict[str, Any]:
+    """Type hints of the keyword arguments with defaults of a protocol's functions (minus
+    :data:`_NOT_CONFIGURABLE`): the keys its typed section must have besides the layer(s)."""
     hints: dict[str, Any] = {}
-    for fn in functions:
+    for fn in ProbeConfig.PROTOCOLS[kind][0]:
         annotations = typing.get_type_hints(fn)
         for name, param in inspect.signature(fn).parameters.items():
             if param.default is not inspect.Parameter.empty and name not in _NOT_CONFIGURABLE:
@@ -438,15 +566,33 @@ def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
     """The mapping a YAML file holds (an empty file is an empty mapping).
 
     Raises:
-        RunConfigError: The file is missing or does not hold a mapping.
+        RunConfigError: The file is missing or unreadable, is not valid YAML (the line and
+            column are named), or does not hold a mapping.
     """
     path = Path(path)
     if not path.is_file():
-        raise RunConfigError(f"{what} file {path} does not exist.")
-    raw = yaml.safe_load(path.read_text()) or {}
+        raise RunConfigError(f"{what} file {path} does not exist"
+                             + (" (it is a folder)." if path.is_dir() else "."))
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunConfigError(f"cannot read {what} file {path}: {exc}.") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise RunConfigError(f"{what} file {path} is not valid YAML: "
+                             f"{yaml_problem(exc)}.") from None
     if not isinstance(raw, dict):
         raise RunConfigError(f"{path} must hold a mapping of sections.")
     return raw
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line saying what is wrong in a YAML text and where (line and column, from 1)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def apply_overrides(cfg: Mapping[str, Any], overrides: Sequence[str],
@@ -464,7 +610,8 @@ def apply_overrides(cfg: Mapping[str, Any], overrides: Sequence[str],
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError as exc:
-            raise RunConfigError(f"override {item!r}: value is not valid YAML ({exc}).") from exc
+            raise RunConfigError(f"override {item!r}: the value is not valid YAML "
+                                 f"({yaml_problem(exc)}).") from None
         parts = key.strip().split(".")
         if sections is not None and parts[0] not in sections:
             raise RunConfigError(f"override {item!r}: unknown top-level section {parts[0]!r}; "
@@ -516,8 +663,9 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(a: Mapping[str, Any] | RunConfig, b: Mapping[str, Any] | RunConfig,
-                ignore: tuple[str, ...] = ("run.", "name")) -> list[str]:
-    """Dotted keys whose values differ between two configs' plain forms (``run.*`` ignored)."""
+                ignore: tuple[str, ...] = ("run.", "name", "data.download")) -> list[str]:
+    """Dotted keys whose values differ between two configs' plain forms (``run.*`` and
+    ``data.download``, which change where things go or come from, not the run, are ignored)."""
     fa, fb = (flatten(c.to_dict() if isinstance(c, RunConfig) else c) for c in (a, b))
     keys = sorted(set(fa) | set(fb))
     return [k for k in keys if not k.startswith(ignore) and fa.get(k, "<absent>") !=

@@ -11,16 +11,29 @@ With ``recon: null`` in the config the run is the base method and neither line r
 
 Reproducibility: the model init, the method's state, the data order and augmentations all derive
 from ``train.seed``; attaching ``recon_aux`` draws nothing from the global RNG, so a base run and
-its +recon twin see the same batches. A run killed after epoch k and resumed with
-``run.resume=true`` ends with bitwise the same metrics on the CPU (tested).
+its +recon twin see the same batches. A run killed at any moment (``kill -9``, at every
+file-system operation of its writes included) and resumed with ``run.resume=true`` ends with
+bitwise the same metrics and weights on the CPU (tested).
+
+The run folder (``run.out_dir``): every file in it is written atomically
+(:func:`adapters.files.atomic_write`); the checkpoint verifies itself
+(:mod:`adapters.checkpoint`); ``log.jsonl`` is rewritten from the run's history, so it never
+holds an epoch twice; temporaries of a killed run are deleted when the folder is used again. A
+folder that holds a run is refused unless ``run.resume`` (continue it) or ``run.overwrite``
+(delete its files and start again); a folder that is a file or is not writable is refused before
+anything is loaded. Settings that depend on the data or the backbone (the batch size against the
+number of training images, ``eval.knn.k`` against the bank, probe layers, ``data.resize``) are
+checked before the first step (:class:`~adapters.config.RunConfigError`). A full disk is a
+:class:`~adapters.files.DiskFullError` that names the file and the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import json
+import io
 import math
+import os
 import platform
 import random
 import time
@@ -36,9 +49,10 @@ import recon_aux
 from recon_aux import NonFiniteLossError
 
 from . import distributed as D
+from . import files
 from .backbones import Backbone, build_backbone
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import RunConfig, config_diff
+from .config import RunConfig, RunConfigError, config_diff
 from .data import (
     BatchAugment,
     BatchLoader,
@@ -58,9 +72,20 @@ from .methods import EngineContext, Method, StepOutput, method_class
 from .progress import progress
 
 __all__ = ["Trainer", "train", "StopTraining", "RunSetup", "prepare_run", "plain_loader",
-           "machine"]
+           "machine", "RunFolderError", "RUN_FILES", "run_dir", "prepare_run_folder", "check_run",
+           "check_layers", "check_data"]
 
 CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+RESULT = "result.json"
+PICTURE = "reconstructions.png"
+#: The files a run writes in its folder; a folder holding any of them holds a run.
+RUN_FILES = (CHECKPOINT, f"{CHECKPOINT}.sha256", LOG, RESULT, PICTURE)
+
+
+class RunFolderError(RuntimeError):
+    """A run folder cannot be used: it holds another run (and neither ``run.resume`` nor
+    ``run.overwrite`` is set), it is a file, or it cannot be created or written."""
 
 
 class StopTraining(RuntimeError):
@@ -109,27 +134,174 @@ class RunSetup:
         return plain_loader(arrays, batch_size, self.size)
 
 
-def prepare_run(cfg: RunConfig, device: torch.device | None = None) -> RunSetup:
+def prepare_run(cfg: RunConfig, device: torch.device | None = None,
+                datasets: dict[tuple, ImageArrays] | None = None) -> RunSetup:
     """Seed everything from ``train.seed``, load the data and build the backbone, in the order
     :class:`Trainer` does, so the backbone is the run's random init (e.g. to re-evaluate a
-    finished run's checkpoint next to the untrained network it started from)."""
+    finished run's checkpoint next to the untrained network it started from).
+
+    ``datasets``: a cache of loaded splits shared between calls (e.g. checking many runs)."""
     device = device or _device(cfg.train.device)
     _seed_everything(cfg.train.seed)
     d = cfg.data
-    train = load_dataset(d.dataset, data_root=d.root, train=True)
-    test = load_dataset(d.dataset, data_root=d.root, train=False)
+
+    def load(train: bool) -> ImageArrays:
+        key = (str(d.dataset), d.root, d.download, train)
+        if datasets is not None and key in datasets:
+            return datasets[key]
+        arrays = load_dataset(d.dataset, data_root=d.root, train=train, download=d.download)
+        if datasets is not None:
+            datasets[key] = arrays
+        return arrays
+
+    train, test = load(True), load(False)
     if d.per_class:
-        train = train.subset(balanced_subset(train.targets, d.per_class, cfg.train.seed))
+        train = train.subset(_balanced(train, d.per_class, cfg.train.seed, "data.per_class",
+                                       "training"))
     if d.test_per_class:
-        test = test.subset(balanced_subset(test.targets, d.test_per_class, cfg.train.seed))
+        test = test.subset(_balanced(test, d.test_per_class, cfg.train.seed,
+                                     "data.test_per_class", "test"))
     size = int(d.resize or train.image_size[0])  # e.g. SeLa/DeepCluster upsample CIFAR to 224
     backbone = build_backbone(cfg.backbone.name, **cfg.backbone.options).to(device)
+    try:
+        backbone._check_size(size, size)
+    except ValueError as exc:
+        key = "data.resize" if d.resize else "the images' size (data.resize: null)"
+        raise RunConfigError(f"{key}={size} does not fit backbone {cfg.backbone.name!r}: "
+                             f"{exc}") from None
     return RunSetup(train, test, backbone, size, device)
 
 
+def _balanced(arrays: ImageArrays, per_class: int, seed: int, key: str, split: str):
+    counts = np.bincount(arrays.targets, minlength=arrays.num_classes)
+    present = counts[counts > 0]
+    smallest = int(present.min()) if len(present) else 0
+    if per_class > smallest:
+        cls = int(np.flatnonzero(counts == smallest)[0])
+        raise RunConfigError(
+            f"{key}={per_class} but class {arrays.classes[cls]!r} has only {smallest} {split} "
+            f"images; use {key} <= {smallest} (or null for every image).")
+    return balanced_subset(arrays.targets, per_class, seed)
+
+
 def _device(want: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if want == "auto"
-                        else want)
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(want)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunConfigError(f"train.device={want!r} but torch sees no CUDA device; use "
+                             "train.device=auto or cpu.")
+    return device
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    """The run's folder: ``run.out_dir``, else
+    ``runs/<config name>/<method>-<base|recon>-seed<seed>`` (relative to the working directory)."""
+    return Path(cfg.run.out_dir) if cfg.run.out_dir else _default_out_dir(cfg)
+
+
+def prepare_run_folder(folder: Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Make ``folder`` ready for a run, or refuse it, before anything is loaded or trained.
+
+    Creates it if needed; refuses a file, a folder that cannot be created or written, and a
+    folder that holds a run (any of :data:`RUN_FILES`) unless ``resume`` (continue it) or
+    ``overwrite`` (delete those files first); deletes the temporary files a killed run left.
+
+    Raises:
+        RunFolderError: What is wrong and what to do instead.
+    """
+    folder = Path(folder)
+    flags = "--out-dir (run.out_dir)"
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"the run folder {folder} is a file, not a folder; choose another "
+                             f"{flags}.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunFolderError(f"cannot create the run folder {folder} ({exc.strerror or exc}); "
+                             f"choose another {flags}.") from None
+    used = [name for name in RUN_FILES if (folder / name).exists()]
+    if used and not resume:
+        if not overwrite:
+            raise RunFolderError(
+                f"{folder} already holds a run ({', '.join(used)}); continue it with --resume "
+                "(run.resume=true), start it again with --overwrite (run.overwrite=true: "
+                f"deletes those files), or choose another {flags}.")
+    try:
+        for name in [] if resume else used:  # overwrite
+            (folder / name).unlink()
+        files.remove_stale_temporaries(folder, RUN_FILES)
+        probe = folder / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        if files.is_disk_full(exc):
+            raise files.DiskFullError(f"disk full: cannot write in the run folder {folder}",
+                                      folder) from None
+        raise RunFolderError(f"the run folder {folder} is not writable ({exc.strerror or exc}); "
+                             f"choose another {flags}.") from None
+
+
+def check_layers(cfg: RunConfig, backbone: nn.Module) -> None:
+    """Every layer the evaluation and the objective read exists on the backbone (a probe point,
+    or for the evaluation also any module name).
+
+    Raises:
+        RunConfigError: Naming the key, the layer and the valid names.
+    """
+    points = tuple(getattr(backbone, "probe_points", ()))
+    modules = [name for name, _ in backbone.named_modules() if name]
+    ecfg, name = cfg.eval, cfg.backbone.name
+    for key, probe in (("eval.knn.layers", ecfg.knn), ("eval.linear.layer", ecfg.linear),
+                       ("eval.nonlinear.layer", ecfg.nonlinear)):
+        for layer in (probe.layers if probe else ()):
+            if layer not in points and layer not in modules:
+                raise RunConfigError(
+                    f"{key}: {layer!r} is not a layer of backbone {name!r}; its probe points: "
+                    f"{', '.join(points)} (or a module name: {_listed(modules)}).")
+    if cfg.recon is not None and cfg.recon.layer is not None:
+        wanted = cfg.recon.layer
+        for layer in (wanted,) if isinstance(wanted, str) else wanted:
+            if layer not in modules:
+                raise RunConfigError(f"recon.layer: {layer!r} is not a module of backbone "
+                                     f"{name!r}; its modules: {_listed(modules)}.")
+
+
+def check_data(cfg: RunConfig, num_train: int, steps_per_epoch: int, world: int = 1) -> None:
+    """What depends on the data, checked before the first step: an epoch trains at least one
+    step (incomplete batches are dropped), and the kNN bank (the training images) holds at
+    least ``eval.knn.k`` images.
+
+    Raises:
+        RunConfigError: Naming the key, the value, the data's size and the fix.
+    """
+    n = num_train
+    if cfg.train.epochs > 0 and steps_per_epoch == 0:
+        per_rank = f" ({-(-n // world)} per rank of {world})" if world > 1 else ""
+        raise RunConfigError(
+            f"data.batch_size={cfg.data.batch_size} is larger than the {n} training "
+            f"images{per_rank}: with incomplete batches dropped, an epoch would train 0 steps. "
+            f"Use data.batch_size <= {n // world} or more images (data.per_class).")
+    if cfg.eval.knn is not None and cfg.eval.knn.settings.k > n:
+        raise RunConfigError(
+            f"eval.knn.k={cfg.eval.knn.settings.k} but the kNN bank holds the {n} training "
+            f"images; use eval.knn.k <= {n} or more images (data.per_class).")
+
+
+def check_run(cfg: RunConfig, datasets: dict[tuple, ImageArrays] | None = None) -> None:
+    """Everything :class:`Trainer` checks before its first step, without training: the data
+    (loaded), the backbone's layers, the batch size and ``k`` against the data (what
+    ``recon-aux bench`` runs for every planned run before it trains the first).
+
+    ``datasets``: as in :func:`prepare_run`.
+
+    Raises:
+        RunConfigError, DatasetError: What is wrong and how to fix it.
+    """
+    setup = prepare_run(cfg, torch.device("cpu"), datasets)
+    check_layers(cfg, setup.backbone)
+    steps = len(BatchLoader(setup.train_set, cfg.data.batch_size, drop_last=True))
+    check_data(cfg, len(setup.train_set), steps)
 
 
 class Trainer:
@@ -152,9 +324,15 @@ class Trainer:
         D.init(self.device)
         self.rank, self.world = D.rank(), D.world_size()
         self.seed = cfg.train.seed
+        self.out_dir = run_dir(cfg)
+        self._prepare_folder()  # before anything is loaded: a refused folder costs nothing
         method_cls = method_class(cfg.method.name)
         setup = prepare_run(cfg, self.device)  # seeds, then data, then the backbone
+        check_layers(cfg, setup.backbone)
         self.train_set, self.test_set, self.size = setup.train_set, setup.test_set, setup.size
+        steps = len(BatchLoader(self.train_set, cfg.data.batch_size, rank=self.rank,
+                                world_size=self.world, drop_last=True))
+        check_data(cfg, len(self.train_set), steps, self.world)  # before the first step
         self.backbone = setup.backbone
         self.method = method_cls(self.backbone, len(self.train_set), cfg.method.config)
         self.method.to(self.device)
@@ -175,13 +353,29 @@ class Trainer:
         if self.world > 1:
             self.step_module = nn.parallel.DistributedDataParallel(self.step_module)
 
-        self.out_dir = Path(cfg.run.out_dir or _default_out_dir(cfg))
         self.history: list[dict[str, Any]] = []
         self.eval_details: dict[str, Any] = {}
         self._augmented_passes = 0  # checkpointed: a resumed run draws the same augmentations
         self.start_epoch, self.global_step = 0, 0
+        self._checkpoint_epoch: int | None = None  # the epoch of the last good checkpoint
         self._epoch_logs: dict[str, float] = {}
         self.steps_per_epoch = len(self._loader(None))
+
+    def _prepare_folder(self) -> None:
+        """Rank 0 prepares (or refuses) the run folder; every rank learns the outcome."""
+        error: BaseException | None = None
+        if self.rank == 0:
+            try:
+                prepare_run_folder(self.out_dir, self.cfg.run.resume, self.cfg.run.overwrite)
+            except (RunFolderError, OSError) as exc:
+                error = exc
+        if self.world > 1:
+            flag = D.broadcast(torch.tensor([float(error is not None)], device=self.device))
+            if error is None and float(flag[0]):
+                raise RunFolderError(f"rank 0 refused the run folder {self.out_dir} (see its "
+                                     "message).")
+        if error is not None:
+            raise error
 
     # -- pieces ----------------------------------------------------------------------------------
     def _loader(self, indices) -> BatchLoader:
@@ -341,11 +535,9 @@ class Trainer:
             if self.rank == 0:
                 print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                 for k, v in row.items()), flush=True)
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-                with open(self.out_dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
                 if cfg.run.save_checkpoints:
-                    save_checkpoint(self.out_dir / CHECKPOINT, self._state(epoch + 1))
+                    self._save_checkpoint(epoch + 1)
+                self._write_log()
             D.barrier()
             if cfg.run.stop_after_epoch == epoch + 1 and epoch + 1 < epochs:
                 raise StopTraining(f"stopped after epoch {epoch + 1} (run.stop_after_epoch); "
@@ -360,10 +552,9 @@ class Trainer:
             "train_images": len(self.train_set), "test_images": len(self.test_set),
         }
         if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "result.json").write_text(json.dumps(result, indent=2))
+            self._write(RESULT, files.json_text(result, indent=2).encode())
             if self.aux is not None:
-                self.save_reconstructions(self.out_dir / "reconstructions.png")
+                self.save_reconstructions(self.out_dir / PICTURE)
         return result
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -408,8 +599,8 @@ class Trainer:
                         key: res.get(key) for key in (
                             "recipe", "train_top1", "train_loss", "epochs_run", "levelled_off",
                             "feature_dim", "weight_decay")}
-        if self.history:
-            metrics["final_method_loss"] = self.history[-1].get("method_loss", float("nan"))
+        if self.history and "method_loss" in self.history[-1]:
+            metrics["final_method_loss"] = self.history[-1]["method_loss"]
         self.eval_details = details
         return metrics
 
@@ -422,7 +613,42 @@ class Trainer:
         recon = self.aux.reconstruct(images)
         rows = torch.stack([images.view(2, n // 2, *images.shape[1:]),
                             recon.view(2, n // 2, *images.shape[1:])], 1)
-        save_image(rows.reshape(-1, *images.shape[1:]).cpu(), path, nrow=n // 2, padding=2)
+        picture = io.BytesIO()
+        save_image(rows.reshape(-1, *images.shape[1:]).cpu(), picture, nrow=n // 2, padding=2,
+                   format="png")
+        self._write(Path(path).name, picture.getvalue(), Path(path).parent)
+
+    # -- files ---------------------------------------------------------------------------------
+    def _write(self, name: str, data: bytes, folder: Path | None = None) -> None:
+        """Write a file of the run atomically; a full disk says which checkpoint is intact."""
+        folder = self.out_dir if folder is None else folder
+        try:
+            files.atomic_write(folder / name, data)
+        except files.DiskFullError as exc:
+            raise files.DiskFullError(self._disk_full(folder / name), exc.filename) from exc
+
+    def _disk_full(self, path: Path) -> str:
+        ckpt = self.out_dir / CHECKPOINT
+        if self._checkpoint_epoch is None:
+            last = "no checkpoint of this run was written yet"
+        else:
+            last = (f"the last good checkpoint, {ckpt} (after epoch {self._checkpoint_epoch}), "
+                    "is intact")
+        return (f"disk full: could not write {path}; {last}. Free some space, then continue "
+                "with --resume (run.resume=true).")
+
+    def _write_log(self) -> None:
+        """``log.jsonl``: one JSON line per finished epoch, rewritten whole from the history (so
+        it never holds an epoch twice, even after a kill and a resume)."""
+        self._write(LOG, "".join(files.json_text(row) + "\n" for row in self.history).encode())
+
+    def _save_checkpoint(self, epochs_done: int) -> None:
+        try:
+            save_checkpoint(self.out_dir / CHECKPOINT, self._state(epochs_done))
+        except files.DiskFullError as exc:
+            raise files.DiskFullError(self._disk_full(self.out_dir / CHECKPOINT),
+                                      exc.filename) from exc
+        self._checkpoint_epoch = epochs_done
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _state(self, epochs_done: int) -> dict[str, Any]:
@@ -446,8 +672,9 @@ class Trainer:
         diff = config_diff(state["config"], self.cfg)
         if diff:
             raise CheckpointError(
-                f"{path} was written by a different config; differing keys: {diff}. Use another "
-                "run.out_dir, or the config the checkpoint was made with.")
+                f"{path} was written by a different config; differing keys: {diff}. Resume with "
+                "the config the checkpoint was made with, start the run again with --overwrite "
+                "(run.overwrite=true), or choose another --out-dir (run.out_dir).")
         self.backbone.load_state_dict(state["backbone"])
         self.method.load_state_dict(state["method"])
         self.method.load_extra_state(state["method_extra"])
@@ -458,8 +685,14 @@ class Trainer:
         self.start_epoch, self.global_step = state["epoch"], state["step"]
         self.history = list(state["history"])
         self._augmented_passes = int(state.get("augmented_passes", 0))
+        self._checkpoint_epoch = self.start_epoch
         if self.rank == 0:
+            self._write_log()  # the log holds exactly the checkpoint's epochs
             print(f"resumed from {path} after epoch {self.start_epoch}", flush=True)
+
+
+def _listed(names: list[str], most: int = 40) -> str:
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
 def _augment(spec: str | dict[str, Any], size: int) -> BatchAugment:

@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from adapters.config import ReconSection, RunConfigError
-from adapters.schema import check_value
+from adapters.schema import SchemaError, check_value
 
 from . import report
 from .matrix import (
+    REFERENCE_ROWS,
     Matrix,
     MatrixConfig,
     RunSource,
@@ -39,6 +40,7 @@ from .matrix import (
     dotted,
     load_matrix_config,
     mark_partial,
+    plain_name,
     write_report,
 )
 
@@ -73,28 +75,51 @@ def load_ablate_config(path: str | Path, overrides: Sequence[str] = ()) -> Ablat
     Raises:
         RunConfigError: An unknown key or axis, a bad value, or a missing run config.
     """
+    try:
+        return _load_ablate_config(path, overrides)
+    except SchemaError as exc:  # a bad value of this config: the run configs' error type
+        if isinstance(exc, RunConfigError):
+            raise
+        raise RunConfigError(str(exc)) from None
+
+
+def _load_ablate_config(path: str | Path, overrides: Sequence[str]) -> AblateConfig:
     raw, path = load_matrix_config(path, overrides, AblateConfig.KEYS, "ablate")
     axes = check_value(raw.get("axes"), dict, "axes")
+    if not axes:
+        raise RunConfigError(f"axes names no axis to vary; axes: {', '.join(AXES)} (e.g. axes: "
+                             "{weight: [0, 1]}).")
     for axis, values in axes.items():
         if axis not in AXES:
             raise RunConfigError(f"unknown axis {axis!r}; axes: {', '.join(AXES)}.")
         check_value(values, list, f"axes.{axis}")
-        if axis == "mix" and set(values) - set(MIXES):
-            raise RunConfigError(f"axes.mix: {sorted(set(values) - set(MIXES))} not among "
+        if not values:
+            raise RunConfigError(f"axes.{axis} is empty; give the values it takes.")
+        if axis == "mix" and [v for v in values if not isinstance(v, str) or v not in MIXES]:
+            raise RunConfigError(f"axes.mix: {[v for v in values if v not in MIXES]} not among "
                                  f"{', '.join(MIXES)}.")
+        if axis == "weight" and [v for v in values if isinstance(v, bool)
+                                 or not isinstance(v, (int, float)) or not v >= 0]:
+            raise RunConfigError(f"axes.weight={values} must be numbers >= 0 (0: the base "
+                                 "method).")
+    references = check_value(raw.get("references") or (), tuple[str, ...], "references")
+    unknown = [row for row in references if row not in REFERENCE_ROWS]
+    if unknown:
+        raise RunConfigError(f"references: unknown reference row(s) {unknown}; rows: "
+                             f"{', '.join(REFERENCE_ROWS)}.")
     return AblateConfig(
         **MatrixConfig.parse(raw, path),
         method=RunSource.from_any(raw.get("method"), path.parent, "method"),
-        references=check_value(raw.get("references") or (), tuple[str, ...], "references"),
-        axes=axes)
+        references=references, axes=axes)
 
 
 def run_ablate(cfg: AblateConfig, out: Path | None = None, progress: bool | None = None,
                replace_changed: bool = False, report_only: bool = False,
-               merge: Path | None = None) -> Path:
+               merge: Path | None = None, reuse_folder: bool = False) -> Path:
     """Run (or resume) an ablation config; returns the results folder (the arguments as
     :func:`benchmarks.bench.run_bench`'s)."""
-    matrix = Matrix(cfg.name, out, progress, replace_changed)
+    matrix = Matrix(cfg.name, out, progress, replace_changed, kind="ablate",
+                    reuse_folder=reuse_folder)
     common = dotted(cfg.common)
     default = dict(cfg.recon or {})
     first_id: dict[str, str] = {}  # run config hash -> id of the run that computes it
@@ -116,7 +141,8 @@ def run_ablate(cfg: AblateConfig, out: Path | None = None, progress: bool | None
                                            [f"recon={json.dumps(recon)}"])
                 key = hashlib.sha256(json.dumps([_recon_key(rc.recon), seed],
                                                 sort_keys=True).encode()).hexdigest()
-                run_id = f"{axis}={_shown(value)}-seed{seed}".replace("/", "_").replace(" ", "")
+                run_id = plain_name(f"{axis}={_shown(value)}-seed{seed}".replace("/", "_")
+                                    .replace(" ", ""), f"axes.{axis} value {value!r}")
                 if recon is None or recon == default:
                     main_keys.add(key)
                 if key in first_id:  # the default point appears on every axis: run it once

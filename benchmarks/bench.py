@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.config import RunConfigError
-from adapters.schema import check_value
+from adapters.schema import SchemaError, check_value
 
 from .matrix import (
+    REFERENCE_ROWS,
     Matrix,
     MatrixConfig,
     RunSource,
@@ -37,6 +38,7 @@ from .matrix import (
     dotted,
     load_matrix_config,
     mark_partial,
+    plain_name,
     write_report,
 )
 
@@ -65,24 +67,40 @@ def load_bench_config(path: str | Path, overrides: Sequence[str] = ()) -> BenchC
     Raises:
         RunConfigError: An unknown key, a bad value, or a run config that does not exist.
     """
+    try:
+        return _load_bench_config(path, overrides)
+    except SchemaError as exc:  # a bad value of this config: the run configs' error type
+        if isinstance(exc, RunConfigError):
+            raise
+        raise RunConfigError(str(exc)) from None
+
+
+def _load_bench_config(path: str | Path, overrides: Sequence[str]) -> BenchConfig:
     raw, path = load_matrix_config(path, overrides, BenchConfig.KEYS, "bench")
     methods = check_value(raw.get("methods"), dict, "methods")
-    sources = {name: None if src is None else RunSource.from_any(src, path.parent,
-                                                                 f"methods.{name}")
+    if not any(src is not None for src in methods.values()):
+        raise RunConfigError("methods names no method to run (e.g. methods: {sela: {config: "
+                             "smoke/sela.yaml}}).")
+    sources = {plain_name(name, f"a key of methods ({name!r})"):
+               None if src is None else RunSource.from_any(src, path.parent, f"methods.{name}")
                for name, src in methods.items()}
     references = check_value(raw.get("references") or {}, dict, "references")
     refs = {name: check_value(rows, tuple[str, ...], f"references.{name}")
             for name, rows in references.items()}
-    for name in refs:
+    for name, rows in refs.items():
         if name not in sources:
             raise RunConfigError(f"references.{name}: no method {name!r} in methods "
                                  f"({', '.join(sources)}).")
+        unknown = [row for row in rows if row not in REFERENCE_ROWS]
+        if unknown:
+            raise RunConfigError(f"references.{name}: unknown reference row(s) {unknown}; "
+                                 f"rows: {', '.join(REFERENCE_ROWS)}.")
     return BenchConfig(**MatrixConfig.parse(raw, path), methods=sources, references=refs)
 
 
 def run_bench(cfg: BenchConfig, out: Path | None = None, progress: bool | None = None,
               replace_changed: bool = False, report_only: bool = False,
-              merge: Path | None = None) -> Path:
+              merge: Path | None = None, reuse_folder: bool = False) -> Path:
     """Run (or resume) a bench config; returns the results folder.
 
     Args:
@@ -93,8 +111,11 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, progress: bool | None =
         report_only: Train nothing: write the README from the finished runs (titled PARTIAL
             when some are missing).
         merge: First take the finished runs of another results folder.
+        reuse_folder: Accept a results folder made by another config (see
+            :class:`~benchmarks.matrix.Matrix`).
     """
-    matrix = Matrix(cfg.name, out, progress, replace_changed)
+    matrix = Matrix(cfg.name, out, progress, replace_changed, kind="bench",
+                    reuse_folder=reuse_folder)
     common = dotted(cfg.common)
     recon_set = [f"recon={json.dumps(cfg.recon or {})}"]
     for seed in cfg.seeds:

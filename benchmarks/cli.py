@@ -11,9 +11,16 @@ Examples::
 
     recon-aux train benchmarks/configs/smoke/deepcluster.yaml
     recon-aux train benchmarks/configs/smoke/sela.yaml recon=null train.epochs=2
+    recon-aux train benchmarks/configs/smoke/sela.yaml --resume      # continue a killed run
     torchrun --nproc_per_node=2 -m benchmarks.cli train benchmarks/configs/smoke/aet.yaml
 
-A run prints one log line per epoch and, last, one JSON line with the final metrics.
+A run prints its folder first, one log line per epoch, its folder again and, last, one JSON line
+with the final metrics. A folder that already holds a run is refused unless ``--resume``
+(continue it) or ``--overwrite`` (delete it and start again).
+
+Errors the user can fix (a config, a checkpoint, the data, the run folder, a full disk, ...)
+are one line on stderr and exit status 2; ``run.stop_after_epoch`` exits with 3; anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,27 +28,97 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import sys
 from pathlib import Path
 
-from adapters.config import RunConfigError, load_run_config
-from adapters.engine import StopTraining, train
+import yaml
+
+from adapters.checkpoint import CheckpointError
+from adapters.config import RunConfigError, load_run_config, yaml_problem
+from adapters.data import DatasetError
+from adapters.engine import RunFolderError, StopTraining, run_dir, train
+from adapters.files import DiskFullError
+from adapters.schema import SchemaError
+from recon_aux import ConfigError, NonFiniteLossError
+from recon_aux.layers import LayerChoiceError
+from recon_aux.weights import WeightsError
 
 from . import ablate, bench
 
-__all__ = ["main"]
+__all__ = ["main", "error_line"]
+
+#: Errors with a message meant for the user: (type, what the line calls it), most specific first.
+KNOWN_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
+    (DiskFullError, ""),  # its message starts with "disk full"
+    (RunConfigError, "config error"),
+    (SchemaError, "config error"),
+    (ConfigError, "recon config error"),
+    (LayerChoiceError, "recon config error"),
+    (yaml.YAMLError, "YAML error"),
+    (CheckpointError, "checkpoint error"),
+    (WeightsError, "LPIPS weights error"),
+    (RunFolderError, "run folder error"),
+    (DatasetError, "data error"),
+    (pickle.UnpicklingError, "unpickling error"),
+    (NonFiniteLossError, "training stopped"),
+    (OSError, "file error"),
+)
+
+
+def error_line(exc: BaseException) -> str | None:
+    """The one line ``recon-aux`` prints for a known error (None: not one of
+    :data:`KNOWN_ERRORS`, which keeps its traceback)."""
+    for kind, label in KNOWN_ERRORS:
+        if isinstance(exc, kind):
+            if isinstance(exc, yaml.YAMLError):
+                text = yaml_problem(exc)
+            elif type(exc) in (OSError, PermissionError, FileNotFoundError, IsADirectoryError,
+                               NotADirectoryError, FileExistsError) and exc.strerror:
+                target = f": {exc.filename}" if exc.filename else ""
+                text = f"{exc.strerror}{target}"
+            else:
+                text = str(exc) or type(exc).__name__
+            text = " ".join(text.split())  # one line, whatever the message held
+            return f"recon-aux: {label}: {text}" if label else f"recon-aux: {text}"
+    return None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"recon-aux: usage error: {' '.join(message.split())} (see "
+                     f"{self.prog} --help)\n")
+
+
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.overrides)
-    changes = {"resume": True} if args.resume else {}
+    changes: dict = {}
+    if args.resume:
+        changes["resume"] = True
+    if args.overwrite:
+        changes["overwrite"] = True
     if args.out_dir:
         changes["out_dir"] = args.out_dir
-    result = train(cfg.with_run(**changes))
-    if int(os.environ.get("RANK", "0")) == 0:
+    cfg = cfg.with_run(**changes)
+    folder = run_dir(cfg).absolute()
+    if _rank0():
+        print(f"run folder: {folder}", flush=True)
+    try:
+        result = train(cfg)
+    except StopTraining as exc:
+        raise StopTraining(f"{exc}; run folder {folder}: continue with --resume") from None
+    if _rank0():
+        print(f"run folder: {folder} (result.json, log.jsonl, checkpoint.pt)", flush=True)
         summary = {k: result[k] for k in ("method", "seed", "metrics", "wall_s", "machine",
                                           "train_images", "test_images")}
         summary["recon"] = result["recon"] is not None
+        summary["out_dir"] = str(folder)
         print(json.dumps(summary), flush=True)
     return 0
 
@@ -57,19 +134,25 @@ def _matrix(args: argparse.Namespace) -> int:
 
 def _options(args: argparse.Namespace) -> dict:
     return {"out": args.out_dir, "progress": None, "replace_changed": args.replace_changed,
-            "report_only": args.report_only, "merge": args.merge}
+            "report_only": args.report_only, "merge": args.merge,
+            "reuse_folder": args.reuse_folder}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status
-    (2: a config error, 3: stopped by ``run.stop_after_epoch``)."""
-    parser = argparse.ArgumentParser(prog="recon-aux", description=__doc__.split("\n")[0])
+    (2: an error the user can fix, printed as one line on stderr; 3: stopped by
+    ``run.stop_after_epoch``)."""
+    parser = _Parser(prog="recon-aux", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train one method from a YAML config")
     t.add_argument("config", help="YAML run config")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 recon=null")
-    t.add_argument("--resume", action="store_true", help="continue from run.out_dir's checkpoint")
-    t.add_argument("--out-dir", default=None, help="overrides run.out_dir")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in the run folder from its checkpoint")
+    again.add_argument("--overwrite", action="store_true",
+                       help="the run folder holds a run: delete its files and start again")
+    t.add_argument("--out-dir", default=None, help="the run folder (overrides run.out_dir)")
     t.set_defaults(func=_train)
     for name, what in (("bench", "methods x {base, +recon} x seeds, with reference rows"),
                        ("ablate", "the auxiliary objective's knobs for one method")):
@@ -89,16 +172,23 @@ def main(argv: list[str] | None = None) -> int:
         b.add_argument("--merge", type=Path, default=None, metavar="DIR",
                        help="first take the finished runs of another results folder (seeds "
                             "run in parallel with seeds=[k] --out-dir DIR)")
+        b.add_argument("--reuse-folder", action="store_true",
+                       help="write into a results folder made by another config, or a "
+                            "non-empty folder without results.json (its finished runs are "
+                            "kept and checked against this config's)")
         b.set_defaults(func=_matrix)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except RunConfigError as exc:
-        print(f"recon-aux: config error: {exc}", file=sys.stderr)
-        return 2
     except StopTraining as exc:
         print(f"recon-aux: {exc}", file=sys.stderr)
         return 3
+    except Exception as exc:  # known errors: one line; the rest keep their traceback
+        line = error_line(exc)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

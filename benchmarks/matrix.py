@@ -5,8 +5,17 @@ A :class:`Matrix` is a list of planned runs (id, run config, row metadata), a re
 (``benchmarks/results/<name>/`` by default) and the loop that trains the runs not finished yet.
 Everything a matrix writes goes under that folder: ``results.json`` (one entry per finished
 run), ``runs/<id>/`` (each run's checkpoint, log and pictures), ``pictures/<id>.png``, the
-README, curves and plots. A re-run skips finished runs, so an interrupted matrix resumes; a
-finished run whose config changed is never silently reused.
+README, curves and plots. A re-run skips finished runs and resumes a killed run from its last
+checkpoint, so an interrupted matrix loses at most one epoch; a finished run whose config
+changed is never silently reused.
+
+Names: a config's ``name``, a bench config's method keys and every run id are plain names
+(letters, digits, ``_ . + = -``; no ``/``, no ``..``), so nothing is written outside the results
+folder. ``results.json`` records which config made the folder (``{"kind": "bench", "name":
+...}``): another config's folder, or a non-empty folder without ``results.json``, is refused
+unless ``reuse_folder`` (``--reuse-folder``). Every planned run is validated, its data loaded
+and its data-dependent settings checked (:func:`adapters.engine.check_run`) before the first
+run trains.
 
 Config paths: a bench or ablate config names run configs (``config: smoke/sela.yaml``); such a
 path is relative to the folder of the config that names it (an absolute path is used as is).
@@ -16,13 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapters.checkpoint import CheckpointError, load_checkpoint
 from adapters.config import (
     RunConfig,
     RunConfigError,
@@ -31,17 +41,43 @@ from adapters.config import (
     load_run_config,
     read_yaml,
 )
-from adapters.engine import train
+from adapters.engine import CHECKPOINT, check_run, train
+from adapters.files import atomic_write, json_text
 from adapters.progress import progress
 from adapters.schema import check_value
 
 from . import report
 
 __all__ = ["RESULTS", "MatrixConfig", "RunSource", "Matrix", "REFERENCE_ROWS",
-           "load_matrix_config", "add_references", "write_report", "mark_partial", "dotted"]
+           "load_matrix_config", "add_references", "write_report", "mark_partial", "dotted",
+           "plain_name", "eta_text"]
 
 #: Where results go by default: ``benchmarks/results/<config name>/`` of this checkout.
 RESULTS = Path(__file__).resolve().parent / "results"
+
+_PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,127}")
+
+
+def plain_name(value: Any, key: str) -> str:
+    """``value`` if it is a plain name (a file name without a folder: letters, digits and
+    ``_ . + = -``, starting with a letter or digit, no ``..``, at most 128 characters).
+
+    Raises:
+        RunConfigError: Naming ``key`` and the value.
+    """
+    if not isinstance(value, str) or not _PLAIN.fullmatch(value) or ".." in value:
+        raise RunConfigError(
+            f"{key}={value!r} is not a plain name: use letters, digits and _ . + = - (starting "
+            "with a letter or digit, no '/' or '..'); it names a folder or file inside the "
+            "results folder.")
+    return value
+
+
+def eta_text(elapsed: float, done: int, left: int) -> str:
+    """``ETA 12.3 min`` from the mean time of the runs done; ``ETA unknown`` before the first."""
+    if done <= 0:
+        return "ETA unknown"
+    return f"ETA {elapsed / done * left / 60:.1f} min"
 
 
 @dataclass(frozen=True)
@@ -107,14 +143,25 @@ class MatrixConfig:
     @classmethod
     def parse(cls, raw: dict[str, Any], path: Path) -> dict[str, Any]:
         """The common fields of ``raw`` (checked), for a subclass's constructor."""
-        name = check_value(raw.get("name", path.stem), str, "name")
+        name = plain_name(raw.get("name", path.stem), "name")
+        seeds = check_value(raw.get("seeds", [0]), tuple[int, ...], "seeds")
+        if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+            raise RunConfigError(f"seeds={list(seeds)} must be a non-empty list of distinct "
+                                 "seeds >= 0 (e.g. seeds: [0, 1, 2]).")
+        metrics = check_value(raw.get("metrics"), tuple[str, ...] | None, "metrics")
+        if metrics is not None and not metrics:
+            raise RunConfigError("metrics=[] names no column; name the metrics (e.g. "
+                                 "[knn_conv5]) or leave the key out for every metric.")
+        common = check_value(raw.get("common"), dict | None, "common")
+        for key in common or {}:
+            check_value(key, str, "a key of common")
         return {
             "name": name, "path": path,
             "title": check_value(raw.get("title", name), str, "title"),
-            "seeds": check_value(raw.get("seeds", [0]), tuple[int, ...], "seeds"),
-            "metrics": check_value(raw.get("metrics"), tuple[str, ...] | None, "metrics"),
+            "seeds": seeds,
+            "metrics": metrics,
             "recon": check_value(raw.get("recon"), dict | None, "recon"),
-            "common": check_value(raw.get("common"), dict | None, "common"),
+            "common": common,
             "notes": check_value(raw.get("notes", ""), str, "notes"),
         }
 
@@ -141,33 +188,81 @@ class Matrix:
     """A list of planned runs, a results file, and the loop that fills it.
 
     Args:
-        name: The results folder's default name.
+        name: The results folder's default name (a plain name, see :func:`plain_name`).
         out: The results folder (default ``benchmarks/results/<name>``).
         progress: A progress bar over the runs (None: only on a terminal).
         replace_changed: Re-run finished runs whose config changed (see :meth:`execute`).
+        kind: ``bench`` or ``ablate``: with ``name``, the identity recorded in results.json.
+        reuse_folder: Accept a results folder made by another config, or a non-empty folder
+            without results.json.
+
+    Raises:
+        RunConfigError: The folder belongs to another config, is not a results folder, or its
+            results.json is unreadable.
     """
 
     def __init__(self, name: str, out: Path | None, progress: bool | None,
-                 replace_changed: bool = False) -> None:
-        self.out = Path(out) if out is not None else RESULTS / name
-        self.out.mkdir(parents=True, exist_ok=True)
+                 replace_changed: bool = False, kind: str = "bench",
+                 reuse_folder: bool = False) -> None:
+        if out is None:
+            out = RESULTS / plain_name(name, "name")
+            if RESULTS.resolve() not in out.resolve().parents:
+                raise RunConfigError(f"name={name!r} would write outside {RESULTS}.")
+        self.out = Path(out)
+        self.identity = {"kind": kind, "name": name}
         self.results_file = self.out / "results.json"
         self.runs: list[dict[str, Any]] = []
         self.superseded: list[dict[str, Any]] = []
+        if self.out.exists() and not self.out.is_dir():
+            raise RunConfigError(f"the results folder {self.out} is a file; choose another "
+                                 "--out-dir.")
         if self.results_file.is_file():
-            saved = json.loads(self.results_file.read_text())
+            saved = self._read(self.results_file)
             self.runs, self.superseded = saved["runs"], saved.get("superseded", [])
+            owner = saved.get("made_by")
+            if owner is not None and owner != self.identity and not reuse_folder:
+                raise RunConfigError(
+                    f"{self.out} holds the results of {owner.get('kind')} config "
+                    f"{owner.get('name')!r}, not of {kind} config {name!r}; write to another "
+                    "folder with --out-dir, or pass --reuse-folder to add to it (its finished "
+                    "runs are kept and checked against this config).")
+        elif self.out.is_dir() and any(self.out.iterdir()) and not reuse_folder:
+            raise RunConfigError(
+                f"{self.out} is not empty and holds no results.json: it is not a results folder "
+                "of this config. Write to a new or empty folder with --out-dir, or pass "
+                "--reuse-folder to write there anyway.")
         self.replace_changed = replace_changed
         self.plan: list[tuple[str, RunConfig, dict[str, Any]]] = []
         self.progress = progress
         self.run_root = self.out / "runs"
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunConfigError(f"cannot create the results folder {self.out} "
+                                 f"({exc.strerror or exc}); choose another --out-dir.") from None
+
+    @staticmethod
+    def _read(results_file: Path) -> dict[str, Any]:
+        try:
+            saved = json.loads(results_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise RunConfigError(f"{results_file} is unreadable ({exc}); restore it, or write "
+                                 "to another folder with --out-dir.") from None
+        if not isinstance(saved, dict) or not isinstance(saved.get("runs"), list):
+            raise RunConfigError(f"{results_file} holds no 'runs' list: it is not a results "
+                                 "file; restore it, or write to another folder with --out-dir.")
+        return saved
 
     def planned(self, run_id: str) -> bool:
         return any(p[0] == run_id for p in self.plan)
 
     def add(self, run_id: str, cfg: RunConfig, meta: dict[str, Any]) -> None:
-        """Plan run ``run_id``: its folder is ``runs/<run_id>`` of the results folder."""
-        cfg = cfg.with_run(out_dir=str(self.run_root / run_id), progress=False)
+        """Plan run ``run_id``: its folder is ``runs/<run_id>`` of the results folder (a killed
+        run resumes from its checkpoint there)."""
+        plain_name(run_id, "run id")
+        if self.planned(run_id):
+            raise RunConfigError(f"run id {run_id!r} is planned twice.")
+        cfg = cfg.with_run(out_dir=str(self.run_root / run_id), progress=False, resume=True)
         self.plan.append((run_id, cfg, meta))
 
     def _check_changed(self) -> None:
@@ -184,23 +279,54 @@ class Matrix:
         if not changed:
             return
         if not self.replace_changed:
-            lines = [f"  {run_id}: {', '.join(diff[:6])}" for run_id, diff in changed.items()]
+            lines = [f"{run_id}: {', '.join(diff[:6])}" for run_id, diff in changed.items()]
             raise RunConfigError(
                 f"{self.results_file} holds {len(changed)} finished run(s) whose config differs "
-                "from this bench config:\n" + "\n".join(lines) + "\nRe-run them with "
-                "--replace-changed (the old results move to 'superseded' in results.json and "
-                "leave the tables), or write to another folder with --out-dir.")
+                f"from this {self.identity['kind']} config ({'; '.join(lines)}). Re-run them "
+                "with --replace-changed (the old results move to 'superseded' in results.json "
+                "and leave the tables), or write to another folder with --out-dir.")
         for r in [r for r in self.runs if r["id"] in changed]:
             self.runs.remove(r)
             self.superseded.append({**r, "superseded_because": changed[r["id"]]})
+        for run_id in changed:  # their run folders hold the old run: start them again
+            self._restart(run_id)
         self._save()
+
+    def _restart(self, run_id: str) -> None:
+        self.plan = [(i, c.with_run(resume=False, overwrite=True) if i == run_id else c, m)
+                     for i, c, m in self.plan]
+
+    def _check_unfinished(self, todo: list[tuple[str, RunConfig, dict[str, Any]]]) -> None:
+        """A killed run resumes from its checkpoint, unless that checkpoint was made by another
+        config: an error, or with ``replace_changed`` the run starts again."""
+        changed = {}
+        for run_id, cfg, _ in todo:
+            ckpt = Path(cfg.run.out_dir) / CHECKPOINT
+            if cfg.run.resume and ckpt.is_file():
+                try:
+                    state = load_checkpoint(ckpt)
+                except CheckpointError as exc:
+                    raise CheckpointError(
+                        f"run {run_id} cannot resume: {exc} To start that run again, delete "
+                        f"its folder {ckpt.parent}.") from None
+                diff = config_diff(state["config"], cfg)
+                if diff:
+                    changed[run_id] = diff
+        if changed and not self.replace_changed:
+            lines = [f"{run_id}: {', '.join(diff[:6])}" for run_id, diff in changed.items()]
+            raise RunConfigError(
+                f"{len(changed)} unfinished run(s) in {self.run_root} were started with another "
+                f"config ({'; '.join(lines)}). Start them again with --replace-changed, or "
+                "write to another folder with --out-dir.")
+        for run_id in changed:
+            self._restart(run_id)
 
     def merge(self, other: Path) -> int:
         """Take the finished runs of another results folder (e.g. seeds run in a parallel
         process with ``seeds=[2] --out-dir DIR``) that this matrix plans and lacks, with their
         pictures; their configs are then checked like any other finished run's. Returns how
         many were taken."""
-        saved = json.loads((Path(other) / "results.json").read_text())["runs"]
+        saved = self._read(Path(other) / "results.json")["runs"]
         have = {r["id"] for r in self.runs}
         planned = {p[0] for p in self.plan}
         taken = [r for r in saved if r["id"] in planned and r["id"] not in have]
@@ -219,18 +345,32 @@ class Matrix:
 
     def execute(self, report_only: bool = False) -> list[dict[str, Any]]:
         """Train the planned runs not done yet (none with ``report_only``); return the planned
-        runs that are done."""
+        runs that are done.
+
+        Before the first run trains, every run to train is checked as the engine would before
+        its first step (:func:`adapters.engine.check_run`: data, layers, batch size, ``k``).
+        """
         self._check_changed()
         done = {r["id"] for r in self.runs}
         todo = [] if report_only else [p for p in self.plan if p[0] not in done]
+        self._check_unfinished(todo)
+        todo = [p for p in self.plan if p[0] in {t[0] for t in todo}]  # restarts applied
+        datasets: dict = {}  # each data set loaded once for all the checks
+        for run_id, cfg, _ in todo:
+            try:
+                check_run(cfg, datasets)
+            except RunConfigError as exc:
+                raise RunConfigError(f"run {run_id}: {exc}") from None
+        del datasets
+        self._save()  # the folder is this config's from now on
         print(f"{len(self.plan)} runs planned, {len(done & {p[0] for p in self.plan})} already "
               f"done (in {self.results_file}), {len(todo)} to run", flush=True)
         bar = progress(todo, enabled=self.progress, total=len(todo), unit="run")
         t0 = time.perf_counter()
         for i, (run_id, cfg, meta) in enumerate(bar):
             if bar is todo:  # no bar: one line per run
-                eta = (time.perf_counter() - t0) / i * (len(todo) - i) if i else float("nan")
-                print(f"run {i + 1}/{len(todo)}: {run_id} (ETA {eta / 60:.1f} min)", flush=True)
+                eta = eta_text(time.perf_counter() - t0, i, len(todo) - i)
+                print(f"run {i + 1}/{len(todo)}: {run_id} ({eta})", flush=True)
             else:
                 bar.set_description(f"run {i + 1}/{len(todo)} {run_id}")
             result = train(cfg)
@@ -250,15 +390,14 @@ class Matrix:
     def _keep_picture(self, picture: Path, run_id: str) -> None:
         if picture.is_file():
             (self.out / "pictures").mkdir(exist_ok=True)
-            (self.out / "pictures" / f"{run_id}.png").write_bytes(picture.read_bytes())
+            atomic_write(self.out / "pictures" / f"{plain_name(run_id, 'run id')}.png",
+                         picture.read_bytes())
 
     def _save(self) -> None:
-        tmp = self.results_file.with_suffix(".tmp")
-        saved: dict[str, Any] = {"runs": self.runs}
+        saved: dict[str, Any] = {"made_by": self.identity, "runs": self.runs}
         if self.superseded:
             saved["superseded"] = self.superseded
-        tmp.write_text(json.dumps(saved, indent=1))
-        os.replace(tmp, self.results_file)
+        atomic_write(self.results_file, json_text(saved, indent=1).encode())
 
 
 #: Reference rows (what they change in the method's run config); ``recon-only`` also takes the
@@ -276,7 +415,7 @@ def add_references(matrix: Matrix, cfg: MatrixConfig, src: RunSource, ref_from: 
     data and evaluation."""
     recon_set = [f"recon={json.dumps(cfg.recon or {})}"]
     for row in rows:
-        if row not in REFERENCE_ROWS:
+        if row not in REFERENCE_ROWS:  # (also checked when the config is read)
             raise RunConfigError(f"unknown reference row {row!r}; use "
                                  f"{', '.join(REFERENCE_ROWS)}.")
         final = [*recon_set, *REFERENCE_ROWS[row]] if row == "recon-only" else REFERENCE_ROWS[row]

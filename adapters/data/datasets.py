@@ -36,6 +36,7 @@ from recon_aux.weights import cache_dir, sha256_of
 
 from .paths import (
     DATA_ENV,
+    DOWNLOAD_OPTIONS,
     FIX_HINT,
     DatasetError,
     DatasetNotFoundError,
@@ -266,7 +267,7 @@ def _tree_cache_file(source: Path, image_size: int | None) -> Path:
             raise DatasetError(
                 f"{source}: sha256 is {got}, expected {known[0]} (the value in the data "
                 "README). The file is corrupt, truncated or a different version: copy it "
-                f"again, or point --data-root/{DATA_ENV} at a folder with a good copy."
+                f"again, or point data.root (--data-root, {DATA_ENV}) at a folder with a good copy."
             )
         ident = f"sha256:{got}"
     elif source.is_file():
@@ -354,7 +355,8 @@ def _decode_image(data: bytes, where: str, image_size: int | None) -> np.ndarray
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DatasetError(
             f"{where}: cannot decode image ({type(exc).__name__}: {exc}). Expected a readable "
-            f"image file. Replace the file, or point --data-root/{DATA_ENV} at a good copy."
+            "image file. Replace the file, or point data.root (--data-root, "
+            f"{DATA_ENV}) at a good copy."
         ) from None
 
 
@@ -391,7 +393,8 @@ def _read_tree_tar(archive: Path, image_size: int | None) -> _Entries:
         raise DatasetError(
             f"{archive}: the archive is corrupt, truncated or not a tar file "
             f"({type(exc).__name__}: {exc}). Expected a complete .tar/.tar.gz of an ImageFolder "
-            f"tree. Copy it again, or point --data-root/{DATA_ENV} at a folder with a good copy."
+            "tree. Copy it again, or point data.root (--data-root, "
+            f"{DATA_ENV}) at a folder with a good copy."
         ) from None
     return entries
 
@@ -517,8 +520,8 @@ def _load_torchvision(
         raise DatasetNotFoundError(
             f"{key}: no local copy found (looked for: {'; '.join(looked)}).{no_root} "
             + FIX_HINT
-            + " With internet access, pass download=True (--download) to let torchvision "
-            f"download it into {download_root}."
+            + f" With internet access, set {DOWNLOAD_OPTIONS} to let torchvision download it "
+            f"into {download_root}."
         )
     cls = getattr(tvd, cls_name)
     split_kw = {"split": "train" if train else "test"} if key == "svhn" else {"train": train}
@@ -529,7 +532,7 @@ def _load_torchvision(
         raise DatasetError(
             f"{key}: torchvision rejected the files under {target} ({exc}); they are incomplete "
             "or corrupt (md5 mismatch). Delete them and copy or download again, or point "
-            f"--data-root/{DATA_ENV} at a good copy."
+            f"data.root (--data-root, {DATA_ENV}) at a good copy."
         ) from None
     except OSError as exc:  # network errors (URLError is an OSError)
         raise DatasetNotFoundError(
@@ -604,7 +607,7 @@ def _load_fashion_mnist(root: Path | None, train: bool, download: bool) -> Image
         raise DatasetNotFoundError(
             f"fashion-mnist: {stems[0]}[.gz] and {stems[1]}[.gz] not found in any of "
             f"{[str(f) for f in folders]}.{no_root} Install Debian's dataset-fashion-mnist "
-            f"package, or pass download=True with internet access, or {FIX_HINT}"
+            f"package, or with internet access set {DOWNLOAD_OPTIONS}, or {FIX_HINT}"
         )
     images = _read_idx(_find_idx(found, stems[0]), 3)  # type: ignore[arg-type]
     labels = _read_idx(_find_idx(found, stems[1]), 1)  # type: ignore[arg-type]

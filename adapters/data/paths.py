@@ -10,6 +10,9 @@ from pathlib import Path
 
 __all__ = [
     "DATA_ENV",
+    "DOWNLOAD_OPTIONS",
+    "FIX_HINT",
+    "ROOT_OPTIONS",
     "DatasetError",
     "DatasetNotFoundError",
     "resolve_data_root",
@@ -17,9 +20,17 @@ __all__ = [
 
 DATA_ENV = "RECON_AUX_DATA"
 
+#: Every way to name the data folder: the run config's key, the examples' flag, the Python
+#: argument, the environment variable.
+ROOT_OPTIONS = (f"data.root=DIR (recon-aux train), --data-root DIR (the examples), "
+                f"data_root=DIR (Python) or {DATA_ENV}=DIR")
+#: Every way to let torchvision download a named data set.
+DOWNLOAD_OPTIONS = ("data.download=true (recon-aux train), --download (the examples) or "
+                    "download=True (Python)")
+
 FIX_HINT = (
-    f"Pass --data-root DIR (data_root=DIR in Python) or set {DATA_ENV}=DIR to a local folder "
-    "that holds the data (e.g. cifar10-jpg.tar.gz, or torchvision's cifar-10-batches-py)."
+    f"Point {ROOT_OPTIONS} at a local folder that holds the data (e.g. cifar10-jpg.tar.gz, or "
+    "torchvision's cifar-10-batches-py)."
 )
 
 
@@ -35,8 +46,8 @@ def resolve_data_root(data_root: str | os.PathLike[str] | None = None) -> Path:
     """Return the data root folder.
 
     Order: the explicit ``data_root`` argument, else the environment variable
-    ``RECON_AUX_DATA``, else a :class:`DatasetNotFoundError` that tells the user to pass
-    ``--data-root`` or to set ``RECON_AUX_DATA``.
+    ``RECON_AUX_DATA``, else a :class:`DatasetNotFoundError` that names every way to give one
+    (:data:`ROOT_OPTIONS`).
 
     Args:
         data_root: Folder holding the data sets, or ``None`` to use the environment.

@@ -4,7 +4,10 @@ augmentations and loaders.
 Real-data tests need ``cifar10-jpg.tar.gz`` in ``$RECON_AUX_DATA`` (``make test`` sets it to
 ``../shared/data`` when that exists) and skip otherwise, saying why. They decode it once into
 the normal cache (``$RECON_AUX_CACHE`` or ``~/.cache/recon_aux``), so later sessions reuse it.
-Nothing here downloads.
+Nothing here downloads: the ``download=True`` tests replace only the network fetch
+(``urllib.request.urlopen``, what torchvision's ``download_url`` calls) by small files written in
+torchvision's own formats, so torchvision's real download, extraction, md5 checks and loading
+run on them.
 """
 
 from __future__ import annotations
@@ -370,6 +373,167 @@ def test_torchvision_svhn_layout(
     assert a.images.shape == (3, 32, 32, 3)
     np.testing.assert_array_equal(a.images[2], x[..., 2])
     assert a.targets.tolist() == [0, 3, 1] and a.classes[0] == "0"
+
+
+# --------------------------------------------------------------------------------------------
+# data.download: torchvision's real download path, the network replaced by local bytes
+
+
+class _Response:
+    """What ``urllib.request.urlopen`` returns, enough for torchvision's ``download_url``."""
+
+    def __init__(self, url: str, data: bytes) -> None:
+        self.url, self.length, self._buffer = url, len(data), io.BytesIO(data)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._buffer.read(n)
+
+    def __enter__(self) -> _Response:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._buffer.close()
+
+
+def _serve(monkeypatch: pytest.MonkeyPatch, files: dict[str, bytes]) -> list[str]:
+    """The network, replaced by ``{url: bytes}``; returns the URLs fetched."""
+    import urllib.error
+    import urllib.request
+
+    fetched: list[str] = []
+
+    def urlopen(request, *args, **kwargs):
+        url = getattr(request, "full_url", request)
+        if url not in files:
+            raise urllib.error.URLError(f"not served by the test: {url}")
+        fetched.append(url)
+        return _Response(url, files[url])
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    return fetched
+
+
+def _md5(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.md5(data).hexdigest()
+
+
+def _pickled(obj: object) -> bytes:
+    import pickle
+
+    return pickle.dumps(obj, protocol=2)
+
+
+def _tgz(members: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def _cifar_archive(tvd_class, monkeypatch: pytest.MonkeyPatch, label_key: str,
+                   names: list[str], per_file: int, seed: int) -> tuple[bytes, dict]:
+    """A ``cifar-*-python.tar.gz`` in torchvision's layout (pickled dicts of ``data`` (N, 3072)
+    uint8 and labels, plus the meta file), with the class's md5s set to these files'."""
+    rng = np.random.default_rng(seed)
+    folder = tvd_class.base_folder
+    members, md5s, content = {}, {}, {}
+    for name, _ in tvd_class.train_list + tvd_class.test_list:
+        data = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
+        labels = [int(x) for x in rng.integers(0, len(names), per_file)]
+        members[f"{folder}/{name}"] = _pickled({"data": data, label_key: labels})
+        md5s[name], content[name] = _md5(members[f"{folder}/{name}"]), (data, labels)
+    meta = tvd_class.meta
+    members[f"{folder}/{meta['filename']}"] = _pickled({meta["key"]: names})
+    archive = _tgz(members)
+    monkeypatch.setattr(tvd_class, "tgz_md5", _md5(archive))
+    monkeypatch.setattr(tvd_class, "train_list", [[n, md5s[n]] for n, _ in tvd_class.train_list])
+    monkeypatch.setattr(tvd_class, "test_list", [[n, md5s[n]] for n, _ in tvd_class.test_list])
+    monkeypatch.setattr(tvd_class, "meta", {
+        **meta, "md5": _md5(members[f"{folder}/{meta['filename']}"])})
+    return archive, content
+
+
+def test_download_cifar10_and_cifar100_through_torchvision(
+    tmp_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchvision.datasets as tvd
+
+    monkeypatch.delenv("RECON_AUX_DATA", raising=False)
+    c10, content10 = _cifar_archive(tvd.CIFAR10, monkeypatch, "labels",
+                                    TORCHVISION_CIFAR10_CLASSES, 3, seed=1)
+    c100_names = [f"class{i}" for i in range(100)]
+    c100, content100 = _cifar_archive(tvd.CIFAR100, monkeypatch, "fine_labels", c100_names, 4,
+                                      seed=2)
+    fetched = _serve(monkeypatch, {tvd.CIFAR10.url: c10, tvd.CIFAR100.url: c100})
+    with pytest.raises(DatasetNotFoundError, match=r"set data.download=true \(recon-aux train\)"):
+        load_dataset("cifar10")  # without download=True nothing is fetched
+    assert fetched == []
+
+    train = load_dataset("cifar10", download=True)
+    assert tvd.CIFAR10.url in fetched
+    assert len(train) == 15 and train.classes == TORCHVISION_CIFAR10_CLASSES
+    data, labels = content10["data_batch_1"]
+    np.testing.assert_array_equal(train.images[0], data[0].reshape(3, 32, 32).transpose(1, 2, 0))
+    assert train.targets[:3].tolist() == labels
+    fetched.clear()
+    test = load_dataset("cifar10", download=True, train=False)  # found: nothing fetched
+    assert fetched == [] and len(test) == 3
+    assert (tmp_cache / "torchvision" / "cifar-10-batches-py" / "test_batch").is_file()
+
+    c = load_dataset("cifar100", download=True, train=False)
+    assert len(c) == 4 and c.classes == c100_names
+    assert c.targets.tolist() == content100["test"][1]
+
+
+def test_download_svhn_through_torchvision(tmp_cache: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import scipy.io
+    import torchvision.datasets as tvd
+
+    monkeypatch.delenv("RECON_AUX_DATA", raising=False)
+    rng = np.random.default_rng(3)
+    served, split_list = {}, dict(tvd.SVHN.split_list)
+    for split, n in (("train", 5), ("test", 3)):
+        url, filename, _ = split_list[split]
+        mat = io.BytesIO()
+        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        y = np.array([[10], [1], [2], [3], [4]][:n])
+        scipy.io.savemat(mat, {"X": x, "y": y})
+        served[url] = mat.getvalue()
+        split_list[split] = [url, filename, _md5(served[url])]
+    monkeypatch.setattr(tvd.SVHN, "split_list", split_list)
+    fetched = _serve(monkeypatch, served)
+    train = load_dataset("svhn", download=True)
+    assert len(train) == 5 and train.targets.tolist() == [0, 1, 2, 3, 4]  # label 10 is digit 0
+    assert load_dataset("svhn", download=True, train=False).images.shape == (3, 32, 32, 3)
+    assert (tmp_cache / "torchvision" / "svhn" / "train_32x32.mat").is_file()
+    assert sorted(set(fetched)) == sorted(served)
+
+
+def test_run_config_data_download_reaches_torchvision(
+    tmp_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``data.download: true`` in a run config fetches the data set before training."""
+    import torchvision.datasets as tvd
+
+    from adapters.config import load_run_config
+    from adapters.engine import prepare_run
+
+    monkeypatch.delenv("RECON_AUX_DATA", raising=False)
+    archive, _ = _cifar_archive(tvd.CIFAR100, monkeypatch, "fine_labels",
+                                [f"c{i}" for i in range(100)], 4, seed=4)
+    fetched = _serve(monkeypatch, {tvd.CIFAR100.url: archive})
+    cfg = load_run_config({"method": {"name": "sela"},
+                           "data": {"dataset": "cifar100", "download": True},
+                           "train": {"device": "cpu"}})
+    setup = prepare_run(cfg)
+    assert len(setup.train_set) == 4 and len(setup.test_set) == 4 and fetched
+    assert cfg.to_dict()["data"]["download"] is True
 
 
 def test_download_failure_is_explained(tmp_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -97,3 +97,70 @@ def test_plain_form_keeps_what_was_written():
     assert plain["recon"] == {"weight": 0.5} and plain["train"]["milestones"] == []
     assert cfg.method.config.lamb == 10.0 and cfg.method.config.hc == 10  # typed, defaulted
     assert load_run_config(plain).to_dict() == plain
+
+
+def test_eval_sections_have_the_protocols_real_keywords():
+    """The typed eval sections hold exactly the keyword arguments of the protocols' functions
+    (besides the layer key), so a config key is valid iff the function takes it."""
+    from adapters.config import ProbeConfig, protocol_keywords
+
+    for kind, section in ProbeConfig.SECTIONS.items():
+        layer_key = ProbeConfig.PROTOCOLS[kind][1]
+        assert set(section.keys()) - {layer_key} == set(protocol_keywords(kind)), kind
+
+
+@pytest.mark.parametrize("override, match", [
+    ("eval.knn.tempreature=0.5", r"unknown key\(s\) \['tempreature'\] in eval.knn; valid ones: "
+                                 r"layers, pool, k, temperature, num_classes, chunk_size"),
+    ("eval.knn.k=0", r"eval.knn.k=0 must be >= 1"),
+    ("eval.knn.temperature=0", r"eval.knn.temperature=0.0 must be a finite number > 0"),
+    ("eval.knn.pool=mean", r"eval.knn.pool='mean' must be one of 'none', 'flatten', 'avg'"),
+    ("eval.knn.layers=[]", r"eval.knn.layers is empty"),
+    ("eval.knn.layers=[conv5, conv5]", r"names \['conv5'\] twice"),
+    ("eval.linear={layer: conv5, recipe: mae}", r"recipe='mae' must be one of 'standardized', "
+                                                 r"'reglog'"),
+    ("eval.linear={layer: conv5, val_fraction: 1}", r"val_fraction=1.0 must be in \(0, 1\)"),
+    ("eval.linear={layer: conv5, weight_decay: [0.1, -1]}", r"weight_decay=\[0.1, -1.0\] must "
+                                                             r"be >= 0"),
+    ("eval.linear={layer: conv5, weight_decay: []}", r"needs at least one value"),
+    ("eval.linear={layer: conv5, lr_schedule: cosine}", r"lr_schedule='cosine' must be one of "
+                                                         r"'plateau', 'deepcluster'"),
+    ("eval.nonlinear={layer: conv2, batch_size: 1}", r"eval.nonlinear.batch_size=1 must be >= 2"),
+    ("eval.nonlinear={layer: conv2, milestones: [0]}", r"milestones=\[0\] must be epochs >= 1"),
+    ("train.device=gpu", r"train.device='gpu' is not a device; use auto, cpu, cuda"),
+    ("train.milestones=[0, 10]", r"train.milestones=\[0, 10\] must be epochs >= 1"),
+    ("data.per_class=0", r"data.per_class=0 must be >= 1"),
+    ("data.batch_size=0", r"data.batch_size=0 must be >= 1"),
+    ("data.download=yes please", r"data.download expects bool"),
+    ("run.overwrite=true", None),
+])
+def test_every_value_is_checked_before_training(override, match):
+    overrides = [override, "run.resume=true"] if override.startswith("run.") else [override]
+    match = match or "run.resume and run.overwrite exclude each other"
+    with pytest.raises(RunConfigError, match=match):
+        load_run_config({"method": {"name": "sela"}}, overrides)
+
+
+def test_download_is_a_data_key_that_resume_ignores():
+    from adapters.config import config_diff
+
+    a = load_run_config({"method": {"name": "sela"}})
+    b = load_run_config({"method": {"name": "sela"}}, ["data.download=true"])
+    assert b.data.download is True and b.to_dict()["data"]["download"] is True
+    assert config_diff(a, b) == []
+    old = a.to_dict()
+    del old["data"]["download"]  # a checkpoint written before the key existed
+    assert config_diff(old, b) == []
+
+
+def test_yaml_syntax_errors_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method:\n  name: sela\n  k: [1, 2\n")
+    with pytest.raises(RunConfigError, match=r"bad.yaml is not valid YAML: .* at line \d+, "
+                                             r"column \d+"):
+        load_run_config(bad)
+    with pytest.raises(RunConfigError,
+                       match=r"override 'train.epochs=\[1': the value is not valid YAML"):
+        load_run_config({"method": {"name": "sela"}}, ["train.epochs=[1"])
+    with pytest.raises(RunConfigError, match="is a folder"):
+        load_run_config(tmp_path)

@@ -1,0 +1,199 @@
+"""Run folders and the checks before training, on the tiny data set: a used folder is never
+written over without resume or overwrite, every data-dependent setting is refused before the
+first step, the log never holds an epoch twice, a full disk keeps the last checkpoint, and
+runs of the earlier checkpoint format resume."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from adapters import engine, files
+from adapters.checkpoint import MAGIC, load_checkpoint
+from adapters.config import RunConfigError, load_run_config
+from adapters.engine import RunFolderError, StopTraining, train
+from tests.adapters.tiny import tiny_config
+
+
+def cfg(tree, out, *overrides, **sections):
+    return load_run_config(tiny_config(tree, out, **sections), overrides)
+
+
+def epochs(folder: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def strict_json(path: Path):
+    def refuse(name):
+        raise ValueError(f"{path} holds {name}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_used_folder_needs_resume_or_overwrite(tiny_tree, tmp_path):
+    out = tmp_path / "run"
+    first = train(cfg(tiny_tree, out))
+    before = (out / "checkpoint.pt").read_bytes()
+    for overrides in ([], ["train.lr=0.1"]):  # the same config or another one
+        with pytest.raises(RunFolderError, match=r"already holds a run \(checkpoint.pt, log.jsonl, "
+                                                 r"result.json, reconstructions.png\); continue it "
+                                                 r"with --resume .* --overwrite"):
+            train(cfg(tiny_tree, out, *overrides))
+    assert (out / "checkpoint.pt").read_bytes() == before and epochs(out) == [1, 2]
+    again = train(cfg(tiny_tree, out, "run.overwrite=true"))  # deleted, then trained again
+    assert again["metrics"] == first["metrics"] and epochs(out) == [1, 2]
+    resumed = train(cfg(tiny_tree, out, "run.resume=true"))  # finished: evaluates again
+    assert resumed["metrics"] == first["metrics"] and epochs(out) == [1, 2]
+    with pytest.raises(RunConfigError, match="exclude each other"):
+        cfg(tiny_tree, out, "run.resume=true", "run.overwrite=true")
+
+
+def _no_loading(monkeypatch):
+    monkeypatch.setattr(engine, "load_dataset",
+                        lambda *a, **k: pytest.fail("loaded data for a refused folder"))
+
+
+def test_folder_that_is_a_file_or_not_writable_is_refused_first(tiny_tree, tmp_path,
+                                                                  monkeypatch):
+    _no_loading(monkeypatch)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunFolderError, match="is a file, not a folder"):
+        train(cfg(tiny_tree, tmp_path / "file"))
+    with pytest.raises(RunFolderError, match="cannot create the run folder"):
+        train(cfg(tiny_tree, tmp_path / "file" / "run"))
+    real = Path.write_bytes
+
+    def read_only(self, data):
+        if self.name.startswith(".write-test"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    with pytest.raises(RunFolderError, match="is not writable \\(Permission denied\\)"):
+        train(cfg(tiny_tree, tmp_path / "ro"))
+    if os.geteuid() != 0:  # a real read-only folder (root writes anyway)
+        monkeypatch.setattr(Path, "write_bytes", real)
+        (tmp_path / "ro2").mkdir(mode=0o500)
+        with pytest.raises(RunFolderError, match="not writable"):
+            train(cfg(tiny_tree, tmp_path / "ro2"))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["data.batch_size=25"], r"data.batch_size=25 is larger than the 24 training images: .* "
+                             r"0 steps. Use data.batch_size <= 24"),
+    (["eval.knn.k=30"], r"eval.knn.k=30 but the kNN bank holds the 24 training images; use "
+                        r"eval.knn.k <= 24"),
+    (["data.per_class=13"], r"data.per_class=13 but class 'ant' has only 12 training images; "
+                            r"use data.per_class <= 12"),
+    (["data.test_per_class=5"], r"data.test_per_class=5 but class 'ant' has only 4 test"),
+    (["eval.knn.layers=[conv5, conv9]"], r"eval.knn.layers: 'conv9' is not a layer of backbone "
+                                         r"'alexnet_cifar'; its probe points: conv1, conv2"),
+    (["eval.linear={layer: fc9}"], r"eval.linear.layer: 'fc9' is not a layer"),
+    (["eval.nonlinear={layer: conv0}"], r"eval.nonlinear.layer: 'conv0' is not a layer"),
+    (["recon.layer=conv9"], r"recon.layer: 'conv9' is not a module of backbone"),
+    (["data.resize=64"], r"data.resize=64 does not fit backbone 'alexnet_cifar'"),
+])
+def test_data_dependent_settings_refused_before_training(tiny_tree, tmp_path, monkeypatch,
+                                                         overrides, match):
+    monkeypatch.setattr(engine.Trainer, "_step", lambda *a: pytest.fail("trained a step"))
+    with pytest.raises(RunConfigError, match=match):
+        train(cfg(tiny_tree, tmp_path / "run", *overrides))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    with pytest.raises(RunConfigError, match=match):  # what bench checks before any run
+        engine.check_run(cfg(tiny_tree, tmp_path / "run", *overrides))
+
+
+def test_zero_epochs_writes_valid_json_without_a_loss(tiny_tree, tmp_path):
+    result = train(cfg(tiny_tree, tmp_path, "train.epochs=0"))
+    assert "final_method_loss" not in result["metrics"]
+    assert strict_json(tmp_path / "result.json")["metrics"] == result["metrics"]
+
+
+def test_log_never_holds_an_epoch_twice_and_temporaries_go(tiny_tree, tmp_path):
+    full = train(cfg(tiny_tree, tmp_path / "full"))
+    out = tmp_path / "cut"
+    with pytest.raises(StopTraining):
+        train(cfg(tiny_tree, out, "run.stop_after_epoch=1"))
+    # what the earlier writer left when killed between its log append and its checkpoint: the
+    # row of an epoch the checkpoint does not hold, and a 14 MB temporary file
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "step": 6}) + "\n")
+    (out / "checkpoint.ptk2_9wq.tmp").write_bytes(b"\0" * (14 << 20))
+    (out / "checkpoint.pt.sha256abc123.tmp").write_bytes(b"x")
+    resumed = train(cfg(tiny_tree, out, "run.resume=true"))
+    assert resumed["metrics"] == full["metrics"] and epochs(out) == [1, 2]
+    assert (out / "log.jsonl").read_text() == (tmp_path / "full" / "log.jsonl").read_text()
+    assert not list(out.glob("*.tmp"))
+
+
+def _disk_full_on(name: str, nth: int = 1):
+    """``os`` for adapters.files whose ``write`` fails with ENOSPC on the nth file ``name``."""
+
+    class Full:
+        def __init__(self):
+            self.fds, self.count = {}, 0
+
+        def __getattr__(self, attr):
+            return getattr(os, attr)
+
+        def open(self, path, *args):
+            fd = os.open(path, *args)
+            if Path(path).name.startswith(name + "."):
+                self.count += 1
+                if self.count == nth:
+                    self.fds[fd] = path
+            return fd
+
+        def write(self, fd, data):
+            if fd in self.fds:
+                os.write(fd, bytes(data[:100]))  # a partial write, then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return os.write(fd, data)
+
+    return Full()
+
+
+@pytest.mark.parametrize("name, nth, last", [
+    ("checkpoint.pt", 1, "no checkpoint of this run was written yet"),
+    ("checkpoint.pt", 2, r"the last good checkpoint, .*checkpoint.pt \(after epoch 1\), is "
+                         "intact"),
+    ("log.jsonl", 2, r"the last good checkpoint, .* \(after epoch 2\), is intact"),
+    ("result.json", 1, r"the last good checkpoint, .* \(after epoch 2\), is intact"),
+    ("reconstructions.png", 1, r"the last good checkpoint, .* \(after epoch 2\), is intact"),
+])
+def test_disk_full_on_any_file_names_it_and_resume_works(tiny_tree, tmp_path, monkeypatch,
+                                                         name, nth, last):
+    full = train(cfg(tiny_tree, tmp_path / "full"))
+    out = tmp_path / "run"
+    monkeypatch.setattr(files, "os", _disk_full_on(name, nth))
+    with pytest.raises(files.DiskFullError, match=f"disk full: could not write {out / name}; "
+                                                   f"{last}. Free some space, then continue with "
+                                                   "--resume"):
+        train(cfg(tiny_tree, out))
+    monkeypatch.setattr(files, "os", os)
+    assert not list(out.glob("*.tmp"))
+    resumed = train(cfg(tiny_tree, out, "run.resume=true"))
+    assert resumed["metrics"] == full["metrics"] and resumed["history"] == full["history"]
+    assert epochs(out) == [1, 2]
+
+
+def test_run_of_the_earlier_checkpoint_format_resumes(tiny_tree, tmp_path):
+    full = train(cfg(tiny_tree, tmp_path / "full"))
+    out = tmp_path / "cut"
+    with pytest.raises(StopTraining):
+        train(cfg(tiny_tree, out, "run.stop_after_epoch=1"))
+    ckpt = out / "checkpoint.pt"
+    data = ckpt.read_bytes()
+    assert data.startswith(MAGIC)
+    payload = data[data.index(b"\n") + 1:]  # the torch.save file and a .sha256 side file
+    ckpt.write_bytes(payload)
+    (out / "checkpoint.pt.sha256").write_text(hashlib.sha256(payload).hexdigest() + "\n")
+    assert load_checkpoint(ckpt)["epoch"] == 1
+    resumed = train(cfg(tiny_tree, out, "run.resume=true"))
+    assert resumed["metrics"] == full["metrics"]
+    assert not (out / "checkpoint.pt.sha256").exists() and ckpt.read_bytes().startswith(MAGIC)
