@@ -68,6 +68,7 @@ from .evaluation import (
     nonlinear_probe_eval,
     recalibrated_batchnorm,
 )
+from .evaluation.linear import RECIPES as LINEAR_RECIPES
 from .methods import EngineContext, Method, StepOutput, method_class
 from .progress import progress
 
@@ -286,6 +287,17 @@ def check_data(cfg: RunConfig, num_train: int, steps_per_epoch: int, world: int 
         raise RunConfigError(
             f"eval.knn.k={cfg.eval.knn.settings.k} but the kNN bank holds the {n} training "
             f"images; use eval.knn.k <= {n} or more images (data.per_class).")
+    if cfg.eval.linear is not None:
+        lin = cfg.eval.linear.settings
+        wd = lin.weight_decay if lin.weight_decay is not None else \
+            LINEAR_RECIPES[lin.recipe]["weight_decay"]
+        held = round(lin.val_fraction * n)
+        if isinstance(wd, (list, tuple)) and len(wd) > 1 and not 1 <= held < n:
+            raise RunConfigError(
+                f"eval.linear.val_fraction={lin.val_fraction} holds out {held} of the {n} "
+                "training images to choose the weight decay among "
+                f"{[float(w) for w in wd]}; use more images (data.per_class), another "
+                "val_fraction, or one eval.linear.weight_decay.")
 
 
 def check_run(cfg: RunConfig, datasets: dict[tuple, ImageArrays] | None = None) -> None:
