@@ -123,6 +123,26 @@ class DataConfig(Section):
             if preset not in PRESETS:
                 raise SchemaError(f"data.augment preset {preset!r} is unknown; presets: "
                                   f"{', '.join(PRESETS)}.")
+            if isinstance(entry, dict):
+                _check_augment_fields(entry)
+
+
+def _check_augment_fields(entry: Mapping[str, Any]) -> None:
+    """A ``{preset: NAME, <BatchAugment field>: value}`` entry builds (at the images' size)."""
+    from .data import BatchAugment, make_augment
+
+    fields = {f.name for f in dataclasses.fields(BatchAugment)} - {"size"}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items() if k != "preset"}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise SchemaError(f"data.augment entry {plain(dict(entry))!r}: unknown field(s) {unknown}; "
+                          f"valid ones: preset, {', '.join(sorted(fields))} (the size is "
+                          "data.resize's).")
+    try:
+        make_augment(entry["preset"], size=32, **given)
+    except (TypeError, ValueError) as exc:
+        raise SchemaError(f"data.augment entry {plain(dict(entry))!r}: {exc} (each field's type "
+                          "and range: adapters.data.BatchAugment).") from None
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,9 @@ def test_eval_sections_have_the_protocols_real_keywords():
     ("data.per_class=0", r"data.per_class=0 must be >= 1"),
     ("data.batch_size=0", r"data.batch_size=0 must be >= 1"),
     ("data.download=yes please", r"data.download expects bool"),
+    ("data.augment=[{preset: simclr, bogus: 1}]", r"unknown field\(s\) \['bogus'\]; valid ones: "
+                                                  r"preset, crop,"),
+    ("data.augment=[{preset: simclr, scale: [2, 1]}]", r"scale must satisfy 0 < min <= max"),
     ("run.overwrite=true", None),
 ])
 def test_every_value_is_checked_before_training(override, match):
