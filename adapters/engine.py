@@ -71,6 +71,7 @@ from .evaluation import (
 from .evaluation.linear import RECIPES as LINEAR_RECIPES
 from .methods import EngineContext, Method, StepOutput, method_class
 from .progress import progress
+from .schema import SchemaError
 
 __all__ = ["Trainer", "train", "StopTraining", "RunSetup", "prepare_run", "plain_loader",
            "machine", "RunFolderError", "RUN_FILES", "run_dir", "prepare_run_folder", "check_run",
@@ -302,8 +303,9 @@ def check_data(cfg: RunConfig, num_train: int, steps_per_epoch: int, world: int 
 
 def check_run(cfg: RunConfig, datasets: dict[tuple, ImageArrays] | None = None) -> None:
     """Everything :class:`Trainer` checks before its first step, without training: the data
-    (loaded), the backbone's layers, the batch size and ``k`` against the data (what
-    ``recon-aux bench`` runs for every planned run before it trains the first).
+    (loaded), the backbone's layers, the batch size and ``k`` against the data, the method's
+    hyperparameters against the data (what ``recon-aux bench`` runs for every planned run
+    before it trains the first).
 
     ``datasets``: as in :func:`prepare_run`.
 
@@ -314,6 +316,10 @@ def check_run(cfg: RunConfig, datasets: dict[tuple, ImageArrays] | None = None) 
     check_layers(cfg, setup.backbone)
     steps = len(BatchLoader(setup.train_set, cfg.data.batch_size, drop_last=True))
     check_data(cfg, len(setup.train_set), steps)
+    try:  # a method checks its hyperparameters against the data (e.g. k < images)
+        method_class(cfg.method.name)(setup.backbone, len(setup.train_set), cfg.method.config)
+    except SchemaError as exc:
+        raise RunConfigError(str(exc)) from None
 
 
 class Trainer:
@@ -346,7 +352,10 @@ class Trainer:
                                 world_size=self.world, drop_last=True))
         check_data(cfg, len(self.train_set), steps, self.world)  # before the first step
         self.backbone = setup.backbone
-        self.method = method_cls(self.backbone, len(self.train_set), cfg.method.config)
+        try:  # a method checks its hyperparameters against the data (e.g. k < images)
+            self.method = method_cls(self.backbone, len(self.train_set), cfg.method.config)
+        except SchemaError as exc:
+            raise RunConfigError(str(exc)) from None
         self.method.to(self.device)
         self.views = [_augment(v, self.size) for v in (cfg.data.augment or self.method.views)]
         params = [p for p in [*self.backbone.parameters(), *self.method.parameters()]

@@ -97,6 +97,7 @@ def test_folder_that_is_a_file_or_not_writable_is_refused_first(tiny_tree, tmp_p
     (["eval.nonlinear={layer: conv0}"], r"eval.nonlinear.layer: 'conv0' is not a layer"),
     (["recon.layer=conv9"], r"recon.layer: 'conv9' is not a module of backbone"),
     (["data.resize=64"], r"data.resize=64 does not fit backbone 'alexnet_cifar'"),
+    (["method={name: deepcluster, k: 30}"], r"method.k=30 clusters for 24 training images"),
     (["eval.linear={layer: conv5, val_fraction: 0.01}"], r"eval.linear.val_fraction=0.01 holds "
                                                          r"out 0 of the 24 training images"),
 ])
