@@ -202,15 +202,20 @@ def run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.run.out_dir) if cfg.run.out_dir else _default_out_dir(cfg)
 
 
-def prepare_run_folder(folder: Path, resume: bool = False, overwrite: bool = False) -> None:
-    """Make ``folder`` ready for a run, or refuse it, before anything is loaded or trained.
+def prepare_run_folder(folder: Path, resume: bool = False, overwrite: bool = False,
+                       clear: bool = True) -> None:
+    """Make ``folder`` ready for a run, or refuse it.
 
     Creates it if needed; refuses a file, a folder that cannot be created or written, and a
     folder that holds a run (any of :data:`RUN_FILES`) unless ``resume`` (continue it) or
-    ``overwrite`` (delete those files first); deletes the temporary files a killed run left.
+    ``overwrite``. With ``clear`` it then deletes what a new run replaces: with ``overwrite``
+    the old run's files, and always the temporary files a killed run left. (The engine checks
+    with ``clear=False`` before it loads anything, and clears once every check has passed, so
+    a refused config never costs the old run.)
 
     Raises:
         RunFolderError: What is wrong and what to do instead.
+        DiskFullError: Not even an empty file can be created there.
     """
     folder = Path(folder)
     flags = "--out-dir (run.out_dir)"
@@ -223,19 +228,19 @@ def prepare_run_folder(folder: Path, resume: bool = False, overwrite: bool = Fal
         raise RunFolderError(f"cannot create the run folder {folder} ({exc.strerror or exc}); "
                              f"choose another {flags}.") from None
     used = [name for name in RUN_FILES if (folder / name).exists()]
-    if used and not resume:
-        if not overwrite:
-            raise RunFolderError(
-                f"{folder} already holds a run ({', '.join(used)}); continue it with --resume "
-                "(run.resume=true), start it again with --overwrite (run.overwrite=true: "
-                f"deletes those files), or choose another {flags}.")
+    if used and not resume and not overwrite:
+        raise RunFolderError(
+            f"{folder} already holds a run ({', '.join(used)}); continue it with --resume "
+            "(run.resume=true), start it again with --overwrite (run.overwrite=true: deletes "
+            f"those files), or choose another {flags}.")
     try:
-        for name in [] if resume else used:  # overwrite
-            (folder / name).unlink()
-        files.remove_stale_temporaries(folder, RUN_FILES)
         probe = folder / f".write-test.{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+        if clear:
+            for name in [] if resume else used:  # overwrite
+                (folder / name).unlink()
+            files.remove_stale_temporaries(folder, RUN_FILES)
     except OSError as exc:
         if files.is_disk_full(exc):
             raise files.DiskFullError(f"disk full: cannot write in the run folder {folder}",
@@ -381,13 +386,16 @@ class Trainer:
         self._checkpoint_epoch: int | None = None  # the epoch of the last good checkpoint
         self._epoch_logs: dict[str, float] = {}
         self.steps_per_epoch = len(self._loader(None))
+        self._prepare_folder(clear=True)  # every check passed: now replace the old run's files
 
-    def _prepare_folder(self) -> None:
-        """Rank 0 prepares (or refuses) the run folder; every rank learns the outcome."""
+    def _prepare_folder(self, clear: bool = False) -> None:
+        """Rank 0 checks (``clear``: then clears) the run folder, see
+        :func:`prepare_run_folder`; every rank learns the outcome."""
         error: BaseException | None = None
         if self.rank == 0:
             try:
-                prepare_run_folder(self.out_dir, self.cfg.run.resume, self.cfg.run.overwrite)
+                prepare_run_folder(self.out_dir, self.cfg.run.resume, self.cfg.run.overwrite,
+                                   clear=clear)
             except (RunFolderError, OSError) as exc:
                 error = exc
         if self.world > 1:

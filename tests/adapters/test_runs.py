@@ -45,6 +45,9 @@ def test_used_folder_needs_resume_or_overwrite(tiny_tree, tmp_path):
                                                  r"with --resume .* --overwrite"):
             train(cfg(tiny_tree, out, *overrides))
     assert (out / "checkpoint.pt").read_bytes() == before and epochs(out) == [1, 2]
+    with pytest.raises(RunConfigError, match="eval.knn.k=100"):  # refused before anything goes
+        train(cfg(tiny_tree, out, "run.overwrite=true", "eval.knn.k=100"))
+    assert (out / "checkpoint.pt").read_bytes() == before and epochs(out) == [1, 2]
     again = train(cfg(tiny_tree, out, "run.overwrite=true"))  # deleted, then trained again
     assert again["metrics"] == first["metrics"] and epochs(out) == [1, 2]
     resumed = train(cfg(tiny_tree, out, "run.resume=true"))  # finished: evaluates again
