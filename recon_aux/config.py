@@ -99,11 +99,29 @@ class ReconAuxConfig:
             (``x = (img - mean) / std``), or None when images are fed in ``input_range``.
         resize_to: Upsample both images to this size before LPIPS (int or (h, w)); None keeps
             the input size. L2 is always computed at the input size.
+        lpips_crop: For images larger than this side, LPIPS reads one random ``lpips_crop`` x
+            ``lpips_crop`` window per image, the same window in the reconstruction and its
+            target (after ``resize_to``); None: always the whole image. LPIPS is a spatial mean
+            of per-position distances, so a window's LPIPS estimates the whole image's, except
+            near the window's borders, at (crop / side)^2 of the cost: at 224 px and the default
+            128, a third. This is a stated change of the estimate: on CIFAR-10 test images
+            upsampled to 224 px, blurred or noised, 128-px windows gave 0.96 of the whole
+            image's LPIPS on average (64-px windows 0.55-0.86). L2 always reads the whole image.
+            Images of 128 px or less (CIFAR, STL-10 at 96) are never cropped by the default.
+        lpips_fraction: Share of the batch LPIPS reads, in (0, 1]: ``ceil(fraction * N)``
+            images drawn at random per call. The mean over a random subset is an unbiased
+            estimate of the batch mean, at that share of the cost and with more variance.
+            Default 1 (every image).
         range_tolerance: How far (as a fraction of the range) images may stray outside
             ``input_range`` before it is an error.
         check_inputs: Check image range and loss finiteness every call (one host sync).
         head_width: Channels of the head's first stage; None sizes it with the encoder
-            (a quarter of the tapped layer's channels, between 16 and 512).
+            (a quarter of the tapped layer's channels, between ``head_min_width`` and
+            ``head_max_width``).
+        head_max_width: Cap of that default width (128). Each upsampling stage halves the
+            width and doubles the side, so every stage costs the same: the first width sets the
+            head's cost. With a cap of 512, a ResNet-50 at 224 px (2048 channels) got a head of
+            +25% of the training step's FLOPs; with 128, +2.6% (benchmarks/results/flops.md).
         head_min_width: Floor for the channel count, which halves at every upsampling stage.
         head_norm: "batch", "group" or "none".
         head_upsample: "nearest" or "bilinear".
@@ -138,6 +156,11 @@ class ReconAuxConfig:
     resize_to: int | tuple[int, int] | None = _knob(
         None, ge=1, fix="Give a size in pixels (int or (h, w)) large enough for the LPIPS "
                         "backbone, or None to keep the input size.")
+    lpips_crop: int | None = _knob(
+        128, ge=1, fix="Give a window side in pixels large enough for the LPIPS backbone (>= 31 "
+                       "for alex, >= 16 for vgg), or None to read the whole image.")
+    lpips_fraction: float = _knob(
+        1.0, gt=0, fix="Use a share of the batch in (0, 1]; 1 reads every image.")
     range_tolerance: float = _knob(
         0.01, ge=0, fix="Use a finite fraction of the range >= 0 (default 0.01); to skip the "
                         "range check, set check_inputs=False.")
@@ -145,6 +168,7 @@ class ReconAuxConfig:
     head_width: int | None = _knob(
         None, ge=1, fix="Use a channel count >= 1, or None to size the head with the encoder.")
     head_min_width: int = _knob(16, ge=1, fix="Use a channel count >= 1.")
+    head_max_width: int = _knob(128, ge=1, fix="Use a channel count >= 1.")
     head_norm: str = _knob("batch", choices=("batch", "group", "none"))
     head_upsample: str = _knob("nearest", choices=("nearest", "bilinear"))
     head_out_scale: int = _knob(2, choices=(1, 2, 4))
@@ -199,7 +223,22 @@ class ReconAuxConfig:
         if (get("mean") is None) != (get("std") is None):
             raise ConfigError(f"mean={get('mean')!r} and std={get('std')!r}: give both mean and "
                               "std (the normalisation your pipeline applied), or neither.")
-        resize, net = get("resize_to"), get("net")
+        if get("lpips_fraction") > 1:
+            raise ConfigError(f"lpips_fraction={get('lpips_fraction')!r} is more than the whole "
+                              "batch. Use a share in (0, 1]; 1 reads every image.")
+        if get("head_min_width") > get("head_max_width"):
+            raise ConfigError(f"head_min_width={get('head_min_width')} is above head_max_width="
+                              f"{get('head_max_width')}. Give a floor <= the cap.")
+        crop, net = get("lpips_crop"), get("net")
+        if crop is not None and get("lpips_weight") > 0:
+            from .perceptual import MIN_SIZE  # here: perceptual imports this module
+
+            if crop < MIN_SIZE[net]:
+                raise ConfigError(
+                    f"lpips_crop={crop!r} is smaller than the {MIN_SIZE[net]}x{MIN_SIZE[net]} "
+                    f"pixels LPIPS-{net} needs. Use lpips_crop >= {MIN_SIZE[net]}, or None to "
+                    "read the whole image.")
+        resize = get("resize_to")
         if resize is not None and get("lpips_weight") > 0:
             from .perceptual import MIN_SIZE  # here: perceptual imports this module
 

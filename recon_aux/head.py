@@ -37,10 +37,13 @@ class ReconstructionHead(nn.Module):
     output passes through a sigmoid scaled to ``output_range`` and, when given, the pipeline's
     ``mean``/``std`` normalisation, so the reconstruction is in the images' own encoding.
 
-    Default width (``width=None``): a quarter of the feature map's channels, clamped to [16, 512],
-    so the head's cost scales with the encoder's (on AlexNet-CIFAR width 1.0 the default head
-    adds ~3% to a training step on a 2-core CPU; half the channels added ~15%: see
-    ``benchmarks/studies/overhead.py``). Parameter counts of the default head (BatchNorm):
+    Default width (``width=None``): a quarter of the feature map's channels, clamped to
+    [``min_width``, ``max_width``] = [16, 128], so the head's cost scales with the encoder's (on
+    AlexNet-CIFAR width 1.0 the default head adds ~3% to a training step on a 2-core CPU; half
+    the channels added ~15%: see ``benchmarks/studies/overhead.py``). The width halves while the
+    side doubles, so every stage costs the same and the first width sets the cost: the cap keeps
+    a 2048-channel ResNet-50 map at 224 px to +2.6% of the step's FLOPs (+25% with the former cap
+    of 512; ``benchmarks/results/flops.md``). Parameter counts of the default head (BatchNorm):
 
     ==========================================  ================  ======  =========
     encoder (tapped layer, 32x32 / 224x224 in)  feature map       stages  params
@@ -83,6 +86,7 @@ class ReconstructionHead(nn.Module):
         out_channels: int = 3,
         width: int | None = None,
         min_width: int = 16,
+        max_width: int = 128,
         norm: str = "batch",
         upsample: str = "nearest",
         out_scale: int = 2,
@@ -112,7 +116,8 @@ class ReconstructionHead(nn.Module):
         # runs at full resolution, where small-channel convs are slowest.
         self.out_scale = min(out_scale, 2 ** self.stages)
         conv_stages = self.stages - int(math.log2(self.out_scale))
-        c0 = width if width is not None else min(max(max(level_channels) // 4, 16), 512)
+        c0 = (width if width is not None
+              else min(max(max(level_channels) // 4, min_width), max_width))
         self.channels = [c0] + [max(c0 >> (i + 1), min_width) for i in range(conv_stages)]
         self.levels = len(level_channels)
         self.multi_level = multi

@@ -122,6 +122,7 @@ class ReconAux(nn.Module):
                 input_range=cfg.input_range, mean=cfg.mean, std=cfg.std,
                 resize_to=cfg.resize_to, weights=cfg.lpips_weights,
                 range_tolerance=cfg.range_tolerance, check_inputs=cfg.check_inputs,
+                lpips_crop=cfg.lpips_crop, lpips_fraction=cfg.lpips_fraction,
             )
         self.head: ReconstructionHead | None = None
         self.tap = FeatureTap(model, layer, max_pending=cfg.max_pending,
@@ -264,7 +265,8 @@ class ReconAux(nn.Module):
         h, w = (int(v) for v in in_size)
         spec = dict(
             in_channels=channels, in_size=[h, w], out_size=[int(v) for v in image_size],
-            width=cfg.head_width, min_width=cfg.head_min_width, norm=cfg.head_norm,
+            width=cfg.head_width, min_width=cfg.head_min_width,
+            max_width=cfg.head_max_width, norm=cfg.head_norm,
             upsample=cfg.head_upsample, out_scale=cfg.head_out_scale,
             output_range=list(cfg.input_range),
             mean=None if cfg.mean is None else list(cfg.mean),
@@ -320,10 +322,15 @@ class ReconAux(nn.Module):
 
     # -- checkpoints -----------------------------------------------------------------------------
     def get_extra_state(self) -> dict:
-        return {"version": 1, "head_spec": self._head_spec, "layer_name": self.layer_name,
-                "layouts": {n: v.to_list() for n, v in self.tap.layouts.items()}}
+        state = {"version": 1, "head_spec": self._head_spec, "layer_name": self.layer_name,
+                 "layouts": {n: v.to_list() for n, v in self.tap.layouts.items()}}
+        if self.perceptual is not None:  # where LPIPS's crops and subsets are drawn from
+            state["lpips_rng"] = self.perceptual.generator.get_state()
+        return state
 
     def set_extra_state(self, state: dict) -> None:
+        if state.get("lpips_rng") is not None and self.perceptual is not None:
+            self.perceptual.generator.set_state(state["lpips_rng"])
         spec = state.get("head_spec")
         saved = state.get("layer_name")
         if saved is not None and self.layer_name is None:
@@ -337,6 +344,8 @@ class ReconAux(nn.Module):
                 self.tap.layouts.setdefault(name, Layout.from_list(value))
         if spec is None:
             return
+        if "max_width" not in spec:  # written before head_max_width existed: the cap was 512
+            spec = _legacy_head_spec(spec, self.config)
         if self.head is None:
             model = self._model()
             ref = next(iter(model.parameters()), None) if model is not None else None
@@ -345,7 +354,9 @@ class ReconAux(nn.Module):
                                   ref.device if ref is not None else torch.device("cpu"))
         if spec != self._head_spec:
             raise ValueError(f"checkpoint head {spec} differs from this ReconAux's head "
-                             f"{self._head_spec}; use the same config and encoder.")
+                             f"{self._head_spec}; use the same config and encoder (a head saved "
+                             "before recon-aux 0.2 was capped at 512 channels: attach with "
+                             "head_max_width=512 to load it).")
 
     # -- lifetime --------------------------------------------------------------------------------
     def remove(self) -> None:
@@ -431,3 +442,16 @@ def attach(
     """
     return ReconAux(model, optimizer, layer=layer, config=config, input_shape=input_shape,
                     prefix_tokens=prefix_tokens, grid=grid, layout=layout, **overrides)
+
+
+def _legacy_head_spec(spec: dict, cfg: ReconAuxConfig) -> dict:
+    """A head spec saved before ``head_max_width`` (default width capped at 512): the current
+    cap when it gives the same first width, else 512 (and the spec comparison will say so)."""
+    channels = spec["in_channels"]
+    widest = max(channels) if isinstance(channels, list | tuple) else channels
+    floor = spec.get("min_width", 16)
+    same = (spec.get("width") is not None
+            or min(max(widest // 4, floor), 512) == min(max(widest // 4, floor),
+                                                        cfg.head_max_width))
+    return {**spec, "max_width": cfg.head_max_width if same else 512}
+

@@ -135,6 +135,11 @@ class PerceptualLoss(nn.Module):
         net: "alex" or "vgg".
         input_range, mean, std: How the images are encoded.
         resize_to: Size both images are bilinearly upsampled to before LPIPS (None: as given).
+        lpips_crop, lpips_fraction: What LPIPS reads of a batch: one random window per image
+            when it is larger than ``lpips_crop``, and a random share of the images (see
+            :class:`~recon_aux.config.ReconAuxConfig`). The class default is the whole batch
+            (``lpips_crop=None``); ``attach`` passes the config's (128).
+        generator: The ``torch.Generator`` those draws come from (seeded by ``seed``).
         lpips: The frozen ``lpips.LPIPS`` module, or None when ``lpips_weight == 0``.
 
     Example:
@@ -154,6 +159,9 @@ class PerceptualLoss(nn.Module):
         weights: str = "auto",
         range_tolerance: float = 0.01,
         check_inputs: bool = True,
+        lpips_crop: int | None = None,
+        lpips_fraction: float = 1.0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         # The same rules as attach()'s config (recon_aux.config): a refused value raises a
@@ -162,8 +170,15 @@ class PerceptualLoss(nn.Module):
             l2_weight=l2_weight, lpips_weight=lpips_weight, net=net,
             input_range=_as_tuple(input_range), mean=_as_tuple(mean), std=_as_tuple(std),
             resize_to=_as_tuple(resize_to), lpips_weights=str(weights),
-            range_tolerance=range_tolerance, check_inputs=check_inputs,
+            range_tolerance=range_tolerance, check_inputs=check_inputs, lpips_crop=lpips_crop,
+            lpips_fraction=lpips_fraction,
         ))
+        self.lpips_crop, self.lpips_fraction = v["lpips_crop"], v["lpips_fraction"]
+        # Crop windows and batch subsets come from a generator of their own, so LPIPS's
+        # sampling draws nothing from the global RNG (a seeded run keeps its data order,
+        # augmentations and dropout masks with or without the objective); its state is
+        # checkpointed with the head (ReconAux's extra state) for an exact resume.
+        self.generator = torch.Generator().manual_seed(int(seed))
         self.l2_weight, self.lpips_weight = v["l2_weight"], v["lpips_weight"]
         self.net, self.input_range = v["net"], v["input_range"]
         self.range_tolerance, self.check_inputs = v["range_tolerance"], v["check_inputs"]
@@ -239,6 +254,7 @@ class PerceptualLoss(nn.Module):
                         f"{MIN_SIZE[self.net] + 1 if self.net == 'alex' else 32} (or larger) to "
                         "upsample before LPIPS."
                     )
+                r, t = self._sample(r, t)
                 self.lpips.to(r.device)
                 cl = torch.channels_last
                 lp = self.lpips((2 * r - 1).contiguous(memory_format=cl),
@@ -248,10 +264,31 @@ class PerceptualLoss(nn.Module):
             total = self.l2_weight * l2 + self.lpips_weight * lp
         return {"l2": l2, "lpips": lp, "total": total}
 
+    def _sample(self, r: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """What LPIPS reads: a random subset of the batch (``lpips_fraction``) and one random
+        window per image (``lpips_crop``), the same in ``r`` and ``t``."""
+        n, _, h, w = r.shape
+        if self.lpips_fraction < 1:
+            keep = torch.randperm(n, generator=self.generator)[:math.ceil(self.lpips_fraction * n)]
+            keep = keep.to(r.device)
+            r, t, n = r[keep], t[keep], int(keep.numel())
+        size = self.lpips_crop
+        if size is not None and max(h, w) > size:
+            sh, sw = min(size, h), min(size, w)
+            top = torch.randint(0, h - sh + 1, (n,), generator=self.generator).to(r.device)
+            left = torch.randint(0, w - sw + 1, (n,), generator=self.generator).to(r.device)
+            rows = (top[:, None] + torch.arange(sh, device=r.device))[:, None, :, None]
+            cols = (left[:, None] + torch.arange(sw, device=r.device))[:, None, None, :]
+            batch = torch.arange(n, device=r.device)[:, None, None, None]
+            chans = torch.arange(3, device=r.device)[None, :, None, None]
+            r, t = r[batch, chans, rows, cols], t[batch, chans, rows, cols]
+        return r, t
+
     def forward(self, reconstruction: Tensor, target: Tensor) -> Tensor:
         """Scalar loss. Both inputs N x 3 x H x W in the declared encoding."""
         return self.components(reconstruction, target)["total"]
 
     def extra_repr(self) -> str:
         return (f"l2_weight={self.l2_weight}, lpips_weight={self.lpips_weight}, net={self.net!r}, "
-                f"input_range={self.input_range}, resize_to={self.resize_to}")
+                f"input_range={self.input_range}, resize_to={self.resize_to}, "
+                f"lpips_crop={self.lpips_crop}, lpips_fraction={self.lpips_fraction}")

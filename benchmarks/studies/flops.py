@@ -82,6 +82,9 @@ VARIANTS: dict[str, dict | None] = {
     "+L2": {"lpips_weight": 0.0},
     "+L2+LPIPS-alex": {"net": "alex"},
     "+L2+LPIPS-vgg": {"net": "vgg"},
+    # The defaults before lpips_crop and head_max_width existed: whole-image LPIPS, head <= 512.
+    "+L2+LPIPS-alex (0.1.0)": {"net": "alex", "lpips_crop": None, "head_max_width": 512},
+    "+L2+LPIPS-alex, half batch": {"net": "alex", "lpips_fraction": 0.5},
 }
 
 
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write the table (markdown) to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    header = ["model", "input", *[f"{v} GFLOPs/img" for v in args.variants],
+    header = ["model", "input", "base GFLOPs/img",
               *[f"{v} / base" for v in args.variants if v != "base"]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in args.models:
@@ -127,16 +130,20 @@ def main(argv: list[str] | None = None) -> int:
         flops = {v: step_flops(model, VARIANTS[v], args.batch_size) / args.batch_size
                  for v in args.variants}
         base = flops.get("base", math.nan)
-        row = [f"{name} ({model.note})", f"{model.size} px",
-               *[f"{flops[v] / 1e9:.3f}" for v in args.variants],
+        row = [f"{name} ({model.note})", f"{model.size} px", f"{base / 1e9:.3f}",
                *[f"{flops[v] / base:.3f}x" for v in args.variants if v != "base"]]
         lines.append("| " + " | ".join(row) + " |")
         print(lines[-1], flush=True)
     text = "\n".join([
-        "FLOPs of one training step per image (forward + backward; encoder + linear CE head, "
-        "+recon adds aux.loss with the default head), counted with "
+        "FLOPs of one training step per image (forward + backward; encoder + linear CE head; "
+        "+recon adds aux.loss with the default head and tap), counted with "
         "torch.utils.flop_counter.FlopCounterMode (matmul/conv FLOPs only), "
-        f"batch {args.batch_size}, torch {torch.__version__}.", "", *lines, ""])
+        f"batch {args.batch_size}, torch {torch.__version__}. Written by "
+        "`python -m benchmarks.studies.flops --write benchmarks/results/flops.md`.", "",
+        "Variants: `+L2` is lpips_weight=0; `+L2+LPIPS-*` the defaults (LPIPS on one 128-px "
+        "window per image above 128 px, head width <= 128); `(0.1.0)` the former defaults "
+        "(whole-image LPIPS, head width <= 512); `half batch` lpips_fraction=0.5.", "",
+        *lines, ""])
     if args.write:
         args.write.write_text(text)
     print("\n" + text)

