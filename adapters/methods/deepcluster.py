@@ -141,8 +141,9 @@ class DeepCluster(Method):
             training image (``-1`` before the first clustering); checkpointed with the
             method's state dict.
         labels_epoch: Epoch whose clustering ``pseudo_labels`` holds (``-1``: none yet).
-        k, layer, pca_dim, pca_epsilon, kmeans_iters, kmeans_backend, top_layer_momentum,
-            reassign: The hyperparameters in force.
+        k: The number of clusters in force; ``layer``, ``pca_dim``, ``pca_epsilon``,
+            ``kmeans_iters``, ``kmeans_backend``, ``top_layer_momentum`` and ``reassign`` are
+            the other hyperparameters in force, as attributes too.
     """
 
     name: ClassVar[str] = "deepcluster"
