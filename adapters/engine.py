@@ -560,6 +560,10 @@ class Trainer:
             row = {"epoch": epoch + 1, "step": self.global_step,
                    "lr": self.optimizer.param_groups[0]["lr"],
                    **dict(zip(sums, means.tolist())), **self._epoch_logs}
+            # a non-finite diagnostic (the losses are finite: _step stops otherwise) is kept as
+            # None, which JSON can hold (NaN is not JSON)
+            row = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                   for k, v in row.items()}
             self.history.append(row)
             if self.rank == 0:
                 print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

@@ -203,3 +203,21 @@ def test_run_of_the_earlier_checkpoint_format_resumes(tiny_tree, tmp_path):
     resumed = train(cfg(tiny_tree, out, "run.resume=true"))
     assert resumed["metrics"] == full["metrics"]
     assert not (out / "checkpoint.pt.sha256").exists() and ckpt.read_bytes().startswith(MAGIC)
+
+
+def test_a_non_finite_diagnostic_is_null_in_valid_json(tiny_tree, tmp_path, monkeypatch):
+    from tests.adapters.toy_method import Rotation
+
+    start = Rotation.on_epoch_start
+
+    def with_nan(self, ctx):
+        start(self, ctx)
+        ctx.log({"nmi": float("nan")})  # e.g. a clustering diagnostic that is undefined
+
+    monkeypatch.setattr(Rotation, "on_epoch_start", with_nan)
+    result = train(cfg(tiny_tree, tmp_path))
+    assert [row["nmi"] for row in result["history"]] == [None, None]
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl"))
+            for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [row["nmi"] for row in rows] == [None, None]
+    assert strict_json(tmp_path / "result.json")["history"][0]["nmi"] is None
