@@ -11,13 +11,14 @@ from .alexnet import AlexNet, AlexNetCIFAR
 from .base import Backbone
 from .nin import NIN
 from .resnet import ResNet18CIFAR
+from .vit import ViTCIFAR
 
 __all__ = ["BACKBONES", "backbone_class", "build_backbone", "check_backbone_arguments"]
 
 #: Registered backbones (read-only).
 BACKBONES: Mapping[str, type[Backbone]] = MappingProxyType(
     {"alexnet": AlexNet, "alexnet_cifar": AlexNetCIFAR, "nin": NIN,
-     "resnet18_cifar": ResNet18CIFAR}
+     "resnet18_cifar": ResNet18CIFAR, "vit_cifar": ViTCIFAR}
 )
 
 
@@ -57,7 +58,8 @@ def build_backbone(name: str, **kwargs: Any) -> Backbone:
     Args:
         name: ``"alexnet"`` (:class:`AlexNet`, 224 input), ``"alexnet_cifar"``
             (:class:`AlexNetCIFAR`, 32 input), ``"nin"`` (:class:`NIN`, AET's CIFAR network) or
-            ``"resnet18_cifar"`` (:class:`ResNet18CIFAR`, lightly's CIFAR-10 benchmark network).
+            ``"resnet18_cifar"`` (:class:`ResNet18CIFAR`, lightly's CIFAR-10 benchmark network)
+            or ``"vit_cifar"`` (:class:`ViTCIFAR`, a 4x4-patch ViT for 32x32 images).
             Case-insensitive; ``-`` is read as ``_``.
         **kwargs: Passed to the class, e.g. ``width=0.5`` for ``"alexnet_cifar"``.
 
