@@ -484,23 +484,36 @@ class BackboneSection:
 class ReconSection:
     """The ``recon:`` block: where the objective taps the backbone and its settings.
 
+    The tap keys (``layer``, ``prefix_tokens``, ``grid``, ``layout``) are ``recon_aux.attach``'s
+    keyword arguments; every other key is a :class:`recon_aux.ReconAuxConfig` field.
+
     Attributes:
-        layer: The tapped layer(s) (None: the conv that runs last).
+        layer: The tapped layer(s) (None: ``recon_aux``'s rule, the last block or conv).
+        tap: The tap keywords as given (``prefix_tokens``, ``grid``, ``layout``).
         config: The objective's settings (:class:`recon_aux.ReconAuxConfig`).
         options: The block as written.
     """
 
     layer: str | tuple[str, ...] | None
+    tap: Mapping[str, Any]
     config: ReconAuxConfig
     options: Mapping[str, Any]
+
+    #: Keys that go to ``recon_aux.attach`` as keywords, with their types.
+    TAP_KEYS: ClassVar[dict[str, Any]] = {
+        "layer": str | tuple[str, ...] | None, "prefix_tokens": int | None,
+        "grid": tuple[int, int] | None, "layout": str | None}
 
     @classmethod
     def from_any(cls, data: Mapping[str, Any]) -> ReconSection:
         if not isinstance(data, Mapping):
             raise SchemaError(f"recon must be null or a mapping, got {data!r}.")
-        layer = check_value(data.get("layer"), str | tuple[str, ...] | None, "recon.layer")
-        config = ReconAuxConfig.from_any({k: v for k, v in data.items() if k != "layer"})
-        return cls(layer, config, copy.deepcopy(dict(data)))
+        tap = {key: check_value(data.get(key), hint, f"recon.{key}")
+               for key, hint in cls.TAP_KEYS.items() if key in data}
+        config = ReconAuxConfig.from_any({k: v for k, v in data.items()
+                                          if k not in cls.TAP_KEYS})
+        layer = tap.pop("layer", None)
+        return cls(layer, tap, config, copy.deepcopy(dict(data)))
 
     def to_dict(self) -> dict[str, Any]:
         return plain(self.options)

@@ -372,7 +372,8 @@ class Trainer:
         if cfg.recon is not None:
             self.aux = recon_aux.attach(  # line 1 of 2
                 self.backbone, self.optimizer, layer=cfg.recon.options.get("layer"),
-                config=cfg.recon.config, input_shape=(3, self.size, self.size))
+                config=cfg.recon.config, input_shape=(3, self.size, self.size),
+                **cfg.recon.tap)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         self.step_module: nn.Module = _StepModule(self.backbone, self.method)

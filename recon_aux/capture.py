@@ -166,8 +166,11 @@ class FeatureTap:
             per name, in that order); or None for the encoder's representation, chosen at the
             first forward by the rule of :mod:`recon_aux.layers`.
         max_pending: Most unconsumed captures kept.
-        prefix_tokens, grid, layout: How token and channels-last outputs become maps (see
-            :mod:`recon_aux.tokens`); None infers them.
+        prefix_tokens: Class/register tokens in front of a token output (None: inferred; see
+            :mod:`recon_aux.tokens`).
+        grid: (h, w) of a non-square token grid (None: inferred).
+        layout: ``"nchw"``, ``"nhwc"`` or ``"tokens"`` to settle an ambiguous output (None:
+            inferred).
 
     Attributes:
         layer_names: The tapped layers' names; empty until the first forward when chosen

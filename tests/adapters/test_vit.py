@@ -36,3 +36,17 @@ def test_recon_aux_taps_the_final_norm_and_trains_every_block():
     assert aux.last["reconstruction"].shape == x.shape
     for block in ("block1", "block4"):
         assert getattr(model, block).mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_run_config_recon_block_passes_the_tap_keywords_to_attach():
+    from adapters.config import load_run_config
+
+    cfg = load_run_config({"method": {"name": "simclr"}, "backbone": {"name": "vit_cifar"},
+                           "recon": {"weight": 0.5, "prefix_tokens": 1, "grid": [8, 8],
+                                     "layout": None}})
+    assert cfg.recon.tap == {"prefix_tokens": 1, "grid": (8, 8), "layout": None}
+    assert cfg.recon.config.weight == 0.5 and cfg.recon.layer is None
+    model = ViTCIFAR()
+    aux = recon_aux.attach(model, input_shape=(3, 32, 32), config=cfg.recon.config,
+                           **cfg.recon.tap)
+    assert aux.layer_name == "norm" and aux.head.in_size == (8, 8)
