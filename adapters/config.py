@@ -5,9 +5,10 @@ A run config has seven sections; every one but ``method`` has defaults::
     method:   {name: <a name of adapters.methods.METHODS>, ...that method's hyperparameters...}
     backbone: {name: <a name of adapters.backbones.BACKBONES>, ...its keyword arguments...}
     data:     DataConfig      {dataset, root, download, per_class, test_per_class, batch_size,
-                               augment, eval_batch_size, resize}
+                               augment, eval_batch_size, resize, augment_on_device, prefetch}
     train:    TrainConfig     {epochs, lr, momentum, weight_decay, nesterov, lr_schedule,
-                               milestones, gamma, seed, device, threads}
+                               milestones, gamma, seed, device, threads, precision,
+                               channels_last}
     eval:     EvalConfig      {knn: {layers, k, temperature, ...} | null,
                                linear: {layer, recipe, epochs, ...} | null,
                                nonlinear: {layer, epochs, ...} | null,
@@ -79,6 +80,12 @@ __all__ = [
 ]
 
 SCHEDULES = ("constant", "cosine", "step")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+#: Keys added after runs were recorded, with the default that reproduces the earlier code bit
+#: for bit: a recorded config without the key is the same run as one with this value.
+NEUTRAL_DEFAULTS: dict[str, Any] = {
+    "train.precision": "fp32", "train.channels_last": False, "data.augment_on_device": False}
 
 
 class RunConfigError(SchemaError):
@@ -101,6 +108,12 @@ class DataConfig(Section):
             value}`` (e.g. ``{preset: simclr, scale: [0.2, 1.0]}``); None: the method's views.
         eval_batch_size: Batch of the feature passes.
         resize: Side length the loader resizes images to (e.g. 224); None: the data's own.
+        augment_on_device: Run the augmentations on ``train.device`` (a GPU): the uint8 batch
+            is copied there first. The random draws stay on the CPU, so the same seed gives the
+            same crops and jitter on either device.
+        prefetch: Training batches built ahead on a background thread while the step computes
+            (0: on demand). Batches, their order and the results do not depend on it. On CUDA
+            the batches are also pinned, so their copy to the GPU overlaps compute.
     """
 
     label: ClassVar[str] = "data"
@@ -113,6 +126,8 @@ class DataConfig(Section):
     augment: tuple[str | dict[str, Any], ...] | None = None
     eval_batch_size: int = field(default=500, metadata=at_least(1))
     resize: int | None = field(default=None, metadata=at_least(1))
+    augment_on_device: bool = False
+    prefetch: int = field(default=0, metadata=at_least(0))
 
     def check(self) -> None:
         for entry in self.augment or ():
@@ -157,6 +172,12 @@ class TrainConfig(Section):
         seed: Seeds the model init, the method's state, the data order and augmentations.
         device: ``auto`` (CUDA when there is one), ``cpu``, ``cuda``, ``cuda:1``, ...
         threads: ``torch.set_num_threads`` for the run; None leaves it.
+        precision: ``fp32``; ``bf16`` (autocast to bfloat16, CPU or GPU); ``fp16`` (autocast to
+            float16 with a gradient scaler, CUDA only). Autocast covers the forward passes and
+            the losses (the method's and the reconstruction's); the weights, the optimizer and
+            the evaluation stay in float32.
+        channels_last: Keep the backbone's weights and the training batches in channels-last
+            memory format (faster convolutions on recent GPUs; the same numbers up to rounding).
     """
 
     label: ClassVar[str] = "train"
@@ -171,6 +192,8 @@ class TrainConfig(Section):
     seed: int = field(default=0, metadata=at_least(0))
     device: str = "auto"
     threads: int | None = field(default=None, metadata=at_least(1))
+    precision: str = field(default="fp32", metadata=one_of(*PRECISIONS))
+    channels_last: bool = False
 
     def check(self) -> None:
         bad = [m for m in self.milestones if m < 1]
@@ -696,10 +719,14 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(a: Mapping[str, Any] | RunConfig, b: Mapping[str, Any] | RunConfig,
-                ignore: tuple[str, ...] = ("run.", "name", "data.download")) -> list[str]:
-    """Dotted keys whose values differ between two configs' plain forms (``run.*`` and
-    ``data.download``, which change where things go or come from, not the run, are ignored)."""
+                ignore: tuple[str, ...] = ("run.", "name", "data.download", "data.prefetch"),
+                ) -> list[str]:
+    """Dotted keys whose values differ between two configs' plain forms (``run.*``,
+    ``data.download`` and ``data.prefetch``, which change where things go or come from or when,
+    not the run, are ignored; a key of :data:`NEUTRAL_DEFAULTS` missing from one side reads as
+    its neutral value)."""
     fa, fb = (flatten(c.to_dict() if isinstance(c, RunConfig) else c) for c in (a, b))
     keys = sorted(set(fa) | set(fb))
-    return [k for k in keys if not k.startswith(ignore) and fa.get(k, "<absent>") !=
-            fb.get(k, "<absent>")]
+    return [k for k in keys if not k.startswith(ignore) and
+            fa.get(k, NEUTRAL_DEFAULTS.get(k, "<absent>")) !=
+            fb.get(k, NEUTRAL_DEFAULTS.get(k, "<absent>"))]

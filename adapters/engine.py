@@ -317,6 +317,7 @@ def check_run(cfg: RunConfig, datasets: dict[tuple, ImageArrays] | None = None) 
     Raises:
         RunConfigError, DatasetError: What is wrong and how to fix it.
     """
+    _precision(cfg.train.precision, _device(cfg.train.device))
     setup = prepare_run(cfg, torch.device("cpu"), datasets)
     check_layers(cfg, setup.backbone)
     steps = len(BatchLoader(setup.train_set, cfg.data.batch_size, drop_last=True))
@@ -348,6 +349,7 @@ class Trainer:
         self.rank, self.world = D.rank(), D.world_size()
         self.seed = cfg.train.seed
         self.out_dir = run_dir(cfg)
+        self.precision = _precision(cfg.train.precision, self.device)
         self._prepare_folder()  # before anything is loaded: a refused folder costs nothing
         method_cls = method_class(cfg.method.name)
         setup = prepare_run(cfg, self.device)  # seeds, then data, then the backbone
@@ -357,6 +359,8 @@ class Trainer:
                                 world_size=self.world, drop_last=True))
         check_data(cfg, len(self.train_set), steps, self.world)  # before the first step
         self.backbone = setup.backbone
+        if cfg.train.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
         try:  # a method checks its hyperparameters against the data (e.g. k < images)
             self.method = method_cls(self.backbone, len(self.train_set), cfg.method.config)
         except SchemaError as exc:
@@ -376,6 +380,9 @@ class Trainer:
                 **cfg.recon.tap)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
+        # float16 gradients underflow without loss scaling; bfloat16 has float32's range
+        self.scaler = (torch.amp.GradScaler(self.device.type)
+                       if cfg.train.precision == "fp16" else None)
         self.step_module: nn.Module = _StepModule(self.backbone, self.method)
         if self.world > 1:
             self.step_module = nn.parallel.DistributedDataParallel(self.step_module)
@@ -409,9 +416,13 @@ class Trainer:
 
     # -- pieces ----------------------------------------------------------------------------------
     def _loader(self, indices) -> BatchLoader:
-        return BatchLoader(self.train_set, self.cfg.data.batch_size, indices=indices,
+        data, cuda = self.cfg.data, self.device.type == "cuda"
+        return BatchLoader(self.train_set, data.batch_size, indices=indices,
                            augment=self.views, seed=self.seed, rank=self.rank,
-                           world_size=self.world, drop_last=True)
+                           world_size=self.world, drop_last=True,
+                           device=self.device if data.augment_on_device else None,
+                           pin_memory=cuda and (data.prefetch > 0 or data.augment_on_device),
+                           prefetch=data.prefetch)
 
     def _plain_loader(self, arrays: ImageArrays, shard: bool) -> BatchLoader:
         return plain_loader(arrays, self.cfg.data.eval_batch_size, self.size,
@@ -489,13 +500,14 @@ class Trainer:
     # -- training --------------------------------------------------------------------------------
     def _step(self, views: list[Tensor], indices: Tensor, ctx: EngineContext) -> dict[str, float]:
         self.method.before_step(ctx)
-        out: StepOutput = self.step_module(views, indices)
-        parts = {"method_loss": out.loss}
-        loss = out.loss
-        if self.aux is not None:
-            for x in out.recon_inputs:
-                loss = loss + self.aux.loss(x)  # line 2 of 2
-            parts["recon_loss"] = loss - out.loss
+        with _autocast(self.precision, self.device):  # a no-op for fp32
+            out: StepOutput = self.step_module(views, indices)
+            parts = {"method_loss": out.loss}
+            loss = out.loss
+            if self.aux is not None:
+                for x in out.recon_inputs:
+                    loss = loss + self.aux.loss(x)  # line 2 of 2
+                parts["recon_loss"] = loss - out.loss
         for name, value in parts.items():
             if not torch.isfinite(value.detach()).all():
                 raise NonFiniteLossError(
@@ -504,8 +516,13 @@ class Trainer:
                     f"{self.out_dir / CHECKPOINT} (written at the end of the previous epoch). "
                     "Lower train.lr or recon.weight.")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()  # under DDP, recon_aux averages its head's gradients first
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()  # under DDP, recon_aux averages its head's gradients first
+        else:  # fp16: a step whose scaled gradients overflowed is skipped, the scale lowered
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.global_step += 1
         logs = {k: float(v.detach()) for k, v in parts.items()}
         logs.update({k: float(v.detach()) if torch.is_tensor(v) else float(v)
@@ -551,6 +568,8 @@ class Trainer:
             for views, _, idx in progress(loader, enabled=cfg.run.progress, total=len(loader),
                                           desc=desc):
                 views = [v.to(self.device, non_blocking=True) for v in views]
+                if cfg.train.channels_last:
+                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
                 ctx.step = self.global_step
                 logs = self._step(views, idx.to(self.device), ctx)
                 for k, v in logs.items():
@@ -694,6 +713,7 @@ class Trainer:
             "aux": self.aux.state_dict() if self.aux is not None else None,
             "rng": rng_state(), "history": self.history,
             "augmented_passes": self._augmented_passes,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def _resume(self) -> None:
@@ -719,10 +739,31 @@ class Trainer:
         self.start_epoch, self.global_step = state["epoch"], state["step"]
         self.history = list(state["history"])
         self._augmented_passes = int(state.get("augmented_passes", 0))
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self._checkpoint_epoch = self.start_epoch
         if self.rank == 0:
             self._write_log()  # the log holds exactly the checkpoint's epochs
             print(f"resumed from {path} after epoch {self.start_epoch}", flush=True)
+
+
+def _precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` on ``device`` (None: float32, no autocast)."""
+    if name == "fp32":
+        return None
+    if name == "fp16" and device.type != "cuda":
+        raise RunConfigError(f"train.precision=fp16 needs a CUDA device (this run computes on "
+                             f"{device}); use bf16 (autocast to bfloat16 works on the CPU) or "
+                             "fp32.")
+    return torch.bfloat16 if name == "bf16" else torch.float16
+
+
+def _autocast(dtype: torch.dtype | None, device: torch.device):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type, or nothing when ``dtype`` is None
+    (fp32: the code path of a run without the option, bit for bit)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _listed(names: list[str], most: int = 40) -> str:

@@ -1,4 +1,4 @@
-"""Batched image augmentations on CPU tensors: :class:`BatchAugment` and its presets.
+"""Batched image augmentations on tensors: :class:`BatchAugment` and its presets.
 
 Per-sample PIL/torchvision transforms cost tens of microseconds per image and per op in Python;
 on a 2-core machine that is slower than the model. Here every random parameter is drawn per
@@ -7,6 +7,10 @@ sample, but each op runs once on the whole ``(N, 3, H, W)`` batch. Semantics fol
 ``RandomHorizontalFlip``, ``RandomApply([ColorJitter], p)``, ``RandomGrayscale``,
 ``Normalize``); torchvision's batched functional ops are used where they take a batch
 (``rgb_to_grayscale``, ``normalize``), per-sample factors are applied by hand.
+
+Every random draw comes from a CPU ``torch.Generator``; the images may live on any device (the
+engine's ``data.augment_on_device`` runs them on the GPU): the same generator state then gives
+the same crops, flips and jitter factors on either device.
 """
 
 from __future__ import annotations
@@ -172,13 +176,14 @@ class BatchAugment:
         elif self.crop == "none" and self.size is not None and x.shape[-2:] != (self.size,) * 2:
             x = tvf.resize(_to_float(x), [self.size, self.size], antialias=True)
         if flip is not None:
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            x = torch.where(flip[:, None, None, None].to(x.device), x.flip(-1), x)
         x = _to_float(x)
         if self.jitter is not None and self.jitter_p > 0:
             x = _color_jitter(x, self.jitter, self.jitter_p, generator)
         if self.grayscale_p > 0:
             gray = torch.rand(n, generator=generator) < self.grayscale_p
-            x = torch.where(gray[:, None, None, None], tvf.rgb_to_grayscale(x, 3), x)
+            x = torch.where(gray[:, None, None, None].to(x.device), tvf.rgb_to_grayscale(x, 3),
+                            x)
         if self.mean is not None and self.std is not None:
             x = tvf.normalize(x, list(self.mean), list(self.std))
         return x
@@ -264,7 +269,7 @@ def _pad_crop(
     if flip is not None:
         cols = torch.where(flip[:, None], left[:, None] + (size - 1) - ar, cols)
     rows = top[:, None] + ar
-    flat = (rows[:, :, None] * wp + cols[:, None, :]).view(n, 1, size * size)
+    flat = (rows[:, :, None] * wp + cols[:, None, :]).view(n, 1, size * size).to(x.device)
     out = x.reshape(n, c, hp * wp).gather(2, flat.expand(n, c, size * size))
     return out.view(n, c, size, size)
 
@@ -348,6 +353,7 @@ def _resized_crop(
     rx = _resample_matrix(left, cw, w, size)
     if flip is not None:
         rx = torch.where(flip[:, None, None], rx.flip(1), rx)
+    ry, rx = ry.to(x.device), rx.to(x.device)
     out = torch.matmul(torch.matmul(ry[:, None], x), rx.transpose(1, 2)[:, None])
     return out.clamp_(0.0, 1.0)
 
@@ -373,7 +379,7 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h6 = torch.where(
         maxc == r, (g - b) * inv, torch.where(maxc == g, (b - r) * inv + 2.0, (r - g) * inv + 4.0)
     )
-    k = torch.remainder(_HUE_OFFSETS + h6 + 6.0 * shift, 6.0)
+    k = torch.remainder(_HUE_OFFSETS.to(x.device) + h6 + 6.0 * shift, 6.0)
     return maxc - delta * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
 
@@ -404,8 +410,9 @@ def _color_jitter(
             idx = torch.nonzero(apply & (order[:, pos] == op), as_tuple=True)[0]
             if idx.numel() == 0:
                 continue
+            f = factors[op][idx].view(-1, 1, 1, 1).to(x.device)
+            idx = idx.to(x.device)
             xi = x[idx]
-            f = factors[op][idx].view(-1, 1, 1, 1)
             if op == 0:  # brightness: blend with black
                 xi = (xi * f).clamp_(0.0, 1.0)
             elif op == 1:  # contrast: blend with the mean grey level

@@ -134,7 +134,8 @@ class BatchLoader:
         batch_size: Samples per batch on this rank.
         augments: One callable per returned view, each ``f(uint8 (B, 3, H, W), generator)``
             (e.g. :class:`BatchAugment`); empty for raw uint8 batches.
-        shuffle, drop_last, seed, rank, world_size, num_threads: As in the arguments.
+        shuffle, drop_last, seed, rank, world_size, num_threads, device, pin_memory,
+            prefetch: As in the arguments.
         epoch: Epoch used by ``iter(loader)``; set with :meth:`set_epoch`.
 
     Example:
@@ -158,6 +159,9 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         num_threads: int | None = 1,
+        device: torch.device | str | None = None,
+        pin_memory: bool = False,
+        prefetch: int = 0,
     ) -> None:
         """
         Args:
@@ -176,6 +180,16 @@ class BatchLoader:
             world_size: Number of shards.
             num_threads: torch intra-op threads while a batch is built (restored after; see
                 :func:`~adapters.data.augment.torch_threads`). ``None`` keeps torch's setting.
+                Not applied while ``prefetch`` builds batches on a thread (the setting is
+                process-wide and would slow the training step beside it).
+            device: Where the augmentations run: the uint8 batch moves there first (a GPU:
+                the images travel as uint8, 4x fewer bytes than float, and the ops run there).
+                None: on the CPU. The random draws stay on the CPU generator, so a batch's
+                crops, flips and jitter factors do not depend on the device.
+            pin_memory: Pin each CPU batch's memory (CUDA only: it lets ``.to(device,
+                non_blocking=True)`` overlap the copy with compute).
+            prefetch: Batches built ahead on a background thread while the caller computes
+                (0: built on demand). Batches and their order are the same for every value.
         """
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -211,6 +225,14 @@ class BatchLoader:
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
         self.num_threads = num_threads
+        self.device = None if device is None else torch.device(device)
+        if pin_memory and not torch.cuda.is_available():
+            raise ValueError("pin_memory needs CUDA (pinned memory speeds up copies to a GPU); "
+                             "use pin_memory=False on a machine without one")
+        self.pin_memory = bool(pin_memory)
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0 batches, got {prefetch}")
+        self.prefetch = int(prefetch)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -247,23 +269,76 @@ class BatchLoader:
         n_batches = len(self)
         if not 0 <= start_batch <= n_batches:
             raise ValueError(f"start_batch must be in [0, {n_batches}], got {start_batch}")
-        for b in range(start_batch, n_batches):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield self.make_batch(idx, self.batch_generator(epoch, b))
+        make = [lambda b=b: self.make_batch(order[b * self.batch_size:(b + 1) * self.batch_size],
+                                            self.batch_generator(epoch, b), self.prefetch == 0)
+                for b in range(start_batch, n_batches)]
+        if self.prefetch == 0:
+            for build in make:
+                yield build()
+        else:
+            yield from _ahead(make, self.prefetch)
 
-    def make_batch(self, idx: np.ndarray, generator: torch.Generator | None = None) -> Batch:
-        """Gather samples ``idx`` (``(B,)`` positions in arrays) and augment them."""
-        with torch_threads(self.num_threads):
+    def make_batch(self, idx: np.ndarray, generator: torch.Generator | None = None,
+                   set_threads: bool = True) -> Batch:
+        """Gather samples ``idx`` (``(B,)`` positions in arrays) and augment them (with
+        ``num_threads`` torch threads when ``set_threads``)."""
+        with torch_threads(self.num_threads if set_threads else None):
             return self._make_batch(idx, generator)
 
     def _make_batch(self, idx: np.ndarray, generator: torch.Generator | None) -> Batch:
         raw = torch.from_numpy(self.arrays.images[idx]).permute(0, 3, 1, 2)  # (B, 3, H, W)
         targets = torch.from_numpy(self.arrays.targets[idx])
         indices = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
+        on_cpu = self.device is None or self.device.type == "cpu"
+        if not on_cpu:  # augment on the device: copy the uint8 batch there first
+            raw = raw.contiguous()
+            raw = (raw.pin_memory() if self.pin_memory else raw).to(
+                self.device, non_blocking=self.pin_memory)
+        views = [aug(raw, generator) for aug in self.augments] or [raw.contiguous()]
+        if self.pin_memory and on_cpu:
+            views = [v.pin_memory() for v in views]
         if not self.augments:
-            return raw.contiguous(), targets, indices
-        views = [aug(raw, generator) for aug in self.augments]
+            return views[0], targets, indices
         return (views if self._multi_view else views[0]), targets, indices
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch_batches(self.epoch)
+
+
+def _ahead(builders: list[Callable[[], Batch]], depth: int) -> Iterator[Batch]:
+    """Yield ``builder()`` for each builder in order, running up to ``depth`` of them ahead on
+    a background thread; an exception in a builder is raised here, at its batch."""
+    import queue
+    import threading
+
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        for build in builders:
+            if stop.is_set():
+                return
+            try:
+                item: tuple[bool, object] = (True, build())
+            except BaseException as exc:  # handed to the consumer, raised at its batch
+                item = (False, exc)
+            while not stop.is_set():
+                try:
+                    slots.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if not item[0]:
+                return
+
+    thread = threading.Thread(target=work, name="batch-prefetch", daemon=True)
+    thread.start()
+    try:
+        for _ in builders:
+            ok, value = slots.get()
+            if not ok:
+                raise value  # type: ignore[misc]
+            yield value  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join()
