@@ -1,7 +1,7 @@
 # Entry points: `make demo` (the main job), `make test` (linter + suite), `make docs` (API
-# reference), `make demo-recon` (the library alone). Each creates .venv at the repo root when it
-# is missing and installs into it: recon-aux in editable mode with the harness, dev, faiss and
-# docs extras.
+# reference), `make demo-recon` (the library alone), `make gpu-check` (a CUDA machine's first
+# job). Each creates .venv at the repo root when it is missing and installs into it: recon-aux in
+# editable mode with the harness, dev, faiss and docs extras.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 RECON_AUX_DATA ?= $(abspath $(wildcard ../shared/data))
 export RECON_AUX_DATA
 
-.PHONY: demo demo-recon test lint docs venv clean
+.PHONY: demo demo-recon test lint docs venv clean gpu-check
 
 venv: $(VENV)/.installed
 
@@ -40,6 +40,20 @@ demo: venv
 # The library alone: an encoder trained with the objective, with a reconstruction picture.
 demo-recon: venv
 	$(PY) -m examples.demo
+
+# On a machine with a CUDA GPU: the tests marked `cuda`, the overhead benchmark on the GPU
+# (bf16, 224 px: the ImageNet AlexNet, as AlexNet-CIFAR takes 32 px only;
+# benchmarks/results/overhead-gpu.txt), and two epochs of every row of cifar10-gpu.yaml, seed 0
+# (benchmarks/results/gpu-check/; SeLa with one label update per epoch), whose wall times size
+# the full matrix.
+gpu-check: venv
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check \
+	needs a CUDA GPU; torch.cuda.is_available() is False here (no GPU, or a CPU-only torch).')"
+	$(PY) -m pytest -q -m cuda
+	$(PY) -m benchmarks.studies.overhead --device cuda --precision bf16 --backbone alexnet \
+		--image-size 224 --widths 1.0 --write benchmarks/results/overhead-gpu.txt
+	$(VENV)/bin/recon-aux bench benchmarks/configs/cifar10-gpu.yaml 'seeds=[0]' \
+		common.train.epochs=2 methods.sela.set.method.nopts=4 --out-dir benchmarks/results/gpu-check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache site

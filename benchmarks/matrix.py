@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from adapters.checkpoint import CheckpointError, load_checkpoint
 from adapters.config import (
     RunConfig,
@@ -40,6 +42,7 @@ from adapters.config import (
     config_diff,
     load_run_config,
     read_yaml,
+    yaml_problem,
 )
 from adapters.engine import CHECKPOINT, check_run, train
 from adapters.files import atomic_write, json_text
@@ -166,17 +169,67 @@ class MatrixConfig:
         }
 
 
+#: Mappings of a bench/ablate config whose keys are dotted run-config keys (``train.epochs``);
+#: None matches any name (a method's row name).
+DOTTED_MAPS: tuple[tuple[str | None, ...], ...] = (
+    ("common",), ("methods", None, "set"), ("method", "set"),
+)
+
+
 def load_matrix_config(path: str | Path, overrides: Sequence[str], keys: Sequence[str],
                        what: str) -> tuple[dict[str, Any], Path]:
     """Read a bench/ablate config file with dotted overrides (the run configs' parser), refuse
-    unknown top-level keys; returns the raw mapping and the resolved path."""
+    unknown top-level keys; returns the raw mapping and the resolved path.
+
+    An override below a mapping of dotted run-config keys (:data:`DOTTED_MAPS`) sets one key
+    of it: ``common.train.epochs=2`` sets ``common``'s ``train.epochs`` (the run configs' other
+    ``train`` settings stay), ``methods.sela.set.method.k=64`` that row's ``method.k``.
+    """
     path = Path(path).resolve()
-    raw = apply_overrides(read_yaml(path, what=f"{what} config"), overrides, sections=keys)
+    raw = read_yaml(path, what=f"{what} config")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        inside = _inside_dotted_map(key, keys) if sep else None
+        if inside is None:
+            raw = apply_overrides(raw, [item], sections=keys)
+        else:
+            _set_dotted_key(raw, *inside, value, item)
     unknown = sorted(set(raw) - set(keys))
     if unknown:
         raise RunConfigError(f"unknown key(s) {unknown} in {what} config {path.name}; valid "
                              f"ones: {', '.join(keys)}.")
     return raw, path
+
+
+def _inside_dotted_map(key: str, keys: Sequence[str]) -> tuple[list[str], str] | None:
+    """``common.train.epochs`` -> (``["common"]``, ``"train.epochs"``); None for a key that is
+    not below a mapping of :data:`DOTTED_MAPS` (of a config whose top-level keys are ``keys``)."""
+    parts = key.strip().split(".")
+    for pattern in DOTTED_MAPS:
+        n = len(pattern)
+        if (pattern[0] in keys and len(parts) > n
+                and all(want in (None, got) for want, got in zip(pattern, parts))):
+            return parts[:n], ".".join(parts[n:])
+    return None
+
+
+def _set_dotted_key(raw: dict[str, Any], where: list[str], inner: str, value: str,
+                    item: str) -> None:
+    """Set ``raw[where...][inner]`` to the YAML ``value`` (creating the mappings on the way)."""
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError as exc:
+        raise RunConfigError(f"override {item!r}: the value is not valid YAML "
+                             f"({yaml_problem(exc)}).") from None
+    node = raw
+    for i, part in enumerate(where):
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise RunConfigError(f"override {item!r}: {'.'.join(where[:i + 1])} is not a "
+                                 "mapping.")
+        node = node[part]
+    node[inner] = parsed
 
 
 def dotted(mapping: Mapping[str, Any] | None) -> list[str]:

@@ -1,130 +1,526 @@
-"""Training-step overhead of the auxiliary objective on an AlexNet-CIFAR (or CIFAR ResNet-18)
-encoder.
+"""Training-step overhead of the auxiliary objective, measured so that the numbers can be trusted.
 
-One run times optimizer steps (forward, loss, backward, SGD step) of three variants, interleaved
-step by step so that machine load hits them alike:
+One run times optimizer steps (forward, loss, backward, SGD step) of three variants built from
+the same initial encoder:
 
-- ``base``: AlexNet-CIFAR + a 10-way linear head on fc7 with cross-entropy to fixed labels (the
-  shape of a DeepCluster/SeLa pseudo-label step);
+- ``base``: the encoder + a 10-way linear head on its output with cross-entropy to fixed labels
+  (the shape of a DeepCluster/SeLa pseudo-label step);
 - ``+L2``: the same plus ``aux.loss`` with ``lpips_weight=0``;
 - ``+L2+LPIPS-alex``: the same plus the default ``aux.loss`` (L2 + LPIPS AlexNet).
 
-It prints each variant's median step time and the ratios to ``base`` for each width factor (the
-headline is width 1.0, the paper's AlexNet widths; 0.5 and 0.25 are for information), and ends
-with the line ``recon/base step-time ratio: X.XX (L2+LPIPS-alex)`` for width 1.0.
+Protocol: after the warm-up rounds, each timed round runs every variant once, in a rotating
+order (round ``i`` starts with variant ``i mod 3``), so that no variant always runs first and a
+burst of machine load hits one round's variants alike. A variant's ratio is computed per round
+(its step time / the base step time of the same round); the report gives the median step times,
+the min / median / max of the per-round ratios and a bootstrap 95% interval of the median ratio
+(rounds resampled with replacement, seeded). The header records the machine (CPU model, cores,
+torch threads, torch version, device), the settings (batch, image size, precision, memory format)
+and the load average before and after; a line warns when the machine was busy before starting.
 
-    python -m benchmarks.studies.overhead            # widths 1.0 0.5 0.25, batch 256
-    python -m benchmarks.studies.overhead --widths 0.5 --steps 5
+The last line is the headline, for the first width given (1.0 by default)::
+
+    recon/base step-time ratio: X.XX [lo, hi] (L2+LPIPS-alex, width W)
+
+Examples::
+
+    python -m benchmarks.studies.overhead            # AlexNet-CIFAR widths 1.0 0.5 0.25, batch 256
+    python -m benchmarks.studies.overhead --widths 0.5 --rounds 10
     python -m benchmarks.studies.overhead --backbone resnet18_cifar --widths 0.25 0.125  # simclr
+    python -m benchmarks.studies.overhead --write benchmarks/results/overhead-cpu.txt
+    python -m benchmarks.studies.overhead --device cuda --precision bf16 --backbone alexnet \\
+        --image-size 224 --widths 1.0 --write benchmarks/results/overhead-gpu.txt
+
+AlexNet-CIFAR takes 32x32 images only; at 224 px use ``--backbone alexnet`` (the ImageNet
+AlexNet, SeLa's CIFAR setting on upsampled images; no width multiplier) or ``resnet18_cifar``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import os
 import platform
 import statistics
+import sys
 import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import recon_aux
 from adapters.backbones import build_backbone
+from adapters.backbones.registry import check_backbone_arguments
 
-VARIANTS = {
+#: The variants and their ``attach`` overrides (None: no auxiliary objective).
+VARIANTS: dict[str, dict | None] = {
     "base": None,
     "+L2": {"lpips_weight": 0.0},
     "+L2+LPIPS-alex": {"net": "alex"},
 }
+HEADLINE = "+L2+LPIPS-alex"
+#: ``--precision`` -> the autocast dtype (None: float32, no autocast).
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16,
+}
+#: Targets of the issue that asked for this benchmark (width 1.0), printed with the summary.
+TARGETS = {"+L2": 1.08, "+L2+LPIPS-alex": 1.15}
 
 
-def build(width: float, recon: dict | None, template: nn.Module | None, lpips_weights: str,
-          head_width: int | None = None, backbone: str = "alexnet_cifar"):
-    encoder = (copy.deepcopy(template) if template is not None
-               else build_backbone(backbone, width=width))
-    classifier = nn.Linear(encoder.out_dim, 10)
-    params = list(encoder.parameters()) + list(classifier.parameters())
-    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
-    aux = None
-    if recon is not None:
-        aux = recon_aux.attach(encoder, opt, input_shape=(3, 32, 32), lpips_weights=lpips_weights,
-                               head_width=head_width, **recon)
-    return encoder, classifier, opt, aux
+class OverheadError(ValueError):
+    """A setting the benchmark refuses (the message says what to change)."""
 
 
-def step(parts, images, labels) -> float:
-    encoder, classifier, opt, aux = parts
-    t0 = time.perf_counter()
-    loss = F.cross_entropy(classifier(encoder(images)), labels)
-    if aux is not None:
-        loss = loss + aux.loss(images)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return time.perf_counter() - t0
+@dataclass
+class Variant:
+    """One variant's model, optimizer and (for +recon) auxiliary objective.
+
+    Attributes:
+        encoder: The backbone (a copy of the shared initial one).
+        classifier: The 10-way linear head on the encoder's output.
+        optimizer: SGD (momentum 0.9, weight decay 5e-4) over both (and the recon head).
+        aux: The attached objective, or None for ``base``.
+        scaler: The fp16 gradient scaler (CUDA only), or None.
+    """
+
+    encoder: nn.Module
+    classifier: nn.Module
+    optimizer: torch.optim.Optimizer
+    aux: recon_aux.ReconAux | None
+    scaler: torch.amp.GradScaler | None = None
 
 
-def run_width(width: float, args) -> dict[str, float]:
-    torch.manual_seed(0)
-    template = build_backbone(args.backbone, width=width)
-    variants = {name: build(width, recon, template, args.lpips_weights, args.head_width,
-                            args.backbone)
-                for name, recon in VARIANTS.items()}
-    images = torch.rand(args.batch_size, 3, 32, 32)
-    labels = torch.randint(0, 10, (args.batch_size,))
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for i in range(args.warmup + args.steps):
-        order = list(variants) if i % 2 == 0 else list(reversed(variants))
-        for name in order:
-            dt = step(variants[name], images, labels)
-            if i >= args.warmup:
-                times[name].append(dt)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    aux = variants["+L2+LPIPS-alex"][3]
-    head_params = sum(p.numel() for p in aux.head.parameters())
-    enc_params = sum(p.numel() for p in template.parameters())
-    print(f"\nwidth {width}: encoder {enc_params / 1e6:.2f} M params, head "
-          f"{head_params / 1e6:.3f} M params ({aux.head.extra_repr()}), tapped {aux.layer_name}")
-    print(f"  {'variant':<16} {'median step (s)':>16} {'img/s':>8} {'ratio':>6}   (n={args.steps})")
-    for name, t in med.items():
-        print(f"  {name:<16} {t:>16.3f} {args.batch_size / t:>8.0f} {t / med['base']:>6.2f}")
-    for parts in variants.values():
-        if parts[3] is not None:
-            parts[3].remove()
-    return med
+@dataclass
+class RatioStats:
+    """Per-round ratios of one variant to ``base``.
+
+    Attributes:
+        median, low, high: The median ratio and the min / max over the rounds.
+        ci: Bootstrap 95% interval of the median ratio.
+    """
+
+    median: float
+    low: float
+    high: float
+    ci: tuple[float, float]
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+@dataclass
+class WidthResult:
+    """What one width's rounds gave.
+
+    Attributes:
+        width: The width factor.
+        times: Variant -> its step times (seconds), one per timed round.
+        step: Variant -> its median step time (seconds).
+        ratios: Variant -> its :class:`RatioStats` (``base`` included: all ones).
+    """
+
+    width: float
+    times: dict[str, list[float]]
+    step: dict[str, float]
+    ratios: dict[str, RatioStats]
+
+
+@dataclass
+class Report:
+    """The printed report, kept for ``--write`` and for callers.
+
+    Attributes:
+        lines: Every line printed, in order.
+        results: Width -> its :class:`WidthResult`.
+        busy: Whether the machine was busy before starting (see :func:`machine_busy`).
+        echo: Print each line as it is added.
+    """
+
+    lines: list[str] = field(default_factory=list)
+    results: dict[float, WidthResult] = field(default_factory=dict)
+    busy: bool = False
+    echo: bool = True
+
+    def add(self, text: str = "") -> None:
+        """Record (and print) one or more lines."""
+        self.lines.extend(text.split("\n"))
+        if self.echo:
+            print(text, flush=True)
+
+    @property
+    def text(self) -> str:
+        """The whole report, one string ending with a newline."""
+        return "\n".join(self.lines) + "\n"
+
+
+# -- settings ---------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.studies.overhead",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--backbone", default="alexnet_cifar",
-                   help="alexnet_cifar (the paper's encoders) or resnet18_cifar")
-    p.add_argument("--widths", type=float, nargs="+", default=[1.0, 0.5, 0.25])
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=7, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+                   help="alexnet_cifar (the paper's CIFAR encoders), alexnet (224 px), "
+                        "resnet18_cifar, ... (adapters.backbones)")
+    p.add_argument("--widths", type=float, nargs="+", default=None,
+                   help="width factors (default 1.0 0.5 0.25; 1.0 for a backbone without one)")
+    p.add_argument("--batch-size", "--batch", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="image side in pixels (default: the backbone's, 32 for the CIFAR ones)")
+    p.add_argument("--rounds", "--steps", type=int, default=30,
+                   help="timed rounds; each runs every variant once")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="autocast dtype around forward and losses (fp16: CUDA only, with a "
+                        "GradScaler)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="models and images in channels-last memory format")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--lpips-weights", default="auto", help="'auto', a path, or 'random'")
     p.add_argument("--head-width", type=int, default=None,
                    help="head_width of ReconAuxConfig (default: sized with the encoder)")
-    args = p.parse_args(argv)
-    if args.threads:
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="seeds the models, data and bootstrap")
+    p.add_argument("--write", type=Path, default=None, metavar="PATH",
+                   help="also write the report to PATH (e.g. benchmarks/results/overhead-cpu.txt)")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse settings that cannot give a measurement; fill ``widths`` and ``image_size``.
+
+    Raises:
+        OverheadError: What is wrong and what to pass instead.
+    """
+    for name in ("batch_size", "rounds", "resamples"):
+        if getattr(args, name) < 1:
+            raise OverheadError(f"--{name.replace('_', '-')} must be at least 1, "
+                                f"got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise OverheadError(f"--warmup must be 0 or more, got {args.warmup}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise OverheadError("--device cuda needs a CUDA GPU and torch.cuda.is_available() is "
+                            "False here; use --device cpu")
+    if args.precision == "fp16" and args.device != "cuda":
+        raise OverheadError("--precision fp16 needs --device cuda (float16 autocast with a "
+                            "GradScaler); on CPU use --precision bf16 or fp32")
+    if args.widths is None:
+        args.widths = [1.0, 0.5, 0.25] if _takes_width(args.backbone) else [1.0]
+    for width in args.widths:
+        backbone_kwargs(args.backbone, width)
+    template = build_backbone(args.backbone, **backbone_kwargs(args.backbone, args.widths[0]))
+    if args.image_size is None:
+        args.image_size = template.input_size
+    check_image_size(template, args.backbone, args.image_size)
+
+
+def _takes_width(backbone: str) -> bool:
+    try:
+        check_backbone_arguments(backbone, {"width": 1.0})
+    except TypeError:
+        return False
+    except ValueError as exc:  # an unknown name (the message lists the valid ones)
+        raise OverheadError(f"--backbone {backbone}: {exc}") from None
+    return True
+
+
+def backbone_kwargs(backbone: str, width: float) -> dict[str, float]:
+    """``build_backbone`` keywords for ``width`` (none for a backbone without a width factor).
+
+    Raises:
+        OverheadError: A width other than 1.0 for a backbone without a width factor.
+    """
+    if _takes_width(backbone):
+        if width <= 0:
+            raise OverheadError(f"--widths must be positive (e.g. 1.0 0.5), got {width}")
+        return {"width": width}
+    if width != 1.0:
+        raise OverheadError(f"--backbone {backbone} has no width factor; pass --widths 1.0")
+    return {}
+
+
+def check_image_size(template: nn.Module, backbone: str, size: int) -> None:
+    """Refuse an image size the backbone cannot take.
+
+    Raises:
+        OverheadError: The size and the backbones to use for it.
+    """
+    try:
+        template.feature_shape("out", input_size=size)
+    except ValueError as exc:
+        raise OverheadError(
+            f"--image-size {size}: --backbone {backbone} cannot take it ({exc}); at 224 px use "
+            "--backbone alexnet (224 only, the ImageNet AlexNet) or resnet18_cifar (any size "
+            "from 8)") from None
+
+
+# -- the machine ------------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` when present, else ``platform.processor()``)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                return value.strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name(device: str) -> str:
+    """``CPU`` or the CUDA device's name."""
+    if device == "cuda":
+        return f"CUDA {torch.cuda.get_device_name()}"
+    return "CPU"
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """``os.getloadavg()`` (1, 5, 15 minutes), or None where the OS has none."""
+    try:
+        return os.getloadavg()
+    except (AttributeError, OSError):
+        return None
+
+
+def machine_busy(load: tuple[float, float, float] | None, threads: int,
+                 cores: int | None) -> bool:
+    """Whether other work competes with the benchmark: a 1-minute load above the thread count,
+    or one that leaves fewer free cores than the benchmark's threads."""
+    if load is None:
+        return False
+    return load[0] > threads or (cores is not None and load[0] + threads > cores)
+
+
+def _load_text(load: tuple[float, float, float] | None) -> str:
+    if load is None:
+        return "not available on this OS"
+    return " ".join(f"{v:.2f}" for v in load) + " (1, 5, 15 min)"
+
+
+def header(args: argparse.Namespace, load: tuple[float, float, float] | None) -> list[str]:
+    """The report's header lines: machine, settings, protocol, load before starting."""
+    cores = os.cpu_count()
+    threads = torch.get_num_threads()
+    dtype = PRECISIONS[args.precision]
+    precision = ("fp32 (float32, no autocast)" if dtype is None else
+                 f"{args.precision} (autocast {str(dtype).removeprefix('torch.')} around forward "
+                 "and losses; weights and SGD float32"
+                 + ("; GradScaler)" if args.precision == "fp16" else ")"))
+    lines = [
+        "recon-aux overhead benchmark (python -m benchmarks.studies.overhead)",
+        f"machine: CPU {cpu_model()}, {_count(cores, 'core')}, {_count(threads, 'torch thread')}, "
+        f"torch {torch.__version__}, Python {platform.python_version()}",
+        f"device: {device_name(args.device)}",
+        f"model: {args.backbone}, widths {' '.join(map(str, args.widths))}, batch "
+        f"{args.batch_size}, image {args.image_size}x{args.image_size}, SGD(momentum 0.9)",
+        f"precision: {precision}; memory format "
+        f"{'channels-last' if args.channels_last else 'contiguous (NCHW)'}",
+        f"protocol: {_count(args.rounds, 'timed round')} after "
+        f"{_count(args.warmup, 'warm-up round')}; each round "
+        "runs every variant once, in a rotating order; ratio = variant step / base step of the "
+        f"same round; 95% interval = bootstrap of the median ratio ({args.resamples} resamples, "
+        f"seed {args.seed})",
+        f"load average before: {_load_text(load)}",
+    ]
+    if machine_busy(load, threads, cores):
+        lines.append(f"WARNING: the machine is busy (1-min load {load[0]:.2f} with "
+                     f"{_count(threads, 'torch thread')} on {_count(cores, 'core')}): ratios are "
+                     "not overhead measurements")
+    return lines
+
+
+def _count(n: int | None, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+# -- one width --------------------------------------------------------------------------------
+def build_variant(template: nn.Module, recon: dict | None, args: argparse.Namespace) -> Variant:
+    """A variant on ``args.device``: a copy of ``template``, the linear head, SGD, and the
+    objective (``recon``: its ``attach`` overrides; None: no objective)."""
+    memory = torch.channels_last if args.channels_last else torch.contiguous_format
+    encoder = copy.deepcopy(template).to(args.device, memory_format=memory)
+    classifier = nn.Linear(encoder.out_dim, 10).to(args.device)
+    params = list(encoder.parameters()) + list(classifier.parameters())
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    aux = None
+    if recon is not None:
+        shape = (3, args.image_size, args.image_size)
+        aux = recon_aux.attach(encoder, opt, input_shape=shape, lpips_weights=args.lpips_weights,
+                               head_width=args.head_width, **recon)
+        aux.head.to(memory_format=memory)
+    scaler = _grad_scaler() if args.precision == "fp16" else None
+    return Variant(encoder, classifier, opt, aux, scaler)
+
+
+def _grad_scaler() -> torch.amp.GradScaler:
+    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()  # pragma: no cover - older torch
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def step(v: Variant, images: torch.Tensor, labels: torch.Tensor,
+         args: argparse.Namespace) -> float:
+    """One timed optimizer step of ``v`` (seconds; CUDA work is waited for at both ends)."""
+    dtype = PRECISIONS[args.precision]
+    _synchronize(args.device)
+    t0 = time.perf_counter()
+    with torch.autocast(args.device, dtype=dtype, enabled=dtype is not None):
+        loss = F.cross_entropy(v.classifier(v.encoder(images)), labels)
+        if v.aux is not None:
+            loss = loss + v.aux.loss(images)
+    v.optimizer.zero_grad(set_to_none=True)
+    if v.scaler is not None:
+        v.scaler.scale(loss).backward()
+        v.scaler.step(v.optimizer)
+        v.scaler.update()
+    else:
+        loss.backward()
+        v.optimizer.step()
+    _synchronize(args.device)
+    return time.perf_counter() - t0
+
+
+def rotations(names: Sequence[str], rounds: int) -> Iterator[list[str]]:
+    """The order of each round: ``names`` rotated by the round's index."""
+    n = len(names)
+    for i in range(rounds):
+        yield [names[(i + j) % n] for j in range(n)]
+
+
+def time_rounds(variants: dict[str, Variant], images: torch.Tensor, labels: torch.Tensor,
+                args: argparse.Namespace) -> dict[str, list[float]]:
+    """Warm-up rounds, then ``args.rounds`` timed rounds; variant -> its step times."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for i, order in enumerate(rotations(list(variants), args.warmup + args.rounds)):
+        for name in order:
+            dt = step(variants[name], images, labels, args)
+            if i >= args.warmup:
+                times[name].append(dt)
+    return times
+
+
+def bootstrap_median(values: Sequence[float], resamples: int, seed: int) -> tuple[float, float]:
+    """The 2.5% and 97.5% percentiles of the median over ``resamples`` resamples of
+    ``values`` drawn with replacement (seeded)."""
+    data = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    medians = np.median(data[rng.integers(0, len(data), (resamples, len(data)))], axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def ratio_stats(times: dict[str, list[float]], resamples: int, seed: int) -> dict[str, RatioStats]:
+    """Variant -> the statistics of its per-round ratios to ``base``."""
+    stats = {}
+    for name, ts in times.items():
+        ratios = [t / b for t, b in zip(ts, times["base"], strict=True)]
+        stats[name] = RatioStats(statistics.median(ratios), min(ratios), max(ratios),
+                                 bootstrap_median(ratios, resamples, seed))
+    return stats
+
+
+def run_width(width: float, args: argparse.Namespace, report: Report) -> WidthResult:
+    """Build the variants at ``width``, time them, add the width's table to ``report``."""
+    torch.manual_seed(args.seed)
+    template = build_backbone(args.backbone, **backbone_kwargs(args.backbone, width))
+    variants = {name: build_variant(template, recon, args) for name, recon in VARIANTS.items()}
+    memory = torch.channels_last if args.channels_last else torch.contiguous_format
+    shape = (args.batch_size, 3, args.image_size, args.image_size)
+    images = torch.rand(shape, device=args.device).contiguous(memory_format=memory)
+    labels = torch.randint(0, 10, (args.batch_size,), device=args.device)
+    times = time_rounds(variants, images, labels, args)
+    result = WidthResult(width, times, {n: statistics.median(ts) for n, ts in times.items()},
+                         ratio_stats(times, args.resamples, args.seed))
+    report.add(width_table(result, template, variants[HEADLINE].aux, args))
+    for v in variants.values():
+        if v.aux is not None:
+            v.aux.remove()
+    return result
+
+
+def width_table(result: WidthResult, template: nn.Module, aux: recon_aux.ReconAux,
+                args: argparse.Namespace) -> str:
+    """One width's lines: the model sizes, then a row per variant."""
+    head_params = sum(p.numel() for p in aux.head.parameters())
+    enc_params = sum(p.numel() for p in template.parameters())
+    lines = [
+        "",
+        f"width {result.width}: encoder {enc_params / 1e6:.2f} M params, head "
+        f"{head_params / 1e6:.3f} M params ({aux.head.extra_repr()}), tapped {aux.layer_name}",
+        f"  {'variant':<16} {'median step (s)':>16} {'img/s':>8}   {'ratio: median':>13} "
+        f"{'[95% interval]':>16} {'min':>6} {'max':>6}   (n={args.rounds} rounds)",
+    ]
+    for name, t in result.step.items():
+        r = result.ratios[name]
+        lines.append(f"  {name:<16} {t:>16.4f} {args.batch_size / t:>8.0f}   {r.median:>13.3f} "
+                     f"{_interval(r):>16} {r.low:>6.3f} {r.high:>6.3f}")
+    return "\n".join(lines)
+
+
+def _interval(r: RatioStats, digits: int = 3) -> str:
+    return f"[{r.ci[0]:.{digits}f}, {r.ci[1]:.{digits}f}]"
+
+
+# -- the whole run ----------------------------------------------------------------------------
+def summary(report: Report, args: argparse.Namespace) -> None:
+    """The load after, the summary of the first width and the headline line."""
+    report.add(f"\nload average after: {_load_text(load_average())} (includes this benchmark)")
+    width = args.widths[0]
+    stats = report.results[width].ratios
+    parts = [f"{name} ratio {stats[name].median:.2f} {_interval(stats[name], 2)}"
+             + (f" (target <= {target:.2f})" if width == 1.0 else "")
+             for name, target in TARGETS.items()]
+    report.add(f"summary (width {width}): " + ", ".join(parts))
+    if report.busy:
+        report.add("WARNING: the machine was busy before starting: ratios are not overhead "
+                   "measurements")
+    head = stats[HEADLINE]
+    report.add(f"recon/base step-time ratio: {head.median:.2f} {_interval(head, 2)} "
+               f"({HEADLINE.lstrip('+')}, width {width})")
+
+
+def run_benchmark(args: argparse.Namespace, echo: bool = True) -> Report:
+    """Check the settings, time every width, and write the report if ``args.write``.
+
+    Args:
+        args: The parsed command line (:func:`parse_args`).
+        echo: Print the report as it is made.
+
+    Raises:
+        OverheadError: A setting the benchmark refuses.
+    """
+    if args.threads is not None:
+        if args.threads < 1:
+            raise OverheadError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    print(f"recon-aux overhead benchmark: {args.backbone}, batch {args.batch_size}, 32x32, "
-          f"SGD(momentum 0.9), float32, CPU; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
-          f"variants interleaved step by step, median of {args.steps} steps after "
-          f"{args.warmup} warm-up steps.")
-    results = {w: run_width(w, args) for w in args.widths}
-    headline = 1.0 if 1.0 in results else args.widths[0]
-    med = results[headline]
-    print(f"\nsummary (width {headline}): L2-only ratio {med['+L2'] / med['base']:.2f} "
-          f"(target <= 1.08), L2+LPIPS-alex ratio {med['+L2+LPIPS-alex'] / med['base']:.2f} "
-          "(target <= 1.15)")
-    print(f"recon/base step-time ratio: {med['+L2+LPIPS-alex'] / med['base']:.2f} "
-          f"(L2+LPIPS-alex)" + ("" if headline == 1.0 else f" [width {headline}]"))
+    check_args(args)
+    load = load_average()
+    report = Report(echo=echo)
+    report.busy = machine_busy(load, torch.get_num_threads(), os.cpu_count())
+    report.add("\n".join(header(args, load)))
+    for width in args.widths:
+        report.results[width] = run_width(width, args, report)
+    summary(report, args)
+    if args.write is not None:
+        args.write.parent.mkdir(parents=True, exist_ok=True)
+        args.write.write_text(report.text)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2: a refused setting, on stderr)."""
+    try:
+        run_benchmark(parse_args(argv))
+    except OverheadError as exc:
+        print(f"overhead: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

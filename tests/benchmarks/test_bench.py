@@ -7,6 +7,7 @@ import json
 import pytest
 import yaml
 
+from adapters.config import RunConfigError
 from benchmarks import ablate, bench, matrix
 from benchmarks.matrix import dotted
 from tests.helpers import REPO
@@ -157,6 +158,27 @@ def test_second_reference_on_one_backbone_gets_its_own_row(tmp_path, monkeypatch
     assert "random-init-alexnet_cifar-aet-seed0" in ids
     aet_ref = next(c for c in seen if c.method.name == "aet" and c.train.epochs == 0)
     assert aet_ref.eval.nonlinear.layer == "conv3"
+
+
+def test_override_below_common_sets_one_dotted_key(tmp_path):
+    # common and a method's set hold dotted run-config keys: common.train.epochs=2 must set
+    # common's train.epochs, not add a train section that would replace the run's train block
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump(TOY_RUN))
+    cfg_file = tmp_path / "b.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "seeds": [0, 1], "common": {"train.epochs": 20, "train.lr_schedule": "cosine"},
+        "methods": {"toy": {"config": "run.yaml", "set": {"train.lr": 0.05}}},
+    }))
+    cfg = bench.load_bench_config(cfg_file, ["seeds=[0]", "common.train.epochs=2",
+                                             "methods.toy.set.train.lr=0.1"])
+    assert cfg.seeds == (0,)
+    assert cfg.common == {"train.epochs": 2, "train.lr_schedule": "cosine"}
+    assert cfg.methods["toy"].set == {"train.lr": 0.1}
+    cfg = bench.load_bench_config(cfg_file, ["common=null", "common.data.per_class=5"])
+    assert cfg.common == {"data.per_class": 5}
+    with pytest.raises(RunConfigError, match="not valid YAML"):
+        bench.load_bench_config(cfg_file, ["common.train.epochs=[2"])
 
 
 def test_report_only_marks_a_partial_matrix(tmp_path, monkeypatch):

@@ -1,0 +1,98 @@
+"""The overhead benchmark (benchmarks/studies/overhead.py): its report's structure, --write,
+and the settings it refuses. Tiny sizes: the timings themselves mean nothing here."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from benchmarks.studies import overhead
+
+TINY = ["--rounds", "2", "--warmup", "1", "--batch-size", "8", "--widths", "0.25",
+        "--threads", "1"]
+
+
+def test_report_structure_and_write(tmp_path, one_thread):
+    out = tmp_path / "results" / "overhead.txt"
+    report = overhead.run_benchmark(overhead.parse_args([*TINY, "--write", str(out)]),
+                                    echo=False)
+    text = report.text
+    for field in ("machine: CPU ", "core", "1 torch thread,", f"torch {torch.__version__}",
+                  "device: CPU", "batch 8", "image 32x32", "precision: fp32",
+                  "2 timed rounds", "rotating order", "load average before:",
+                  "load average after:"):
+        assert field in text, field
+    assert out.read_text() == text  # --write: the whole printed report
+    result = report.results[0.25]
+    assert set(result.times) == set(overhead.VARIANTS)
+    assert all(len(ts) == 2 and min(ts) > 0 for ts in result.times.values())
+    for stats in result.ratios.values():
+        assert 0 < stats.low <= stats.median <= stats.high
+        assert stats.low <= stats.ci[0] <= stats.ci[1] <= stats.high
+    assert result.ratios["base"].median == 1.0
+    head = result.ratios[overhead.HEADLINE]
+    assert re.fullmatch(r"recon/base step-time ratio: \d+\.\d\d \[\d+\.\d\d, \d+\.\d\d\] "
+                        r"\(L2\+LPIPS-alex, width 0\.25\)", report.lines[-1])
+    assert f"{head.median:.2f}" in report.lines[-1]
+
+
+def test_nothing_written_without_write(tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    overhead.run_benchmark(overhead.parse_args([*TINY, "--rounds", "1"]), echo=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rotating_order_puts_each_variant_first():
+    orders = list(overhead.rotations(["a", "b", "c"], 6))
+    assert [o[0] for o in orders] == ["a", "b", "c", "a", "b", "c"]
+    assert all(sorted(o) == ["a", "b", "c"] for o in orders)
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_median():
+    values = [1.0, 1.1, 1.2, 1.05, 1.3, 1.15, 1.12]
+    low, high = overhead.bootstrap_median(values, 500, seed=0)
+    assert (low, high) == overhead.bootstrap_median(values, 500, seed=0)
+    assert min(values) <= low <= sorted(values)[3] <= high <= max(values)
+
+
+def test_busy_machine_is_flagged():
+    assert overhead.machine_busy((3.0, 2.0, 2.0), threads=2, cores=16)
+    assert overhead.machine_busy((1.5, 1.0, 1.0), threads=2, cores=2)
+    assert not overhead.machine_busy((0.1, 0.1, 0.1), threads=2, cores=4)
+    assert not overhead.machine_busy(None, threads=2, cores=4)
+    args = overhead.parse_args(TINY)
+    overhead.check_args(args)
+    lines = overhead.header(args, (99.0, 99.0, 99.0))
+    assert lines[-1].startswith("WARNING: the machine is busy")
+    assert "ratios are not overhead measurements" in lines[-1]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--precision", "fp16"], "--precision fp16 needs --device cuda"),
+    (["--image-size", "224"], "--backbone alexnet_cifar cannot take it"),
+    (["--backbone", "alexnet", "--widths", "0.5"], "has no width factor; pass --widths 1.0"),
+    (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--backbone", "alexnet_cifar2"], "unknown backbone 'alexnet_cifar2'; valid names:"),
+])
+def test_refused_settings(argv, message, capsys):
+    assert overhead.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("overhead: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
+def test_cuda_refused_without_gpu(capsys):
+    assert overhead.main(["--device", "cuda"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_precisions(precision, one_thread):
+    argv = [*TINY, "--rounds", "1", "--device", "cuda", "--precision", precision,
+            "--channels-last"]
+    report = overhead.run_benchmark(overhead.parse_args(argv), echo=False)
+    assert "device: CUDA " in report.text and f"precision: {precision}" in report.text
+    assert all(s.median > 0 for s in report.results[0.25].ratios.values())
