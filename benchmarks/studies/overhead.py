@@ -15,7 +15,8 @@ burst of machine load hits one round's variants alike. A variant's ratio is comp
 the min / median / max of the per-round ratios and a bootstrap 95% interval of the median ratio
 (rounds resampled with replacement, seeded). The header records the machine (CPU model, cores,
 torch threads, torch version, device), the settings (batch, image size, precision, memory format)
-and the load average before and after; a line warns when the machine was busy before starting.
+and the load average before and after; a line warns when other work kept the CPU busy just
+before starting.
 
 The last line is the headline, for the first width given (1.0 by default)::
 
@@ -282,13 +283,29 @@ def load_average() -> tuple[float, float, float] | None:
         return None
 
 
-def machine_busy(load: tuple[float, float, float] | None, threads: int,
-                 cores: int | None) -> bool:
-    """Whether other work competes with the benchmark: a 1-minute load above the thread count,
-    or one that leaves fewer free cores than the benchmark's threads."""
-    if load is None:
-        return False
-    return load[0] > threads or (cores is not None and load[0] + threads > cores)
+def cpu_in_use(seconds: float = 2.0) -> float | None:
+    """Cores kept busy by every process over the next ``seconds`` (from ``/proc/stat``: busy
+    jiffies over all jiffies, times the core count), or None where there is no ``/proc/stat``.
+    Unlike the load average, which decays over minutes, this says what runs right now."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy1 - busy0) / max(total1 - total0, 1) * (os.cpu_count() or 1)
+
+
+def machine_busy(in_use: float | None) -> bool:
+    """Whether other work competes with the benchmark: more than a quarter of a core in use
+    just before it starts (see :func:`cpu_in_use`)."""
+    return in_use is not None and in_use > 0.25
 
 
 def _load_text(load: tuple[float, float, float] | None) -> str:
@@ -297,8 +314,10 @@ def _load_text(load: tuple[float, float, float] | None) -> str:
     return " ".join(f"{v:.2f}" for v in load) + " (1, 5, 15 min)"
 
 
-def header(args: argparse.Namespace, load: tuple[float, float, float] | None) -> list[str]:
-    """The report's header lines: machine, settings, protocol, load before starting."""
+def header(args: argparse.Namespace, load: tuple[float, float, float] | None,
+           in_use: float | None = None) -> list[str]:
+    """The report's header lines: machine, settings, protocol, load before starting
+    (``in_use``: cores busy just before, :func:`cpu_in_use`)."""
     cores = os.cpu_count()
     threads = torch.get_num_threads()
     dtype = PRECISIONS[args.precision]
@@ -321,11 +340,13 @@ def header(args: argparse.Namespace, load: tuple[float, float, float] | None) ->
         f"same round; 95% interval = bootstrap of the median ratio ({args.resamples} resamples, "
         f"seed {args.seed})",
         f"load average before: {_load_text(load)}",
+        "CPU in use just before starting (2 s, /proc/stat): "
+        + ("not available" if in_use is None else f"{in_use:.2f} of {_count(cores, 'core')}"),
     ]
-    if machine_busy(load, threads, cores):
-        lines.append(f"WARNING: the machine is busy (1-min load {load[0]:.2f} with "
-                     f"{_count(threads, 'torch thread')} on {_count(cores, 'core')}): ratios are "
-                     "not overhead measurements")
+    if machine_busy(in_use):
+        lines.append(f"WARNING: the machine is busy ({in_use:.2f} cores in use by other work "
+                     f"before starting, {_count(threads, 'torch thread')} here): ratios are not "
+                     "overhead measurements")
     return lines
 
 
@@ -499,10 +520,10 @@ def run_benchmark(args: argparse.Namespace, echo: bool = True) -> Report:
             raise OverheadError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     check_args(args)
-    load = load_average()
+    load, in_use = load_average(), cpu_in_use()
     report = Report(echo=echo)
-    report.busy = machine_busy(load, torch.get_num_threads(), os.cpu_count())
-    report.add("\n".join(header(args, load)))
+    report.busy = machine_busy(in_use)
+    report.add("\n".join(header(args, load, in_use)))
     for width in args.widths:
         report.results[width] = run_width(width, args, report)
     summary(report, args)
