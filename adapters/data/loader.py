@@ -134,8 +134,8 @@ class BatchLoader:
         batch_size: Samples per batch on this rank.
         augments: One callable per returned view, each ``f(uint8 (B, 3, H, W), generator)``
             (e.g. :class:`BatchAugment`); empty for raw uint8 batches.
-        shuffle, drop_last, seed, rank, world_size, num_threads, device, pin_memory,
-            prefetch: As in the arguments.
+        shuffle, drop_last, seed, rank, world_size, num_threads: As in the arguments.
+        device, pin_memory, prefetch: As in the arguments (where and how batches are built).
         epoch: Epoch used by ``iter(loader)``; set with :meth:`set_epoch`.
 
     Example:
