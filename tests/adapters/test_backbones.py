@@ -220,7 +220,7 @@ def test_forward_features_returns_exactly_the_requested_layers() -> None:
 
 # ---------------------------------------------------------------- registry
 def test_build_backbone() -> None:
-    assert set(BACKBONES) == {"alexnet", "alexnet_cifar", "nin", "resnet18_cifar"}
+    assert set(BACKBONES) == {"alexnet", "alexnet_cifar", "nin", "resnet18_cifar", "vit_cifar"}
     model = build_backbone("alexnet_cifar", width=0.25)
     assert isinstance(model, AlexNetCIFAR) and model.conv_channels[0] == 24
     assert isinstance(build_backbone("NIN", num_blocks=3), NIN)

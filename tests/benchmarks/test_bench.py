@@ -137,11 +137,11 @@ def test_ablate_end_to_end(tmp_path, toy_config):
 
 
 def test_second_reference_on_one_backbone_gets_its_own_row(tmp_path, monkeypatch):
-    # AET and SeLa share the backbone; AET's random-init row carries AET's evaluation, so it
-    # must be its own run, not a silent duplicate of SeLa's.
+    # AET and DeepCluster share the backbone; AET's random-init row carries AET's config, so it
+    # must be its own run, not a silent duplicate of DeepCluster's.
     monkeypatch.chdir(tmp_path)  # the run configs resolve against the bench config's folder
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "cifar10-cpu.yaml",
-                                  ["seeds=[0]"])
+                                  ["seeds=[0]", "references.aet=[random-init]"])
     seen = []
 
     def fake(c):
@@ -195,7 +195,7 @@ def test_report_only_marks_a_partial_matrix(tmp_path, monkeypatch):
     (tmp_path / "results.json").write_text(json.dumps({"runs": [done]}))
     out = bench.run_bench(cfg, out=tmp_path, progress=False, report_only=True)
     text = (out / "README.md").read_text()
-    assert text.startswith("# PARTIAL: ") and "1 of 10 planned runs finished" in text
+    assert text.startswith("# PARTIAL: ") and "1 of 9 planned runs finished" in text
     assert "deepcluster-base-seed0" in text and "| sela |" in text
 
 
