@@ -26,10 +26,13 @@ constant.
 from __future__ import annotations
 
 import argparse
-import gc
+import json
+import os
 import platform
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,11 +42,6 @@ from adapters.ops.kmeans import faiss_available, kmeans_faiss, kmeans_torch
 from adapters.ops.sinkhorn import sela_sinkhorn
 
 IMAGENET = 1_281_167
-
-
-def _rss_gb() -> float:
-    """Peak resident memory of this process so far (GB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def _probs(n: int, k: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -64,39 +62,73 @@ def _points(n: int, d: int = 256, seed: int = 0) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=1)
 
 
-def sinkhorn_case(n: int, k: int, lamb: float = 25.0) -> dict:
-    out = {}
-    labels64 = None
-    for dtype in (torch.float64, torch.float32):
-        gc.collect()
-        before = _rss_gb()
+def _peak_gb() -> float:
+    """Peak resident memory of this process (GB; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def _child_main(spec: dict) -> dict:
+    """One measurement in a fresh process (so its peak memory is its own)."""
+    torch.set_num_threads(spec["threads"])
+    kind, n, k = spec["kind"], spec.get("n", 0), spec.get("k", 0)
+    if kind == "baseline":  # torch imported, nothing built: subtracted from every peak
+        return {"peak_gb": _peak_gb()}
+    if kind == "sinkhorn":
+        dtype = torch.float64 if spec["dtype"] == "f64" else torch.float32
         probs = _probs(n, k, dtype)
         t0 = time.perf_counter()
-        res = sela_sinkhorn(probs, lamb=lamb, tol=1e-1)
+        res = sela_sinkhorn(probs, lamb=spec["lamb"], tol=1e-1)
         seconds = time.perf_counter() - t0
-        name = "f64" if dtype == torch.float64 else "f32"
-        out[name] = {"s": seconds, "iters": res.iterations, "peak_gb": _rss_gb() - before}
-        if labels64 is None:
-            labels64 = res.labels
-        else:
-            out["agree"] = float((res.labels == labels64).double().mean())
-        del probs, res
-    return out
-
-
-def kmeans_case(n: int, k: int) -> dict:
-    gc.collect()
+        torch.save(res.labels.to(torch.int64), spec["labels"])
+        return {"s": seconds, "iters": res.iterations, "peak_gb": _peak_gb()}
     x = _points(n)
-    before = _rss_gb()
     t0 = time.perf_counter()
     res = kmeans_torch(x, k, niter=20, seed=0)
     out = {"torch_s": time.perf_counter() - t0, "iters": len(res.objective),
-           "peak_gb": _rss_gb() - before}
+           "peak_gb": _peak_gb()}
     if faiss_available():
         t0 = time.perf_counter()
         kmeans_faiss(x, k, niter=20, seed=0)
         out["faiss_s"] = time.perf_counter() - t0
     return out
+
+
+def _memory_gb() -> float:
+    """This machine's physical memory (GB)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+
+def _child(spec: dict) -> dict:
+    """Run :func:`_child_main` in a new interpreter; its JSON answer."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.studies.clustering_scale",
+                           "--child", json.dumps(spec)], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"measurement {spec} failed (exit {done.returncode}; out of memory "
+                           f"is exit -9): {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def sinkhorn_case(n: int, k: int, threads: int, baseline: float, lamb: float = 25.0) -> dict:
+    """float64 and float32 Sinkhorn-Knopp on the same inputs, each in its own process: time,
+    iterations, peak memory above ``baseline`` and the share of equal labels."""
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("f64", "f32"):
+            spec = {"kind": "sinkhorn", "n": n, "k": k, "dtype": name, "lamb": lamb,
+                    "threads": threads, "labels": str(Path(tmp) / f"{name}.pt")}
+            res = _child(spec)
+            out[name] = {"s": res["s"], "iters": res["iters"],
+                         "peak_gb": res["peak_gb"] - baseline}
+        a, b = (torch.load(Path(tmp) / f"{name}.pt", weights_only=True) for name in ("f64", "f32"))
+        out["agree"] = float((a == b).double().mean())
+    return out
+
+
+def kmeans_case(n: int, k: int, threads: int, baseline: float) -> dict:
+    """DeepCluster's 20 Lloyd iterations on 256-d points, in its own process."""
+    res = _child({"kind": "kmeans", "n": n, "k": k, "threads": threads})
+    return {**res, "peak_gb": res["peak_gb"] - baseline}
 
 
 def _fit(ns: list[int], ys: list[float]) -> float:
@@ -111,10 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-kmeans", action="store_true")
     parser.add_argument("--write", type=Path, default=None)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(_child_main(json.loads(args.child))))
+        return 0
     torch.set_num_threads(args.threads)
-    lines = [f"# {platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}, "
-             f"faiss {'yes' if faiss_available() else 'no'}"]
+    baseline = _child({"kind": "baseline", "threads": args.threads})["peak_gb"]
+    lines = [f"# {platform.machine()} CPU ({os.cpu_count()} cores), {args.threads} threads, "
+             f"torch {torch.__version__}, faiss {'yes' if faiss_available() else 'no'}; each "
+             f"measurement in its own process, memory = its peak resident set minus that of a "
+             f"process that only imported torch ({baseline:.2f} GB)"]
 
     def say(text: str) -> None:
         lines.append(text)
@@ -123,14 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     for k in args.ks:
         sk_t, sk_m, km_t = [], [], []
         for n in args.sizes:
-            s = sinkhorn_case(n, k)
+            s = sinkhorn_case(n, k, args.threads, baseline)
             sk_t.append(s["f64"]["s"])
             sk_m.append(max(s["f64"]["peak_gb"], 0.0))
             say(f"sinkhorn N={n} K={k}: f64 {s['f64']['s']:.1f}s {s['f64']['iters']} it "
                 f"+{s['f64']['peak_gb']:.2f}GB | f32 {s['f32']['s']:.1f}s {s['f32']['iters']} it "
                 f"+{s['f32']['peak_gb']:.2f}GB | f32 labels equal f64 {100 * s['agree']:.2f}%")
             if not args.skip_kmeans:
-                m = kmeans_case(n, k)
+                m = kmeans_case(n, k, args.threads, baseline)
                 km_t.append(m["torch_s"])
                 say(f"kmeans   N={n} K={k} D=256: torch {m['torch_s']:.1f}s ({m['iters']} it, "
                     f"+{m['peak_gb']:.2f}GB)"
@@ -139,7 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         say(f"-> sinkhorn K={k}: {1e6 * a:.2f} s per 1M points per call (linear fit); at "
             f"N={IMAGENET}: ~{a * IMAGENET / 60:.1f} min per label update, "
             f"memory ~{2 * IMAGENET * k * 8 / 1e9:.0f} GB f64 / "
-            f"{2 * IMAGENET * k * 4 / 1e9:.0f} GB f32 (2 N K entries)")
+            f"{2 * IMAGENET * k * 4 / 1e9:.0f} GB f32 (formula: 2 N K entries; measured f64 "
+            f"peaks fit {_fit(args.sizes, sk_m) * 1e6 / k * 1e3:.1f} bytes per N x K entry, "
+            f"so ~{_fit(args.sizes, sk_m) * IMAGENET:.0f} GB)")
+        if sk_m and _fit(args.sizes, sk_m) > 0:
+            say(f"-> sinkhorn K={k}: the largest N whose measured f64 peak fits this machine's "
+                f"{_memory_gb():.0f} GB: ~{int(_memory_gb() / _fit(args.sizes, sk_m)):,} "
+                f"(f32 about twice that)")
         if km_t:
             b = _fit(args.sizes, km_t)
             say(f"-> kmeans K={k}: at N={IMAGENET}: ~{b * IMAGENET / 60:.1f} min per epoch "
