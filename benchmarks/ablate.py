@@ -115,11 +115,12 @@ def _load_ablate_config(path: str | Path, overrides: Sequence[str]) -> AblateCon
 
 def run_ablate(cfg: AblateConfig, out: Path | None = None, progress: bool | None = None,
                replace_changed: bool = False, report_only: bool = False,
-               merge: Path | None = None, reuse_folder: bool = False) -> Path:
+               merge: Path | None = None, reuse_folder: bool = False,
+               supersede_unplanned: bool = False) -> Path:
     """Run (or resume) an ablation config; returns the results folder (the arguments as
     :func:`benchmarks.bench.run_bench`'s)."""
     matrix = Matrix(cfg.name, out, progress, replace_changed, kind="ablate",
-                    reuse_folder=reuse_folder)
+                    reuse_folder=reuse_folder, supersede_unplanned=supersede_unplanned)
     common = dotted(cfg.common)
     default = dict(cfg.recon or {})
     first_id: dict[str, str] = {}  # run config hash -> id of the run that computes it

@@ -100,7 +100,8 @@ def _load_bench_config(path: str | Path, overrides: Sequence[str]) -> BenchConfi
 
 def run_bench(cfg: BenchConfig, out: Path | None = None, progress: bool | None = None,
               replace_changed: bool = False, report_only: bool = False,
-              merge: Path | None = None, reuse_folder: bool = False) -> Path:
+              merge: Path | None = None, reuse_folder: bool = False,
+              supersede_unplanned: bool = False) -> Path:
     """Run (or resume) a bench config; returns the results folder.
 
     Args:
@@ -113,9 +114,11 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, progress: bool | None =
         merge: First take the finished runs of another results folder.
         reuse_folder: Accept a results folder made by another config (see
             :class:`~benchmarks.matrix.Matrix`).
+        supersede_unplanned: Move finished runs this config does not plan to ``superseded``
+            (see :class:`~benchmarks.matrix.Matrix`).
     """
     matrix = Matrix(cfg.name, out, progress, replace_changed, kind="bench",
-                    reuse_folder=reuse_folder)
+                    reuse_folder=reuse_folder, supersede_unplanned=supersede_unplanned)
     common = dotted(cfg.common)
     recon_set = [f"recon={json.dumps(cfg.recon or {})}"]
     for seed in cfg.seeds:

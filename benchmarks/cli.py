@@ -135,7 +135,7 @@ def _matrix(args: argparse.Namespace) -> int:
 def _options(args: argparse.Namespace) -> dict:
     return {"out": args.out_dir, "progress": None, "replace_changed": args.replace_changed,
             "report_only": args.report_only, "merge": args.merge,
-            "reuse_folder": args.reuse_folder}
+            "reuse_folder": args.reuse_folder, "supersede_unplanned": args.supersede_unplanned}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="write into a results folder made by another config, or a "
                             "non-empty folder without results.json (its finished runs are "
                             "kept and checked against this config's)")
+        b.add_argument("--supersede-unplanned", action="store_true",
+                       help="move finished runs this config does not plan (rows an earlier "
+                            "version had) to 'superseded' in results.json; use with the whole "
+                            "config, not with seeds= or methods.<row>=null overrides")
         b.set_defaults(func=_matrix)
     args = parser.parse_args(argv)
     try:

@@ -248,6 +248,10 @@ class Matrix:
         kind: ``bench`` or ``ablate``: with ``name``, the identity recorded in results.json.
         reuse_folder: Accept a results folder made by another config, or a non-empty folder
             without results.json.
+        supersede_unplanned: Move finished runs that this config does not plan (e.g. rows a new
+            version of the config dropped) to ``superseded``, out of results.json's runs. Use it
+            with the whole config: runs that ``seeds=`` or ``methods.<row>=null`` overrides leave
+            out of the plan would move too.
 
     Raises:
         RunConfigError: The folder belongs to another config, is not a results folder, or its
@@ -256,7 +260,8 @@ class Matrix:
 
     def __init__(self, name: str, out: Path | None, progress: bool | None,
                  replace_changed: bool = False, kind: str = "bench",
-                 reuse_folder: bool = False) -> None:
+                 reuse_folder: bool = False, supersede_unplanned: bool = False) -> None:
+        self.supersede_unplanned = supersede_unplanned
         if out is None:
             out = RESULTS / plain_name(name, "name")
             if RESULTS.resolve() not in out.resolve().parents:
@@ -345,6 +350,13 @@ class Matrix:
             self._restart(run_id)
         self._save()
 
+    def _supersede_unplanned(self) -> None:
+        planned = {run_id for run_id, _, _ in self.plan}
+        for r in [r for r in self.runs if r["id"] not in planned]:
+            self.runs.remove(r)
+            self.superseded.append({**r, "superseded_because": ["not planned by this config"]})
+        self._save()
+
     def _restart(self, run_id: str) -> None:
         self.plan = [(i, c.with_run(resume=False, overwrite=True) if i == run_id else c, m)
                      for i, c, m in self.plan]
@@ -404,6 +416,8 @@ class Matrix:
         its first step (:func:`adapters.engine.check_run`: data, layers, batch size, ``k``).
         """
         self._check_changed()
+        if self.supersede_unplanned:
+            self._supersede_unplanned()
         done = {r["id"] for r in self.runs}
         todo = [] if report_only else [p for p in self.plan if p[0] not in done]
         self._check_unfinished(todo)

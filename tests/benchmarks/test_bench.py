@@ -199,6 +199,26 @@ def test_report_only_marks_a_partial_matrix(tmp_path, monkeypatch):
     assert "deepcluster-base-seed0" in text and "| sela |" in text
 
 
+def test_supersede_unplanned_moves_rows_the_config_dropped(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "cifar10-cpu.yaml",
+                                  ["seeds=[0]"])
+    monkeypatch.setattr(matrix, "train", lambda c: pytest.fail("report_only trained a run"))
+    old = {"id": "random-init-nin-seed0", "method": "random-init", "recon": False, "seed": 0,
+           "reference": "random-init (nin)", "metrics": {"knn_conv2": 31.3}, "config": {},
+           "wall_s": 1.0, "machine": "m", "history": [], "train_images": 1, "test_images": 1}
+    (tmp_path / "results.json").write_text(json.dumps({"runs": [old]}))
+    bench.run_bench(cfg, out=tmp_path, progress=False, report_only=True)  # kept without the flag
+    assert [r["id"] for r in json.loads((tmp_path / "results.json").read_text())["runs"]] == [
+        "random-init-nin-seed0"]
+    bench.run_bench(cfg, out=tmp_path, progress=False, report_only=True,
+                    supersede_unplanned=True)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["runs"] == []
+    assert [(r["id"], r["superseded_because"]) for r in saved["superseded"]] == [
+        ("random-init-nin-seed0", ["not planned by this config"])]
+
+
 def test_merge_takes_runs_of_a_parallel_seed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
