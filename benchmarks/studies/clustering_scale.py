@@ -3,9 +3,10 @@
 For N points (10k up to the largest N that fits this machine's memory) and K = 1000 / 3000
 clusters, it measures
 
-- Sinkhorn-Knopp (``sela_sinkhorn``, float64 as SeLa's ``cifar.py``/``main.py``, and float32):
-  wall time, iterations, peak resident memory added, and whether the float32 labels agree with
-  the float64 ones (share of equal labels);
+- Sinkhorn-Knopp (``sela_sinkhorn``, which computes in float64 as SeLa's ``cifar.py``/``main.py``
+  do: ``p ** lamb`` underflows in float32), fed float64 or float32 probabilities (the network's
+  softmax is float32; a float32 input halves what the caller holds): wall time, iterations, peak
+  resident memory added, and whether the labels from the float32 input equal the others;
 - k-means (``kmeans_torch``, DeepCluster's 20 Lloyd iterations on 256-d PCA-whitened features;
   ``kmeans_faiss`` when faiss is installed): wall time and peak memory,
 
@@ -16,9 +17,10 @@ Sinkhorn; L2-normalised low-rank 256-d points for k-means), then fits ``time = a
     python -m benchmarks.studies.clustering_scale --threads 2
     python -m benchmarks.studies.clustering_scale --sizes 10000 50000 --ks 1000 --write out.txt
 
-Memory formula (the N x K matrices dominate): Sinkhorn holds ``probs ** lamb`` (N x K) plus the
-input probabilities (N x K) in the working precision: about ``2 * N * K * bytes`` (float64:
-16 bytes per entry, so N = 1.28M, K = 3000 needs ~61 GB; float32 ~31 GB). k-means holds the N x
+Memory formula (the N x K matrices dominate): Sinkhorn holds the input probabilities (N x K, 8 or
+4 bytes an entry) and its float64 working copy ``probs ** lamb`` (8 bytes), plus the transient
+buffers of the final plan and the argmax: the study fits the measured bytes per N x K entry and
+extrapolates with it (the inputs alone are 16 or 12 bytes an entry). k-means holds the N x
 D points, K x D centroids and an N-chunked N x K distance block: ``4 * N * D`` bytes plus a
 constant.
 """
@@ -110,7 +112,7 @@ def _child(spec: dict) -> dict:
 
 
 def sinkhorn_case(n: int, k: int, threads: int, baseline: float, lamb: float = 25.0) -> dict:
-    """float64 and float32 Sinkhorn-Knopp on the same inputs, each in its own process: time,
+    """Sinkhorn-Knopp on float64 and on float32 inputs, each in its own process: time,
     iterations, peak memory above ``baseline`` and the share of equal labels."""
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,31 +162,31 @@ def main(argv: list[str] | None = None) -> int:
         print(text, flush=True)
 
     for k in args.ks:
-        sk_t, sk_m, km_t = [], [], []
+        sk_t, sk_m, sk_m32, km_t = [], [], [], []
         for n in args.sizes:
             s = sinkhorn_case(n, k, args.threads, baseline)
             sk_t.append(s["f64"]["s"])
             sk_m.append(max(s["f64"]["peak_gb"], 0.0))
-            say(f"sinkhorn N={n} K={k}: f64 {s['f64']['s']:.1f}s {s['f64']['iters']} it "
-                f"+{s['f64']['peak_gb']:.2f}GB | f32 {s['f32']['s']:.1f}s {s['f32']['iters']} it "
-                f"+{s['f32']['peak_gb']:.2f}GB | f32 labels equal f64 {100 * s['agree']:.2f}%")
+            sk_m32.append(max(s["f32"]["peak_gb"], 0.0))
+            say(f"sinkhorn N={n} K={k}: f64 input {s['f64']['s']:.1f}s {s['f64']['iters']} it "
+                f"+{s['f64']['peak_gb']:.2f}GB | f32 input {s['f32']['s']:.1f}s "
+                f"{s['f32']['iters']} it +{s['f32']['peak_gb']:.2f}GB | labels equal "
+                f"{100 * s['agree']:.2f}%")
             if not args.skip_kmeans:
                 m = kmeans_case(n, k, args.threads, baseline)
                 km_t.append(m["torch_s"])
                 say(f"kmeans   N={n} K={k} D=256: torch {m['torch_s']:.1f}s ({m['iters']} it, "
                     f"+{m['peak_gb']:.2f}GB)"
                     + (f" | faiss {m['faiss_s']:.1f}s" if "faiss_s" in m else ""))
-        a = _fit(args.sizes, sk_t)
+        a, m64, m32 = (_fit(args.sizes, v) for v in (sk_t, sk_m, sk_m32))
         say(f"-> sinkhorn K={k}: {1e6 * a:.2f} s per 1M points per call (linear fit); at "
-            f"N={IMAGENET}: ~{a * IMAGENET / 60:.1f} min per label update, "
-            f"memory ~{2 * IMAGENET * k * 8 / 1e9:.0f} GB f64 / "
-            f"{2 * IMAGENET * k * 4 / 1e9:.0f} GB f32 (formula: 2 N K entries; measured f64 "
-            f"peaks fit {_fit(args.sizes, sk_m) * 1e6 / k * 1e3:.1f} bytes per N x K entry, "
-            f"so ~{_fit(args.sizes, sk_m) * IMAGENET:.0f} GB)")
-        if sk_m and _fit(args.sizes, sk_m) > 0:
-            say(f"-> sinkhorn K={k}: the largest N whose measured f64 peak fits this machine's "
-                f"{_memory_gb():.0f} GB: ~{int(_memory_gb() / _fit(args.sizes, sk_m)):,} "
-                f"(f32 about twice that)")
+            f"N={IMAGENET:,}: ~{a * IMAGENET / 60:.1f} min per label update; measured peaks fit "
+            f"{m64 * 1e9 / k:.1f} bytes per N x K entry with float64 input, {m32 * 1e9 / k:.1f} "
+            f"with float32 input, so ~{m64 * IMAGENET:.0f} / ~{m32 * IMAGENET:.0f} GB at that N")
+        if m64 > 0 and m32 > 0:
+            say(f"-> sinkhorn K={k}: the largest N whose measured peak fits this machine's "
+                f"{_memory_gb():.0f} GB: ~{int(_memory_gb() / m64):,} (float64 input), "
+                f"~{int(_memory_gb() / m32):,} (float32 input)")
         if km_t:
             b = _fit(args.sizes, km_t)
             say(f"-> kmeans K={k}: at N={IMAGENET}: ~{b * IMAGENET / 60:.1f} min per epoch "
