@@ -445,14 +445,35 @@ class Matrix:
                      "recon": cfg.recon.to_dict() if cfg.recon is not None else False,
                      "seed": cfg.train.seed, "reference": meta.get("reference"),
                      "ablation": meta.get("ablation"), "metrics": result["metrics"],
+                     "evaluation": result.get("evaluation"),
                      "config": result["config"], "wall_s": result["wall_s"],
                      "machine": result["machine"], "history": result["history"],
                      "train_images": result["train_images"], "test_images": result["test_images"]}
             self.runs.append(entry)
             self._save()
             self._keep_picture(Path(cfg.run.out_dir) / "reconstructions.png", run_id)
+        self._backfill_evaluation()
         planned = {p[0] for p in self.plan}
         return [r for r in self.runs if r["id"] in planned]
+
+    def _backfill_evaluation(self) -> None:
+        """Runs recorded without their evaluation details (BatchNorm recalibration, probe fits;
+        results.json did not keep them before) take them from their own run folder's
+        result.json, when that run's config is the recorded one."""
+        changed = False
+        for r in self.runs:
+            if r.get("evaluation") is not None:
+                continue
+            path = self.run_root / r["id"] / "result.json"
+            try:
+                saved = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if saved.get("evaluation") and not config_diff(saved.get("config") or {},
+                                                           r.get("config") or {}):
+                r["evaluation"], changed = saved["evaluation"], True
+        if changed:
+            self._save()
 
     def _keep_picture(self, picture: Path, run_id: str) -> None:
         if picture.is_file():

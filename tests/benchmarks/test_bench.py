@@ -199,6 +199,29 @@ def test_report_only_marks_a_partial_matrix(tmp_path, monkeypatch):
     assert "deepcluster-base-seed0" in text and "| sela |" in text
 
 
+def test_runs_recorded_without_evaluation_details_take_them_from_their_folder(tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "cifar10-cpu.yaml",
+                                  ["seeds=[0]"])
+    monkeypatch.setattr(matrix, "train", lambda c: pytest.fail("report_only trained a run"))
+    rc = cfg.methods["sela"].run_config([*dotted(cfg.common), "train.seed=0"], cfg.name,
+                                        ["recon=null"])
+    done = {"id": "sela-base-seed0", "method": "sela", "recon": False, "seed": 0,
+            "reference": None, "metrics": {"knn_conv5": 40.0}, "config": rc.to_dict(),
+            "wall_s": 1.0, "machine": "m", "history": [], "train_images": 1, "test_images": 1}
+    (tmp_path / "results.json").write_text(json.dumps({"runs": [done]}))
+    details = {"bn_recalibration": {"bn_layers": 7, "images": 10000}}
+    folder = tmp_path / "runs" / "sela-base-seed0"
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"config": rc.to_dict(),
+                                                    "evaluation": details}))
+    out = bench.run_bench(cfg, out=tmp_path, progress=False, report_only=True)
+    saved = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    assert saved["evaluation"] == details
+    assert "recalibrated on 10000 clean training images" in (out / "README.md").read_text()
+
+
 def test_supersede_unplanned_moves_rows_the_config_dropped(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "cifar10-cpu.yaml",
