@@ -181,26 +181,9 @@ def test_override_below_common_sets_one_dotted_key(tmp_path):
         bench.load_bench_config(cfg_file, ["common.train.epochs=[2"])
 
 
-def test_report_only_marks_a_partial_matrix(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "cifar10-cpu.yaml",
-                                  ["seeds=[0]"])
-    monkeypatch.setattr(matrix, "train", lambda c: pytest.fail("report_only trained a run"))
-    rc = cfg.methods["sela"].run_config([*dotted(cfg.common), "train.seed=0"], cfg.name,
-                                        ["recon=null"])
-    done = {"id": "sela-base-seed0", "method": "sela", "recon": False, "seed": 0,
-            "reference": None, "metrics": {"knn_conv5": 40.0}, "config": rc.to_dict(),
-            "wall_s": 1.0,
-            "machine": "m", "history": [], "train_images": 1, "test_images": 1}
-    (tmp_path / "results.json").write_text(json.dumps({"runs": [done]}))
-    out = bench.run_bench(cfg, out=tmp_path, progress=False, report_only=True)
-    text = (out / "README.md").read_text()
-    assert text.startswith("# PARTIAL: ") and "1 of 9 planned runs finished" in text
-    assert "deepcluster-base-seed0" in text and "| sela |" in text
-
-
-def test_runs_recorded_without_evaluation_details_take_them_from_their_folder(tmp_path,
-                                                                              monkeypatch):
+def _one_finished_sela_run(tmp_path, monkeypatch):
+    """cifar10-cpu, seed 0, with results.json holding one finished SeLa base run and no
+    training allowed; returns (the bench config, that run's config)."""
     monkeypatch.chdir(tmp_path)
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "cifar10-cpu.yaml",
                                   ["seeds=[0]"])
@@ -211,6 +194,20 @@ def test_runs_recorded_without_evaluation_details_take_them_from_their_folder(tm
             "reference": None, "metrics": {"knn_conv5": 40.0}, "config": rc.to_dict(),
             "wall_s": 1.0, "machine": "m", "history": [], "train_images": 1, "test_images": 1}
     (tmp_path / "results.json").write_text(json.dumps({"runs": [done]}))
+    return cfg, rc
+
+
+def test_report_only_marks_a_partial_matrix(tmp_path, monkeypatch):
+    cfg, _ = _one_finished_sela_run(tmp_path, monkeypatch)
+    out = bench.run_bench(cfg, out=tmp_path, progress=False, report_only=True)
+    text = (out / "README.md").read_text()
+    assert text.startswith("# PARTIAL: ") and "1 of 9 planned runs finished" in text
+    assert "deepcluster-base-seed0" in text and "| sela |" in text
+
+
+def test_runs_recorded_without_evaluation_details_take_them_from_their_folder(tmp_path,
+                                                                              monkeypatch):
+    cfg, rc = _one_finished_sela_run(tmp_path, monkeypatch)
     details = {"bn_recalibration": {"bn_layers": 7, "images": 10000}}
     folder = tmp_path / "runs" / "sela-base-seed0"
     folder.mkdir(parents=True)
