@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.config import ReconSection, RunConfigError
-from adapters.schema import SchemaError, check_value
+from adapters.schema import check_value
 
 from . import report
 from .matrix import (
@@ -37,6 +37,7 @@ from .matrix import (
     MatrixConfig,
     RunSource,
     add_references,
+    config_errors,
     dotted,
     load_matrix_config,
     mark_partial,
@@ -75,12 +76,8 @@ def load_ablate_config(path: str | Path, overrides: Sequence[str] = ()) -> Ablat
     Raises:
         RunConfigError: An unknown key or axis, a bad value, or a missing run config.
     """
-    try:
+    with config_errors():
         return _load_ablate_config(path, overrides)
-    except SchemaError as exc:  # a bad value of this config: the run configs' error type
-        if isinstance(exc, RunConfigError):
-            raise
-        raise RunConfigError(str(exc)) from None
 
 
 def _load_ablate_config(path: str | Path, overrides: Sequence[str]) -> AblateConfig:

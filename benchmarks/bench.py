@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.config import RunConfigError
-from adapters.schema import SchemaError, check_value
+from adapters.schema import check_value
 
 from .matrix import (
     REFERENCE_ROWS,
@@ -35,6 +35,7 @@ from .matrix import (
     MatrixConfig,
     RunSource,
     add_references,
+    config_errors,
     dotted,
     load_matrix_config,
     mark_partial,
@@ -67,12 +68,8 @@ def load_bench_config(path: str | Path, overrides: Sequence[str] = ()) -> BenchC
     Raises:
         RunConfigError: An unknown key, a bad value, or a run config that does not exist.
     """
-    try:
+    with config_errors():
         return _load_bench_config(path, overrides)
-    except SchemaError as exc:  # a bad value of this config: the run configs' error type
-        if isinstance(exc, RunConfigError):
-            raise
-        raise RunConfigError(str(exc)) from None
 
 
 def _load_bench_config(path: str | Path, overrides: Sequence[str]) -> BenchConfig:

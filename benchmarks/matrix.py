@@ -23,11 +23,12 @@ path is relative to the folder of the config that names it (an absolute path is 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from adapters.config import (
 from adapters.engine import CHECKPOINT, check_run, train
 from adapters.files import atomic_write, json_text
 from adapters.progress import progress
-from adapters.schema import check_value
+from adapters.schema import SchemaError, check_value
 
 from . import report
 
@@ -174,6 +175,18 @@ class MatrixConfig:
 DOTTED_MAPS: tuple[tuple[str | None, ...], ...] = (
     ("common",), ("methods", None, "set"), ("method", "set"),
 )
+
+
+@contextlib.contextmanager
+def config_errors() -> Iterator[None]:
+    """Raise a bad value of a bench/ablate config (a :class:`SchemaError`) as the run configs'
+    error type, :class:`RunConfigError`."""
+    try:
+        yield
+    except SchemaError as exc:
+        if isinstance(exc, RunConfigError):
+            raise
+        raise RunConfigError(str(exc)) from None
 
 
 def load_matrix_config(path: str | Path, overrides: Sequence[str], keys: Sequence[str],
