@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -308,9 +310,6 @@ class BatchLoader:
 def _ahead(builders: list[Callable[[], Batch]], depth: int) -> Iterator[Batch]:
     """Yield ``builder()`` for each builder in order, running up to ``depth`` of them ahead on
     a background thread; an exception in a builder is raised here, at its batch."""
-    import queue
-    import threading
-
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
