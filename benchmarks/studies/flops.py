@@ -113,11 +113,36 @@ def step_flops(model: Model, recon: dict | None, batch: int) -> int:
     return counter.get_total_flops()
 
 
+def lpips_layer_flops(net: str, size: int) -> list[tuple[str, tuple[int, int], float]]:
+    """Forward FLOPs per image pair of each LPIPS layer at ``size`` px, with its map's h x w.
+
+    Where the cost of LPIPS goes, and what skipping layers whose maps are 1 x 1 would save.
+    """
+    from recon_aux.perceptual import build_lpips
+
+    lpips = build_lpips(net)
+    shapes: dict[str, tuple[int, int]] = {}
+    slices = [n for n, _ in lpips.net.named_children() if n.startswith("slice")]
+    hooks = [getattr(lpips.net, n).register_forward_hook(
+        lambda module, args, out, n=n: shapes.__setitem__(n, tuple(out.shape[-2:])))
+        for n in slices]
+    images = torch.rand(2, 3, size, size) * 2 - 1
+    counter = FlopCounterMode(display=False, depth=3)
+    with counter, torch.no_grad():
+        lpips(images[:1], images[1:])
+    for hook in hooks:
+        hook.remove()
+    counts = counter.get_flop_counts()
+    return [(n, shapes[n], sum(counts.get(f"LPIPS.net.{n}", {}).values())) for n in slices]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lpips-sizes", nargs="*", type=int, default=[32, 64, 128, 224],
+                        help="input sizes of the LPIPS per-layer table")
     parser.add_argument("--write", type=Path, default=None,
                         help="also write the table (markdown) to this file")
     args = parser.parse_args(argv)
@@ -134,6 +159,15 @@ def main(argv: list[str] | None = None) -> int:
                *[f"{flops[v] / base:.3f}x" for v in args.variants if v != "base"]]
         lines.append("| " + " | ".join(row) + " |")
         print(lines[-1], flush=True)
+    lpips_lines = ["| input | " + " | ".join(f"layer {i + 1}: map, share" for i in range(5))
+                   + " | 1 x 1 maps: share |", "|" + "---|" * 7]
+    for size in args.lpips_sizes:
+        layers = lpips_layer_flops("alex", size)
+        total = sum(f for _, _, f in layers)
+        cells = [f"{h}x{w}, {f / total:.0%}" for _, (h, w), f in layers]
+        one = sum(f for _, hw, f in layers if hw == (1, 1)) / total
+        lpips_lines.append(f"| {size} px | " + " | ".join(cells) + f" | {one:.0%} |")
+        print(lpips_lines[-1], flush=True)
     text = "\n".join([
         "FLOPs of one training step per image (forward + backward; encoder + linear CE head; "
         "+recon adds aux.loss with the default head and tap), counted with "
@@ -143,7 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         "Variants: `+L2` is lpips_weight=0; `+L2+LPIPS-*` the defaults (LPIPS on one 128-px "
         "window per image above 128 px, head width <= 128); `(0.1.0)` the former defaults "
         "(whole-image LPIPS, head width <= 512); `half batch` lpips_fraction=0.5.", "",
-        *lines, ""])
+        *lines, "",
+        "Where LPIPS-alex's forward FLOPs go (the five AlexNet layers it compares; the 1x1 "
+        "linear weights are negligible), with each layer's map size. Skipping layers whose "
+        "maps are 1 x 1 would save the last column, but it drops terms from the loss (at 32 px "
+        "three of the five), so it is not an option here: `lpips_fraction` cuts cost without "
+        "changing what the loss estimates.", "",
+        *lpips_lines, ""])
     if args.write:
         args.write.write_text(text)
     print("\n" + text)
