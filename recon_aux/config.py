@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ReconAuxConfig", "ConfigError", "Allowed"]
+__all__ = ["ReconAuxConfig", "ConfigError", "Allowed", "MIN_SIZE"]
 
 
 class ConfigError(ValueError):
@@ -76,6 +76,9 @@ def _knob(default: Any, **allowed: Any) -> Any:
     """A dataclass field with ``default`` and its :class:`Allowed` values."""
     return dataclasses.field(default=default, metadata={"allowed": Allowed(**allowed)})
 
+
+#: Smallest H and W each LPIPS backbone accepts (its pooling needs at least this much).
+MIN_SIZE = {"alex": 31, "vgg": 16}
 
 _WEIGHT_FIX = "Use a finite number >= 0; 0 turns {} off."
 
@@ -231,8 +234,6 @@ class ReconAuxConfig:
                               f"{get('head_max_width')}. Give a floor <= the cap.")
         crop, net = get("lpips_crop"), get("net")
         if crop is not None and get("lpips_weight") > 0:
-            from .perceptual import MIN_SIZE  # here: perceptual imports this module
-
             if crop < MIN_SIZE[net]:
                 raise ConfigError(
                     f"lpips_crop={crop!r} is smaller than the {MIN_SIZE[net]}x{MIN_SIZE[net]} "
@@ -240,8 +241,6 @@ class ReconAuxConfig:
                     "read the whole image.")
         resize = get("resize_to")
         if resize is not None and get("lpips_weight") > 0:
-            from .perceptual import MIN_SIZE  # here: perceptual imports this module
-
             size = (resize, resize) if isinstance(resize, int) else resize
             if min(size) < MIN_SIZE[net]:
                 raise ConfigError(

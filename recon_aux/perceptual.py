@@ -13,13 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ReconAuxConfig
+from .config import MIN_SIZE, ReconAuxConfig
 from .weights import CONV_INDICES, resolve_backbone_weights
 
 __all__ = ["PerceptualLoss", "RangeError", "NonFiniteLossError", "build_lpips", "check_images"]
-
-# Smallest H and W each LPIPS backbone accepts (its pooling needs at least this much).
-MIN_SIZE = {"alex": 31, "vgg": 16}
 
 # Conv index -> LPIPS slice, for lpips.pretrained_networks (slices keep torchvision's indices).
 _SLICE_BOUNDS = {"alex": (2, 5, 8, 10, 12), "vgg": (4, 9, 16, 23, 30)}
