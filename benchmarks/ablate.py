@@ -1,7 +1,8 @@
 """``recon-aux ablate``: the auxiliary objective's knobs, one at a time, for one method.
 
 ``ablate CONFIG`` varies the knobs around a default +recon block (overall weight including 0,
-the L2/LPIPS mix, LPIPS net, resize_to, tapped layer) for one method, with the outputs of
+the L2/LPIPS mix, LPIPS net, resize_to, tapped layer, and the cost knobs lpips_fraction,
+lpips_crop and head_max_width) for one method, with the outputs of
 ``bench`` (see :mod:`benchmarks.matrix`) plus a plot of metric vs weight and the paper's Figure
 2 (reconstructions trained with L2 only, LPIPS only and L2 + LPIPS, side by side).
 
@@ -49,8 +50,11 @@ __all__ = ["AblateConfig", "AXES", "MIXES", "load_ablate_config", "run_ablate"]
 
 #: The L2 / LPIPS weights of each value of the ``mix`` axis.
 MIXES = {"l2": (1.0, 0.0), "lpips": (0.0, 1.0), "l2+lpips": (1.0, 1.0)}
-#: The axes an ablation may vary: ``weight``, ``mix`` and the recon block's keys below.
-AXES = ("weight", "mix", "net", "resize_to", "layer")
+#: The axes an ablation may vary: ``weight``, ``mix`` and the recon block's keys after them
+#: (the cost knobs too, to measure what they do to the representation before one becomes a
+#: default; each value is checked by the recon block's rules before any run starts).
+AXES = ("weight", "mix", "net", "resize_to", "layer", "lpips_fraction", "lpips_crop",
+        "head_max_width")
 
 
 @dataclass(frozen=True)

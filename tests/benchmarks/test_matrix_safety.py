@@ -52,6 +52,19 @@ def test_names_cannot_leave_the_results_folder(run_yaml, tmp_path, change, match
         Matrix("../escape", None, progress=False)
 
 
+@pytest.mark.parametrize("axes, match", [
+    ({"lpips_fraction": [1.0, 2.0]}, "lpips_fraction=2.0 is more than the whole batch"),
+    ({"head_max_width": [0]}, "head_max_width"),
+    ({"lpips_crop": [8]}, "lpips_crop=8 is smaller than the 31x31 pixels LPIPS-alex needs"),
+])
+def test_ablate_cost_knob_values_are_checked_before_any_run(run_yaml, tmp_path, axes, match):
+    cfg = ablate.load_ablate_config(write(tmp_path, "a.yaml", {
+        "method": {"config": "tiny_run.yaml"}, "axes": axes}))
+    with pytest.raises((RunConfigError, ValueError), match=match):
+        ablate.run_ablate(cfg, out=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "runs").exists()
+
+
 def test_ablate_names_and_axis_values_stay_plain(run_yaml, tmp_path):
     base = {"method": {"config": "tiny_run.yaml"}, "axes": {"weight": [0, 1]}}
     with pytest.raises(RunConfigError, match="is not a plain name"):
