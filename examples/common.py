@@ -44,8 +44,11 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.06)
     p.add_argument("--backbone", default="resnet18_cifar",
-                   help="a adapters.backbones backbone: resnet18_cifar, alexnet_cifar, ...")
-    p.add_argument("--width", type=float, default=1.0, help="the backbone's width multiplier")
+                   help="a adapters.backbones backbone: resnet18_cifar, alexnet_cifar, "
+                        "vit_cifar, ...")
+    p.add_argument("--width", type=float, default=None,
+                   help="the backbone's width multiplier (default: the backbone's own, 1.0 for "
+                        "the conv nets; vit_cifar takes none)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -57,7 +60,9 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def backbone(args: argparse.Namespace) -> nn.Module:
-    return build_backbone(args.backbone, width=args.width)
+    """The ``--backbone``, with ``--width`` when one is given (a backbone that takes no width
+    refuses it, naming the keywords it takes)."""
+    return build_backbone(args.backbone, **({} if args.width is None else {"width": args.width}))
 
 
 def train_loader(args: argparse.Namespace, transform) -> DataLoader:

@@ -61,7 +61,8 @@ class ViT(nn.Module):
 
 def backbone(args) -> ViT:
     heads = args.heads
-    dim = max(heads, round(192 * args.width / heads) * heads)  # ViT-Tiny's 192 at width 1
+    width = 1.0 if args.width is None else args.width
+    dim = max(heads, round(192 * width / heads) * heads)  # ViT-Tiny's 192 at width 1
     return ViT(dim, args.depth, heads)
 
 

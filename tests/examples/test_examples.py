@@ -99,6 +99,27 @@ def test_lightning_example_trains_checkpoints_and_resumes(image_folder, tmp_path
     assert isinstance(fresh, pl.LightningModule)
 
 
+def test_lightning_example_with_a_vit_taps_tokens_checkpoints_and_reloads(image_folder,
+                                                                         tmp_path):
+    """The Lightning loop with a Vision Transformer (vit_cifar): the objective taps the final
+    norm's tokens as an 8x8 map, Lightning trains and checkpoints the token head, and a fresh
+    module loads the checkpoint strictly."""
+    example = load("lightning_simclr")
+    argv = [a for a in tiny(image_folder, "--backbone", "vit_cifar")
+            if a not in ("--width", "0.125")]
+    top1 = example.main([*argv, "--out", str(tmp_path)])
+    assert 0.0 <= top1 <= 100.0
+    ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+    fresh = example.SimCLR(example.backbone(example.parser("").parse_args(argv)))
+    assert fresh.aux.layer_name == "norm" and fresh.aux.head.in_channels == 96  # not the stem
+    fresh.load_state_dict(ckpt["state_dict"])  # strict: the token head rebuilt the same
+    head = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("aux.head.")}
+    assert head and all(torch.equal(fresh.state_dict()[k], v) for k, v in head.items())
+    with pytest.raises(TypeError, match="width"):
+        example.backbone(example.parser("").parse_args([*argv, "--width", "0.5"]))
+
+
 def test_lightning_module_recon_changes_the_encoder_gradient(image_folder):
     example = load("lightning_simclr")
     args = example.parser("").parse_args(tiny(image_folder))
