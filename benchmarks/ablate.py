@@ -2,9 +2,9 @@
 
 ``ablate CONFIG`` varies the knobs around a default +recon block (overall weight including 0,
 the L2/LPIPS mix, LPIPS net, resize_to, tapped layer, and the cost knobs lpips_fraction,
-lpips_crop and head_max_width) for one method, with the outputs of
-``bench`` (see :mod:`benchmarks.matrix`) plus a plot of metric vs weight and the paper's Figure
-2 (reconstructions trained with L2 only, LPIPS only and L2 + LPIPS, side by side).
+lpips_crop and head_max_width, or several keys at once with ``set``) for one method, with the
+outputs of ``bench`` (see :mod:`benchmarks.matrix`) plus a plot of metric vs weight and the
+paper's Figure 2 (reconstructions trained with L2 only, LPIPS only and L2 + LPIPS, side by side).
 
 Ablate config (YAML; the run config path is relative to this file's folder)::
 
@@ -54,7 +54,9 @@ MIXES = {"l2": (1.0, 0.0), "lpips": (0.0, 1.0), "l2+lpips": (1.0, 1.0)}
 #: (the cost knobs too, to measure what they do to the representation before one becomes a
 #: default; each value is checked by the recon block's rules before any run starts).
 AXES = ("weight", "mix", "net", "resize_to", "layer", "lpips_fraction", "lpips_crop",
-        "head_max_width")
+        "head_max_width", "set")
+#: ``set``'s values change several keys of the block at once (``{resize_to: 64, lpips_crop: 36}``:
+#: a knob that acts only in combination with another).
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,11 @@ def _load_ablate_config(path: str | Path, overrides: Sequence[str]) -> AblateCon
         if axis == "mix" and [v for v in values if not isinstance(v, str) or v not in MIXES]:
             raise RunConfigError(f"axes.mix: {[v for v in values if v not in MIXES]} not among "
                                  f"{', '.join(MIXES)}.")
+        if axis == "set" and [v for v in values if not isinstance(v, dict) or not v
+                              or {"weight", "l2_weight", "lpips_weight"} & set(v)]:
+            raise RunConfigError(f"axes.set={values}: each value is a mapping of recon keys to "
+                                 "change together (e.g. {resize_to: 64, lpips_crop: 36}); the "
+                                 "weights have their own axes, weight and mix.")
         if axis == "weight" and [v for v in values if isinstance(v, bool)
                                  or not isinstance(v, (int, float)) or not v >= 0]:
             raise RunConfigError(f"axes.weight={values} must be numbers >= 0 (0: the base "
@@ -137,6 +144,8 @@ def run_ablate(cfg: AblateConfig, out: Path | None = None, progress: bool | None
                     recon = None  # weight 0 is the base method, not a head that trains alone
                 elif axis == "mix":
                     recon["l2_weight"], recon["lpips_weight"] = MIXES[value]
+                elif axis == "set":
+                    recon.update(value)
                 else:
                     recon[axis] = value
                 rc = cfg.method.run_config([*common, f"train.seed={seed}"], cfg.name,
@@ -190,6 +199,8 @@ def _on_axis(run: dict[str, Any], axis: str, value: Any) -> bool:
 
 
 def _shown(value: Any) -> str:
+    if isinstance(value, dict):
+        return "+".join(f"{k}={_shown(v)}" for k, v in value.items())
     return "+".join(map(str, value)) if isinstance(value, list) else str(value)
 
 

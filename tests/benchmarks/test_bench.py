@@ -96,19 +96,22 @@ def test_ablate_end_to_end(tmp_path, toy_config):
         "axes": {"weight": [0, 1.0], "mix": ["l2", "lpips", "l2+lpips"],
                  "layer": [["conv4.0", "conv5.0"]],  # the multi-level head
                  "resize_to": [None],  # the default point again (resize_to: None is default)
-                 "lpips_fraction": [0.5]},  # a cost knob
+                 "lpips_fraction": [0.5],  # a cost knob
+                 "set": [{"resize_to": 64, "lpips_crop": 36}]},  # two keys (dumped sorted)
         "references": ["random-init", "recon-only"],
     }))
     out = ablate.run_ablate(ablate.load_ablate_config(cfg_file), out=tmp_path / "abl",
                             progress=False)
     runs = json.loads((out / "results.json").read_text())["runs"]
-    assert len(runs) == 8  # weight=1 and mix=l2+lpips are the same run; 2 references
+    assert len(runs) == 9  # weight=1 and mix=l2+lpips are the same run; 2 references
     assert {r["id"] for r in runs if r["reference"]} == {
         "random-init-alexnet_cifar-seed0", "recon-only-alexnet_cifar-seed0"}
     multi = next(r for r in runs if r["id"] == "layer=conv4.0+conv5.0-seed0")
     assert multi["config"]["recon"]["layer"] == ["conv4.0", "conv5.0"]
     half = next(r for r in runs if r["id"] == "lpips_fraction=0.5-seed0")
     assert half["config"]["recon"]["lpips_fraction"] == 0.5
+    both = next(r for r in runs if r["id"] == "set=lpips_crop=36+resize_to=64-seed0")
+    assert (both["config"]["recon"]["resize_to"], both["config"]["recon"]["lpips_crop"]) == (64, 36)
     assert (out / "figure2.png").is_file() and (out / "metric_vs_weight.png").is_file()
     text = (out / "README.md").read_text()
     assert "### weight" in text and "mix=lpips" in text
@@ -128,9 +131,10 @@ def test_ablate_end_to_end(tmp_path, toy_config):
     # every axis row holds exactly its own runs (one seed here), resize_to=None too
     axis_rows = [line for line in text.split("## Ablation")[1].splitlines()
                  if line.startswith("| ") and not line.startswith("| setting")]
-    assert len(axis_rows) == 8 and all(line.endswith(" | 1 |") for line in axis_rows), axis_rows
+    assert len(axis_rows) == 9 and all(line.endswith(" | 1 |") for line in axis_rows), axis_rows
     assert any(line.startswith("| resize_to=None |") for line in axis_rows)
     assert any(line.startswith("| layer=conv4.0+conv5.0 |") for line in axis_rows)
+    assert any(line.startswith("| set=lpips_crop=36+resize_to=64 |") for line in axis_rows)
     # axis rows carry the paired differences to the base method and to recon-only
     only = by_id["recon-only-alexnet_cifar-seed0"]["metrics"]["knn_conv5"]
     lpips_row = next(line for line in text.splitlines() if line.startswith("| mix=lpips |"))

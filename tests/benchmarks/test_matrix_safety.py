@@ -100,6 +100,8 @@ def test_bench_keys_and_values_are_checked(run_yaml, tmp_path, change, match):
     ({"axes": {"weight": [-1]}}, "must be numbers >= 0"),
     ({"axes": {"mix": ["l3"]}}, r"axes.mix: \['l3'\] not among"),
     ({"axes": {"lr": [1]}}, "unknown axis 'lr'"),
+    ({"axes": {"set": [64]}}, "each value is a mapping of recon keys"),
+    ({"axes": {"set": [{"weight": 2}]}}, "the weights have their own axes"),
     ({"references": ["supervized"]}, r"unknown reference row\(s\) \['supervized'\]"),
 ])
 def test_ablate_keys_and_values_are_checked(run_yaml, tmp_path, change, match):
