@@ -253,8 +253,7 @@ def _write_ablation_report(out: Path, cfg: AblateConfig, runs: list[dict[str, An
         if report.plot_ablation(points, out / "metric_vs_weight.png", "recon weight",
                                 "top-1 %"):
             pictures.append("metric_vs_weight.png")
-    if "mix" in cfg.axes and _figure2(out, cfg):
-        pictures.append("figure2.png")
+    local = ("figure2.png",) if "mix" in cfg.axes and _figure2(out, cfg) else ()
     notes = ("\n## Ablation (one knob at a time around the default +recon block)\n\n"
              "The table above holds the reference rows, the base method (weight 0) and the "
              "default +recon block; every setting of every axis follows, with its mean paired "
@@ -265,7 +264,7 @@ def _write_ablation_report(out: Path, cfg: AblateConfig, runs: list[dict[str, An
              + "\nweight=0 is the base method (recon: null). The default point is run once and "
                "shown on every axis.\n")
     write_report(out, cfg, table, extra_notes=notes, extra_pictures=tuple(pictures),
-                  all_runs=runs if unique is None else unique)
+                 all_runs=runs if unique is None else unique, extra_local_pictures=local)
 
 
 def _figure2(out: Path, cfg: AblateConfig) -> bool:

@@ -4,7 +4,8 @@ results file, and the README.
 A :class:`Matrix` is a list of planned runs (id, run config, row metadata), a results folder
 (``benchmarks/results/<name>/`` by default) and the loop that trains the runs not finished yet.
 Everything a matrix writes goes under that folder: ``results.json`` (one entry per finished
-run), ``runs/<id>/`` (each run's checkpoint, log and pictures), ``pictures/<id>.png``, the
+run), ``runs/<id>/`` (each run's checkpoint, log and pictures), ``pictures/<id>.png`` (the
+reconstructions beside their inputs: git-ignored, as they show the data set's images), the
 README, curves and plots. A re-run skips finished runs and resumes a killed run from its last
 checkpoint, so an interrupted matrix loses at most one epoch; a finished run whose config
 changed is never silently reused.
@@ -544,19 +545,26 @@ def mark_partial(cfg: MatrixConfig, matrix: Matrix) -> MatrixConfig:
 
 def write_report(out: Path, cfg: MatrixConfig, runs: list[dict[str, Any]],
                  extra_notes: str = "", extra_pictures: tuple[str, ...] = (),
-                 all_runs: list[dict[str, Any]] | None = None) -> None:
+                 all_runs: list[dict[str, Any]] | None = None,
+                 extra_local_pictures: tuple[str, ...] = ()) -> None:
     """README, curves and table of ``runs``; ``all_runs`` (default ``runs``) for the setup line
-    and the metric list when the table shows a subset (the ablation)."""
+    and the metric list when the table shows a subset (the ablation). ``extra_pictures`` are
+    plots, shown in the README; ``pictures/`` and ``extra_local_pictures`` hold data set images
+    (reconstructions beside their inputs): named, not shown, and git-ignored."""
     all_runs = runs if all_runs is None else all_runs
     metrics = list(cfg.metrics or sorted({m for r in all_runs for m in r["metrics"]
                                           if not m.startswith("final")}))
     pictures = list(extra_pictures)
     if report.plot_curves(runs, out / "curves.png", ["method_loss", "recon_l2", "recon_lpips"]):
         pictures.append("curves.png")
+    local = list(extra_local_pictures)
+    ids = {r["id"] for r in (*runs, *all_runs)}  # not the pictures of superseded runs
     if (out / "pictures").is_dir():
-        pictures += sorted(f"pictures/{p.name}" for p in (out / "pictures").glob("*.png"))
+        local += sorted(f"pictures/{p.name}" for p in (out / "pictures").glob("*.png")
+                        if p.stem in ids)
     text = report.render_readme(cfg.title, runs, metrics, report.render_setup(all_runs),
-                                pictures=pictures, notes=cfg.notes + extra_notes)
+                                pictures=pictures, notes=cfg.notes + extra_notes,
+                                local_pictures=local)
     (out / "README.md").write_text(text)
     print(report.render_table(runs, metrics))
     print(f"results: {out / 'README.md'} (pictures in {out})")

@@ -228,13 +228,24 @@ def render_verdicts(runs: list[dict[str, Any]], metrics: Sequence[str]) -> str:
 
 
 def render_readme(title: str, runs: list[dict[str, Any]], metrics: Sequence[str],
-                  setup: str, pictures: Sequence[str] = (), notes: str = "") -> str:
-    """A results README: how it was measured, the table, the paper's numbers, the caveats."""
+                  setup: str, pictures: Sequence[str] = (), notes: str = "",
+                  local_pictures: Sequence[str] = ()) -> str:
+    """A results README: how it was measured, the table, the paper's numbers, the caveats.
+
+    ``pictures`` (plots) are shown; ``local_pictures`` (reconstructions beside their inputs) are
+    only named: they show the data set's images, which the repository does not hold.
+    """
     paper = PAPER["table1_cifar10"]
     paper_rows = "\n".join(f"| {k} | {v[0]} | {v[1]} |" for k, v in paper.items())
     aet = PAPER["table3_cifar10_error"]
     aet_rows = "\n".join(f"| {k} | {v} | {100 - v:.2f} |" for k, v in aet.items())
     pics = "\n".join(f"![{p}]({p})" for p in pictures)
+    if local_pictures:
+        n = len(local_pictures)
+        named = ", ".join(f"`{p}`" for p in local_pictures[:3]) + (", ..." if n > 3 else "")
+        pics += (f"\n\nReconstructions, each beside its input images ({named}; {n} PNG "
+                 f"file{'s' * (n != 1)}), are written into this results folder when the matrix "
+                 "runs. They are not committed: they show the data set's images.")
     return f"""# {title}
 
 ## Verdict: does the objective upgrade each method at this scale?

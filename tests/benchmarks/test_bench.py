@@ -57,6 +57,12 @@ def test_bench_end_to_end_and_resume(tmp_path, toy_config, monkeypatch):
     assert "transferred supervision" in readme and "Table 1" in readme
     assert (out / "curves.png").is_file()
     assert (out / "pictures" / "toy-recon-seed0.png").is_file()
+    # reconstructions show the data set's images: named in the README, never embedded, and
+    # ignored by git (plots are embedded)
+    assert "![curves.png](curves.png)" in readme and "![pictures/" not in readme
+    assert "`pictures/toy-recon-seed0.png`" in readme and "not committed" in readme
+    ignored = (REPO / ".gitignore").read_text().splitlines()
+    assert "benchmarks/results/*/pictures/" in ignored
     # every output of the matrix is under its results folder, the runs' checkpoints too
     assert (out / "runs" / "toy-recon-seed0" / "checkpoint.pt").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results", "tiny.yaml", "toy_run.yaml"]
