@@ -133,7 +133,8 @@ def lpips_layer_flops(net: str, size: int) -> list[tuple[str, tuple[int, int], f
     for hook in hooks:
         hook.remove()
     counts = counter.get_flop_counts()
-    return [(n, shapes[n], sum(counts.get(f"LPIPS.net.{n}", {}).values())) for n in slices]
+    prefix = f"{type(lpips).__name__}.net"  # FlopCounterMode names modules from the root's class
+    return [(n, shapes[n], sum(counts.get(f"{prefix}.{n}", {}).values())) for n in slices]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,15 +160,17 @@ def main(argv: list[str] | None = None) -> int:
                *[f"{flops[v] / base:.3f}x" for v in args.variants if v != "base"]]
         lines.append("| " + " | ".join(row) + " |")
         print(lines[-1], flush=True)
-    lpips_lines = ["| input | " + " | ".join(f"layer {i + 1}: map, share" for i in range(5))
-                   + " | 1 x 1 maps: share |", "|" + "---|" * 7]
+    lpips_rows = []
     for size in args.lpips_sizes:
         layers = lpips_layer_flops("alex", size)
         total = sum(f for _, _, f in layers)
         cells = [f"{h}x{w}, {f / total:.0%}" for _, (h, w), f in layers]
         one = sum(f for _, hw, f in layers if hw == (1, 1)) / total
-        lpips_lines.append(f"| {size} px | " + " | ".join(cells) + f" | {one:.0%} |")
-        print(lpips_lines[-1], flush=True)
+        lpips_rows.append(f"| {size} px | " + " | ".join(cells) + f" | {one:.0%} |")
+        print(lpips_rows[-1], flush=True)
+    width = len(layers) if args.lpips_sizes else 0  # the header follows the layers counted
+    lpips_lines = ["| input | " + " | ".join(f"layer {i + 1}: map, share" for i in range(width))
+                   + " | 1 x 1 maps: share |", "|" + "---|" * (width + 2), *lpips_rows]
     text = "\n".join([
         "FLOPs of one training step per image (forward + backward; encoder + linear CE head; "
         "+recon adds aux.loss with the default head and tap), counted with "
