@@ -1,8 +1,9 @@
-"""The harness's command line: ``train``, ``bench`` and ``ablate``.
+"""The harness's command line: ``train``, ``bench``, ``ablate`` and ``summary``.
 
     recon-aux train CONFIG [key=value ...]    # one run of a method, base or +recon
     recon-aux bench CONFIG [key=value ...]    # methods x {base, +recon} x seeds + references
     recon-aux ablate CONFIG [key=value ...]   # the auxiliary objective's knobs, one at a time
+    recon-aux summary [--write|--check README.md]   # the verdict table over the bench results
 
 ``recon-aux`` (the library's console script, :mod:`recon_aux.cli`) hands these to
 :func:`main` from a checkout; ``python -m benchmarks.cli ...`` from the checkout is the same.
@@ -44,7 +45,7 @@ from recon_aux import ConfigError, NonFiniteLossError
 from recon_aux.layers import LayerChoiceError
 from recon_aux.weights import WeightsError
 
-from . import ablate, bench
+from . import ablate, bench, summary
 
 __all__ = ["main", "error_line"]
 
@@ -59,6 +60,7 @@ KNOWN_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
     (CheckpointError, "checkpoint error"),
     (WeightsError, "LPIPS weights error"),
     (RunFolderError, "run folder error"),
+    (summary.SummaryError, "summary error"),
     (DatasetError, "data error"),
     (pickle.UnpicklingError, "unpickling error"),
     (NonFiniteLossError, "training stopped"),
@@ -132,6 +134,11 @@ def _matrix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _summary(args: argparse.Namespace) -> int:
+    return summary.main(args.write or args.check, check=args.check is not None,
+                        root=args.results)
+
+
 def _options(args: argparse.Namespace) -> dict:
     return {"out": args.out_dir, "progress": None, "replace_changed": args.replace_changed,
             "report_only": args.report_only, "merge": args.merge,
@@ -181,6 +188,15 @@ def main(argv: list[str] | None = None) -> int:
                             "version had) to 'superseded' in results.json; use with the whole "
                             "config, not with seeds= or methods.<row>=null overrides")
         b.set_defaults(func=_matrix)
+    s = sub.add_parser("summary", help="the verdict table over the bench results folders")
+    target = s.add_mutually_exclusive_group()
+    target.add_argument("--write", type=Path, default=None, metavar="README",
+                        help="replace the table between the README's verdict markers")
+    target.add_argument("--check", type=Path, default=None, metavar="README",
+                        help="exit 1 when the README's table is not what the results say")
+    s.add_argument("--results", type=Path, default=summary.RESULTS,
+                   help="the folder holding the results folders (default benchmarks/results)")
+    s.set_defaults(func=_summary)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

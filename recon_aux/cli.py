@@ -1,7 +1,7 @@
 """``recon-aux``: the library's console script.
 
     recon-aux --version                       # the installed version
-    recon-aux train|bench|ablate ARGS ...     # the research harness, from a checkout
+    recon-aux train|bench|ablate|summary ARGS ...   # the research harness, from a checkout
 
 The installed package is the add-on only (the two lines, :func:`recon_aux.attach`). The research
 harness (the methods, the training engine, the benchmarks: the ``adapters`` and ``benchmarks``
@@ -28,7 +28,7 @@ from . import __version__
 __all__ = ["main", "find_checkout", "HARNESS_COMMANDS"]
 
 #: The commands the harness runs (``benchmarks/cli.py``).
-HARNESS_COMMANDS = ("train", "bench", "ablate")
+HARNESS_COMMANDS = ("train", "bench", "ablate", "summary")
 REPOSITORY = "https://github.com/recon-aux/recon-aux"
 USAGE = f"""usage: recon-aux [--version] {{{','.join(HARNESS_COMMANDS)}}} ...
 
@@ -36,8 +36,9 @@ USAGE = f"""usage: recon-aux [--version] {{{','.join(HARNESS_COMMANDS)}}} ...
   train       one run of a method, base or +recon (YAML config)
   bench       methods x {{base, +recon}} x seeds, with reference rows
   ablate      the auxiliary objective's knobs, one at a time
+  summary     the verdict table over the bench results folders
 
-train, bench and ablate run from a checkout of {REPOSITORY}
+train, bench, ablate and summary run from a checkout of {REPOSITORY}
 (recon-aux COMMAND --help there for their options)."""
 
 
