@@ -163,7 +163,8 @@ def render_table(runs: list[dict[str, Any]], metrics: Sequence[str]) -> str:
     return header + "\n".join(lines) + "\n"
 
 
-def verdicts(runs: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
+def verdicts(runs: list[dict[str, Any]], metrics: Sequence[str],
+             summary: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Per method: does the objective upgrade it at this scale? ``answer`` is "yes", "no" or
     "unclear", with the ``reason`` and the paired rows it rests on.
 
@@ -179,8 +180,9 @@ def verdicts(runs: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, di
 
     Whether +recon also beats the objective alone (recon-only) is reported beside it: a "yes"
     that recon-only matches says the gain may be the objective's own, not an upgrade.
+    ``summary`` is :func:`summarise`'s result for these runs when the caller has it already.
     """
-    s = summarise(runs, metrics)
+    s = summarise(runs, metrics) if summary is None else summary
     out: dict[str, dict[str, Any]] = {}
     for method in sorted(s["paired"]):
         up = s["paired"][method]
