@@ -53,7 +53,10 @@ class BenchConfig(MatrixConfig):
     Attributes:
         methods: Row name -> the run config it is built from (None: switched off, e.g. by the
             override ``methods.aet=null``).
-        references: Row name -> the reference rows planned on its backbone, data and evaluation.
+        references: Row name -> the reference rows planned on its recipe (backbone, data,
+            augmentation, optimizer, evaluation). The first row's are the shared ones; a later
+            row's reference on the same backbone is its own row ("recon-only (alexnet_cifar,
+            aet's recipe)"), and that row's paired differences use it instead of the shared one.
     """
 
     methods: Mapping[str, RunSource | None] = field(default_factory=dict)

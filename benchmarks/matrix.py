@@ -458,6 +458,7 @@ class Matrix:
             entry = {"id": run_id, "method": meta.get("method", cfg.method.name),
                      "recon": cfg.recon.to_dict() if cfg.recon is not None else False,
                      "seed": cfg.train.seed, "reference": meta.get("reference"),
+                     **({"ref_from": meta["ref_from"]} if "ref_from" in meta else {}),
                      "ablation": meta.get("ablation"), "metrics": result["metrics"],
                      "evaluation": result.get("evaluation"),
                      "config": result["config"], "wall_s": result["wall_s"],
@@ -523,12 +524,14 @@ def add_references(matrix: Matrix, cfg: MatrixConfig, src: RunSource, ref_from: 
         final = [*recon_set, *REFERENCE_ROWS[row]] if row == "recon-only" else REFERENCE_ROWS[row]
         rc = src.run_config([*common, f"train.seed={seed}"], cfg.name, final)
         backbone = rc.backbone.name
-        run_id, label = f"{row}-{backbone}-seed{seed}", f"{row} ({backbone})"
-        if matrix.planned(run_id):  # a second method's reference on the same backbone,
-            # e.g. with its own evaluation (AET's non-linear probe): its own row
+        run_id, label, own = f"{row}-{backbone}-seed{seed}", f"{row} ({backbone})", {}
+        if matrix.planned(run_id):  # a second method's reference on the same backbone: its own
+            # row, on that method's recipe (augmentation, optimizer, evaluation), and the one
+            # that method's rows are paired with (report's _reference_of reads ref_from)
             run_id = f"{row}-{backbone}-{ref_from}-seed{seed}"
-            label = f"{row} ({backbone}, {ref_from}'s evaluation)"
-        matrix.add(run_id, rc, {"reference": label, "method": row})
+            label = f"{row} ({backbone}, {ref_from}'s recipe)"
+            own = {"ref_from": ref_from}
+        matrix.add(run_id, rc, {"reference": label, "method": row, **own})
 
 
 def mark_partial(cfg: MatrixConfig, matrix: Matrix) -> MatrixConfig:

@@ -73,12 +73,17 @@ def paired(diffs: list[float], better: str, worse: str) -> dict[str, Any]:
 def _reference_of(kind: str, run: dict[str, Any], runs: list[dict[str, Any]], metric: str):
     """The ``kind`` reference run (random-init, recon-only) of ``run``'s seed and backbone that
     has ``metric``: for random-init, the untrained network the method started from (the engine
-    seeds before building the backbone)."""
+    seeds before building the backbone). Where the matrix has that reference on ``run``'s own
+    method's recipe (``ref_from``, see ``matrix.add_references``) for any seed, only those
+    count (a seed without one has no pair: recipes are never mixed over seeds); else the
+    shared one (the first method's, which has no ``ref_from``)."""
     backbone = (run.get("config") or {}).get("backbone")
-    for r in runs:
-        if ((r.get("reference") or "").startswith(kind) and r["seed"] == run["seed"]
-                and (r.get("config") or {}).get("backbone") == backbone
-                and metric in r["metrics"]):
+    kind_runs = [r for r in runs if (r.get("reference") or "").startswith(kind)
+                 and (r.get("config") or {}).get("backbone") == backbone]
+    own = any(r.get("ref_from") == run.get("method") for r in kind_runs)
+    for r in kind_runs:
+        if (r["seed"] == run["seed"] and metric in r["metrics"]
+                and r.get("ref_from") == (run.get("method") if own else None)):
             return r
     return None
 
@@ -271,7 +276,9 @@ method loss). `base − random-init (paired)` compares each seed's base run with
 network it started from (same seed, same backbone, same evaluation): a method that does not
 clearly beat random init says the scale or the recipe is too small, and its +recon comparison
 means little. `+recon − recon-only (paired)` compares the method with the objective against the
-objective alone (same seed): where recon-only is as good, the gain may be the objective's own.
+objective alone (same seed; on the method's own recipe where the table has a "recon-only (...,
+<method>'s recipe)" row, else the shared row): where recon-only is as good, the gain may be the
+objective's own.
 A paired difference smaller than its std over seeds is reported as "no clear difference" (with
 one seed there is no std, "n=1" is shown, and nothing is called clear).
 

@@ -214,7 +214,7 @@ def test_report_only_marks_a_partial_matrix(tmp_path, monkeypatch):
     cfg, _ = _one_finished_sela_run(tmp_path, monkeypatch)
     out = bench.run_bench(cfg, out=tmp_path, progress=False, report_only=True)
     text = (out / "README.md").read_text()
-    assert text.startswith("# PARTIAL: ") and "1 of 9 planned runs finished" in text
+    assert text.startswith("# PARTIAL: ") and "1 of 11 planned runs finished" in text
     assert "deepcluster-base-seed0" in text and "| sela |" in text
 
 

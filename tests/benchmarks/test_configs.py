@@ -26,3 +26,37 @@ def test_bench_config_valid(path, tmp_path, monkeypatch):
     for src in sources:
         rc = src.run_config([*common, "recon=null"], cfg.name)
         assert rc.train.epochs >= 1
+
+
+class _Plan:
+    """A stand-in for a Matrix that only records what is planned."""
+
+    def __init__(self):
+        self.plan = []
+
+    def planned(self, run_id):
+        return any(p[0] == run_id for p in self.plan)
+
+    def add(self, run_id, cfg, meta):
+        self.plan.append((run_id, cfg, meta))
+
+
+def test_cifar10_cpu_runs_recon_only_on_each_methods_recipe():
+    from benchmarks.matrix import add_references
+
+    cfg = bench.load_bench_config(CONFIGS / "cifar10-cpu.yaml")
+    plan = _Plan()
+    for ref_from, rows in cfg.references.items():
+        add_references(plan, cfg, cfg.methods[ref_from], ref_from, rows, dotted(cfg.common), 0)
+    by_id = {run_id: (rc, meta) for run_id, rc, meta in plan.plan}
+    shared, _ = by_id["recon-only-alexnet_cifar-seed0"]
+    for method in ("aet", "sela"):
+        rc, meta = by_id[f"recon-only-alexnet_cifar-{method}-seed0"]
+        assert meta == {"reference": f"recon-only (alexnet_cifar, {method}'s recipe)",
+                        "method": "recon-only", "ref_from": method}
+        own = cfg.methods[method].run_config([*dotted(cfg.common), "train.seed=0"], cfg.name)
+        assert rc.method.name == "recon_only" and rc.recon == shared.recon
+        # the method's own recipe: its augmentation, optimizer and batch, not DeepCluster's
+        assert (rc.data, rc.train, rc.eval, rc.backbone) == (own.data, own.train, own.eval,
+                                                             own.backbone)
+    assert "ref_from" not in by_id["recon-only-alexnet_cifar-seed0"][1]

@@ -84,3 +84,30 @@ def test_verdicts_follow_the_paired_rule():
     text = report.render_verdicts(_matrix([40, 41, 42], [45, 47, 46], [30, 30, 30],
                                           [44, 44, 44]), ["knn"])
     assert text.startswith("- **m: yes**") and "+recon − recon-only: knn +2.0 ± 1.0" in text
+
+
+def test_a_method_pairs_with_the_recon_only_run_on_its_own_recipe():
+    # two methods, one shared recon-only row (the first method's, no ref_from) and one on n's
+    # recipe: m pairs with the shared row, n with its own, never with the other's
+    runs = []
+    for seed, (shared, own) in enumerate([(44.0, 40.0), (45.0, 41.0)]):
+        runs += [_run("m", {"weight": 1}, seed, 46.0 + seed), _run("m", False, seed, 43.0),
+                 _run("n", {"weight": 1}, seed, 42.0 + seed), _run("n", False, seed, 39.0),
+                 _run("recon-only", {"weight": 1}, seed, shared, "recon-only (net)"),
+                 {**_run("recon-only", {"weight": 1}, seed, own, "recon-only (net, n's recipe)"),
+                  "ref_from": "n"}]
+    lines = report.render_table(runs, ["knn"]).strip().splitlines()
+    # m: 46 - 44, 47 - 45 -> +2.0; n: 42 - 40, 43 - 41 -> +2.0 (against the shared row: -2.0)
+    assert "| m: +recon − recon-only (paired) | +2.0 ± 0.0 (2/2 seeds up; +recon better) |" \
+        in lines
+    assert "| n: +recon − recon-only (paired) | +2.0 ± 0.0 (2/2 seeds up; +recon better) |" \
+        in lines
+    assert "| recon-only (net, n's recipe) | 40.5 ± 0.7 |" in lines
+    # once n has its own row on one seed, its other seeds have no pair (recipes never mixed)
+    partial = [r for r in runs if not (r.get("ref_from") and r["seed"] == 1)]
+    assert "| n: +recon − recon-only (paired) | +2.0 (n=1) (1/1 seeds up; no clear difference) |" \
+        in report.render_table(partial, ["knn"]).splitlines()
+    # a method without its own row and without a shared one has no recon-only pair
+    alone = [r for r in runs if r.get("ref_from") or r["reference"] is None]
+    assert not any("m: +recon − recon-only" in line
+                   for line in report.render_table(alone, ["knn"]).splitlines())
