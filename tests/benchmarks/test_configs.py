@@ -28,24 +28,11 @@ def test_bench_config_valid(path, tmp_path, monkeypatch):
         assert rc.train.epochs >= 1
 
 
-class _Plan:
-    """A stand-in for a Matrix that only records what is planned."""
-
-    def __init__(self):
-        self.plan = []
-
-    def planned(self, run_id):
-        return any(p[0] == run_id for p in self.plan)
-
-    def add(self, run_id, cfg, meta):
-        self.plan.append((run_id, cfg, meta))
-
-
-def test_cifar10_cpu_runs_recon_only_on_each_methods_recipe():
-    from benchmarks.matrix import add_references
+def test_cifar10_cpu_runs_recon_only_on_each_methods_recipe(tmp_path):
+    from benchmarks.matrix import Matrix, add_references
 
     cfg = bench.load_bench_config(CONFIGS / "cifar10-cpu.yaml")
-    plan = _Plan()
+    plan = Matrix(cfg.name, tmp_path / "results", progress=False)  # planned, nothing run
     for ref_from, rows in cfg.references.items():
         add_references(plan, cfg, cfg.methods[ref_from], ref_from, rows, dotted(cfg.common), 0)
     by_id = {run_id: (rc, meta) for run_id, rc, meta in plan.plan}
