@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                             "runs (titled PARTIAL when some are missing)")
         b.add_argument("--merge", type=Path, default=None, metavar="DIR",
                        help="first take the finished runs of another results folder (seeds "
-                            "run in parallel with seeds=[k] --out-dir DIR)")
+                            "run in parallel with seeds=[k] --out-dir DIR) that were made "
+                            "with this config's settings")
         b.add_argument("--reuse-folder", action="store_true",
                        help="write into a results folder made by another config, or a "
                             "non-empty folder without results.json (its finished runs are "

@@ -403,18 +403,24 @@ class Matrix:
     def merge(self, other: Path) -> int:
         """Take the finished runs of another results folder (e.g. seeds run in a parallel
         process with ``seeds=[2] --out-dir DIR``) that this matrix plans and lacks, with their
-        pictures; their configs are then checked like any other finished run's. Returns how
+        pictures. Only a run trained with the planned config is taken: a run of the same id
+        made with another config (a sibling matrix's "+recon" row with another tap) is left
+        where it is, counted in the printed line, and this matrix trains its own. Returns how
         many were taken."""
         saved = self._read(Path(other) / "results.json")["runs"]
         have = {r["id"] for r in self.runs}
-        planned = {p[0] for p in self.plan}
-        taken = [r for r in saved if r["id"] in planned and r["id"] not in have]
+        planned = {run_id: cfg for run_id, cfg, _ in self.plan}
+        wanted = [r for r in saved if r["id"] in planned and r["id"] not in have]
+        taken = [r for r in wanted if not config_diff(r["config"], planned[r["id"]])]
         for r in taken:
             self.runs.append(r)
             self._keep_picture(Path(other) / "pictures" / f"{r['id']}.png", r["id"])
         if taken:
             self._save()
-        print(f"merged {len(taken)} finished run(s) from {other}", flush=True)
+        other_cfg = [r["id"] for r in wanted if r not in taken]
+        left = (f"; left {len(other_cfg)} made with another config ({', '.join(other_cfg)})"
+                if other_cfg else "")
+        print(f"merged {len(taken)} finished run(s) from {other}{left}", flush=True)
         return len(taken)
 
     def missing(self) -> list[str]:

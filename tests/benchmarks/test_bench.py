@@ -275,6 +275,37 @@ def test_merge_takes_runs_of_a_parallel_seed(tmp_path, monkeypatch):
     assert len(runs) == 8 and sum(r["seed"] == 1 for r in runs) == 4
 
 
+def test_merge_leaves_a_run_of_the_same_id_made_with_another_config(tmp_path, monkeypatch,
+                                                                     capsys):
+    """simclr-cpu-layer shares simclr-cpu's run ids: merging takes the base and reference rows
+    and leaves simclr-cpu's "+recon" rows (another tap), which the layer matrix trains itself."""
+    monkeypatch.chdir(tmp_path)
+    configs = REPO / "benchmarks" / "configs"
+
+    def fake(c):
+        return {"metrics": {"knn_pool": float(c.train.seed)}, "config": c.to_dict(),
+                "wall_s": 0.0, "machine": "test", "history": [], "train_images": 1,
+                "test_images": 1}
+
+    monkeypatch.setattr(matrix, "train", fake)
+    monkeypatch.setattr(matrix, "check_run", lambda c, d=None: None)  # no data needed
+    monkeypatch.setattr(bench, "write_report", lambda *a, **k: None)
+    side = tmp_path / "simclr-cpu"
+    bench.run_bench(bench.load_bench_config(configs / "simclr-cpu.yaml", ["seeds=[0]"]),
+                    out=side, progress=False)
+    trained = []
+    monkeypatch.setattr(matrix, "train", lambda c: trained.append(c) or fake(c))
+    out = bench.run_bench(bench.load_bench_config(configs / "simclr-cpu-layer.yaml",
+                                                  ["seeds=[0]"]),
+                          out=tmp_path / "layer", progress=False, merge=side)
+    assert "left 1 made with another config (simclr-recon-seed0)" in capsys.readouterr().out
+    assert [c.recon.layer for c in trained] == ["layer4.1.conv2"]  # only its own +recon row
+    runs = {r["id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert set(runs) == {"simclr-base-seed0", "simclr-recon-seed0",
+                         "random-init-resnet18_cifar-seed0"}
+    assert runs["simclr-recon-seed0"]["config"]["recon"]["layer"] == "layer4.1.conv2"
+
+
 def test_knn_protocol_reproduces_the_runs_own_knn(tmp_path, toy_config, monkeypatch, capsys):
     """benchmarks/studies/knn_protocol.py re-evaluates a finished run from its checkpoint: its
     conv5/avg column must equal the knn_conv5 the run reported (same bank, same k)."""
