@@ -74,6 +74,7 @@ from .progress import progress
 from .schema import SchemaError
 
 __all__ = ["Trainer", "train", "StopTraining", "RunSetup", "prepare_run", "plain_loader",
+           "evaluation_batchnorm",
            "machine", "RunFolderError", "RUN_FILES", "run_dir", "prepare_run_folder", "check_run",
            "check_layers", "check_data"]
 
@@ -111,6 +112,22 @@ def plain_loader(arrays: ImageArrays, batch_size: int, size: int, rank: int = 0,
     shard: what evaluation and the label passes read."""
     return BatchLoader(arrays, batch_size, augment=make_augment("none", size=size),
                        shuffle=False, rank=rank, world_size=world_size)
+
+
+def evaluation_batchnorm(backbone: nn.Module, train_set: ImageArrays, cfg: RunConfig, size: int,
+                         device: torch.device) -> contextlib.AbstractContextManager:
+    """The BatchNorm scope every evaluation of a run reads the encoder in: statistics
+    recalibrated on ``eval.bn_recalibration_images`` clean training images (shuffled with
+    ``train.seed``; restored on exit), or, with 0, the statistics as training left them. It
+    yields ``{"bn_layers": ..., "images": ...}`` (``bn_layers`` None when off)."""
+    recal = cfg.eval.bn_recalibration_images
+    if not recal:
+        return contextlib.nullcontext({"bn_layers": None, "images": 0})
+    calibration = BatchLoader(train_set, cfg.data.eval_batch_size,
+                              augment=make_augment("none", size=size), shuffle=True,
+                              seed=cfg.train.seed)
+    return recalibrated_batchnorm(backbone, calibration, device=device,
+                                  max_images=min(int(recal), len(train_set)))
 
 
 @dataclass
@@ -624,16 +641,8 @@ class Trainer:
         train = self._plain_loader(self.train_set, shard=False)
         test = self._plain_loader(self.test_set, shard=False)
         details: dict[str, Any] = {}
-        recal = ecfg.bn_recalibration_images
-        if recal:
-            calibration = BatchLoader(self.train_set, self.cfg.data.eval_batch_size,
-                                      augment=make_augment("none", size=self.size),
-                                      shuffle=True, seed=self.seed)
-            scope = recalibrated_batchnorm(self.backbone, calibration, device=self.device,
-                                           max_images=min(int(recal), len(self.train_set)))
-        else:
-            scope = contextlib.nullcontext({"bn_layers": None, "images": 0})
-        with scope as info:
+        with evaluation_batchnorm(self.backbone, self.train_set, self.cfg, self.size,
+                                  self.device) as info:
             details["bn_recalibration"] = info
             if ecfg.knn:
                 layers = list(ecfg.knn.layers)

@@ -6,7 +6,10 @@ the same backbone untrained (the config's seed), with weighted kNN (k=200, T=0.1
 protocol) on several feature choices: conv5 globally average-pooled (the bench's ``knn_conv5``),
 max-pooled, flattened (the map as the linear probe reads it), and fc7. Prints one row per run
 and the difference to random init. Nothing is trained; the training set of each run's config
-is the kNN bank and the full test set the queries.
+is the kNN bank and the full test set the queries. Every network, the untrained one included,
+is read with its BatchNorm statistics recalibrated as the run's own evaluation did
+(``eval.bn_recalibration_images`` clean training images), so the conv5/avg column is the run's
+``knn_conv5``.
 
 Usage::
 
@@ -27,7 +30,7 @@ import torch
 
 from adapters.checkpoint import load_checkpoint
 from adapters.config import RunConfig
-from adapters.engine import RunSetup, machine, prepare_run
+from adapters.engine import RunSetup, evaluation_batchnorm, machine, prepare_run
 from adapters.evaluation import extract_features, pool_features, weighted_knn
 
 CHOICES = {  # column name -> (layer, pooling of its map)
@@ -37,12 +40,15 @@ CHOICES = {  # column name -> (layer, pooling of its map)
 }
 
 
-def evaluate(setup: RunSetup, batch_size: int, k: int, temperature: float) -> dict[str, float]:
-    """One forward pass over bank and queries for all layers, then kNN per feature choice."""
+def evaluate(setup: RunSetup, cfg: RunConfig, k: int, temperature: float) -> dict[str, float]:
+    """One forward pass over bank and queries for all layers (in the run's evaluation BatchNorm
+    scope), then kNN per feature choice."""
     layers = sorted({layer for layer, _ in CHOICES.values()})
-    bank, queries = (extract_features(setup.backbone, setup.plain_loader(split, batch_size),
-                                      layers, setup.device, progress=False)
-                     for split in (setup.train_set, setup.test_set))
+    batch_size = cfg.data.eval_batch_size
+    with evaluation_batchnorm(setup.backbone, setup.train_set, cfg, setup.size, setup.device):
+        bank, queries = (extract_features(setup.backbone, setup.plain_loader(split, batch_size),
+                                          layers, setup.device, progress=False)
+                         for split in (setup.train_set, setup.test_set))
     return {name: weighted_knn(pool_features(bank[layer], pool), bank.targets,
                                pool_features(queries[layer], pool), queries.targets, k=k,
                                temperature=temperature, device=setup.device)["top1"]
@@ -61,18 +67,20 @@ def main() -> None:
     for run in args.runs:
         state = load_checkpoint(run / "checkpoint.pt")  # sha256-checked, weights_only
         cfg = RunConfig.from_dict(state["config"])
-        batch = cfg.data.eval_batch_size
         if first is None:
             first = cfg
-            rows["random-init"] = evaluate(prepare_run(first), batch, args.k, args.temperature)
+            rows["random-init"] = evaluate(prepare_run(first), first, args.k, args.temperature)
         setup = prepare_run(cfg)  # the run's data, and its backbone to load the weights into
         setup.backbone.load_state_dict(state["backbone"])
-        rows[run.name] = evaluate(setup, batch, args.k, args.temperature)
+        rows[run.name] = evaluate(setup, cfg, args.k, args.temperature)
         print(f"{run.name}: {rows[run.name]}", flush=True)
 
     d, b = first.data, first.backbone.to_dict()
+    recal = first.eval.bn_recalibration_images
+    bn = (f"BatchNorm statistics recalibrated on {recal} clean training images" if recal else
+          "BatchNorm statistics as training left them (eval.bn_recalibration_images: 0)")
     print(f"\nweighted kNN k={args.k} T={args.temperature}; {d.dataset} "
-          f"{d.per_class}/class bank, full test set; backbone {b}; random init = seed "
+          f"{d.per_class}/class bank, full test set; backbone {b}; {bn}; random init = seed "
           f"{first.train.seed} untrained; {machine()}; torch threads "
           f"{torch.get_num_threads()}\n")
     names = list(CHOICES)

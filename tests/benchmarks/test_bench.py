@@ -308,7 +308,9 @@ def test_merge_leaves_a_run_of_the_same_id_made_with_another_config(tmp_path, mo
 
 def test_knn_protocol_reproduces_the_runs_own_knn(tmp_path, toy_config, monkeypatch, capsys):
     """benchmarks/studies/knn_protocol.py re-evaluates a finished run from its checkpoint: its
-    conv5/avg column must equal the knn_conv5 the run reported (same bank, same k)."""
+    conv5/avg column must equal the knn_conv5 the run reported (same bank, same k, the same
+    BatchNorm recalibration), and its random-init row the knn_conv5 of a 0-epoch run of the
+    same seed (the fair reference, not default BatchNorm statistics)."""
     import sys
 
     from adapters.config import load_run_config
@@ -317,11 +319,17 @@ def test_knn_protocol_reproduces_the_runs_own_knn(tmp_path, toy_config, monkeypa
 
     cfg = load_run_config(toy_config, ["run.out_dir=runs/toy-base", "recon=null"])
     result = train(cfg)
+    untrained = train(load_run_config(toy_config, ["run.out_dir=runs/toy-init", "recon=null",
+                                                   "train.epochs=0"]))
     monkeypatch.setattr(sys, "argv", ["knn_protocol.py", "runs/toy-base", "--k", "10"])
     knn_protocol.main()
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    out = capsys.readouterr().out
+    assert "BatchNorm statistics recalibrated on 10000 clean training images" in out
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| run | conv5/avg | conv5/max | conv5/flatten")
-    assert lines[1].startswith("| random-init | ")  # (the |---| line does not start with "| ")
+    init = lines[1].split(" | ")  # (the |---| line does not start with "| ")
+    assert init[0] == "| random-init"
+    assert init[1] == f"{untrained['metrics']['knn_conv5']:.1f}"
     row = lines[2].split(" | ")
     assert row[0] == "| toy-base"
     assert row[1].split(" ")[0] == f"{result['metrics']['knn_conv5']:.1f}"
