@@ -19,7 +19,7 @@ from adapters.engine import machine
 
 __all__ = ["PAPER", "summarise", "render_table", "render_readme", "render_setup", "verdicts",
            "render_verdicts", "evaluation_lines", "plot_curves", "plot_ablation", "label_of",
-           "mean_std", "paired"]
+           "mean_std", "paired", "NO_PAIR"]
 
 # The paper's numbers (Hizioglu 2020), AlexNet, full data, paper-scale training.
 PAPER = {
@@ -218,19 +218,26 @@ def verdicts(runs: list[dict[str, Any]], metrics: Sequence[str],
     return out
 
 
+#: The reason given for a method whose base and +recon runs share no seed yet.
+NO_PAIR = "no +recon row yet"
+
+
 def render_verdicts(runs: list[dict[str, Any]], metrics: Sequence[str]) -> str:
     """A bullet per method: the verdict, the paired rows behind it, and the paper's claim."""
     def cells(rows: dict[str, Any]) -> str:
         return "; ".join(f"{m} {_fmt_paired(rows[m])}" for m in metrics if m in rows) or "-"
 
     lines = []
-    for method, v in verdicts(runs, metrics).items():
+    found = verdicts(runs, metrics)
+    for method, v in found.items():
         lines.append(
             f"- **{method}: {v['answer']}** ({v['reason']}).\n"
             f"  +recon − base: {cells(v['paired'])}.\n"
             f"  base − random-init: {cells(v['vs_random'])}.\n"
             f"  +recon − recon-only: {cells(v['vs_recon_only'])}.\n"
             f"  The paper: {v['paper']}.")
+    for method in sorted({r["method"] for r in runs if not r.get("reference")} - set(found)):
+        lines.append(f"- **{method}: unclear** ({NO_PAIR}).")
     return "\n".join(lines)
 
 

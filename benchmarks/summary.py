@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .report import PAPER_CLAIMS, summarise, verdicts
+from .report import NO_PAIR, PAPER_CLAIMS, summarise, verdicts
 
 __all__ = ["MARK_BEGIN", "MARK_END", "MATRICES", "RESULTS", "SummaryError", "folders_of",
            "render_summary", "replace_block", "summary_rows"]
@@ -85,7 +85,7 @@ def summary_rows(folder: Path) -> list[dict[str, Any]]:
                                and r["method"] == method and bool(r["recon"]) == recon)
                  for recon in (False, True)}
         v = found.get(method)
-        answer, reason = (v["answer"], v["reason"]) if v else ("unclear", "no +recon row yet")
+        answer, reason = (v["answer"], v["reason"]) if v else ("unclear", NO_PAIR)
         rows.append({"method": method, "matrix": folder.name, "answer": answer,
                      "reason": reason, "seeds": seeds, "paper": PAPER_CLAIMS.get(method, ""),
                      **{key: _cell(s[key].get(method, {}), metrics) for key, _ in _COLUMNS}})

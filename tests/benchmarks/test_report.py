@@ -86,6 +86,11 @@ def test_verdicts_follow_the_paired_rule():
     assert text.startswith("- **m: yes**") and "+recon − recon-only: knn +2.0 ± 1.0" in text
 
 
+def test_a_method_without_a_recon_run_yet_gets_a_verdict_line():
+    runs = [_run("m", False, 0, 40.0), _run("random-init", False, 0, 30.0, "random-init")]
+    assert report.render_verdicts(runs, ["knn"]) == "- **m: unclear** (no +recon row yet)."
+
+
 def test_a_method_pairs_with_the_recon_only_run_on_its_own_recipe():
     # two methods, one shared recon-only row (the first method's, no ref_from) and one on n's
     # recipe: m pairs with the shared row, n with its own, never with the other's
