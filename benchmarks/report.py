@@ -19,7 +19,7 @@ from adapters.engine import machine
 
 __all__ = ["PAPER", "summarise", "render_table", "render_readme", "render_setup", "verdicts",
            "render_verdicts", "evaluation_lines", "plot_curves", "plot_ablation", "label_of",
-           "mean_std", "paired", "NO_PAIR"]
+           "mean_std", "paired", "format_paired", "NO_PAIR"]
 
 # The paper's numbers (Hizioglu 2020), AlexNet, full data, paper-scale training.
 PAPER = {
@@ -134,7 +134,9 @@ def _fmt(cell: dict | None) -> str:
     return f"{cell['mean']:.1f} (n=1)"
 
 
-def _fmt_paired(p: dict | None) -> str:
+def format_paired(p: dict | None) -> str:
+    """A :func:`paired` summary as the tables print it: ``+2.5 ± 0.7 (2/2 seeds up; +recon
+    better)``, ``(n=1)`` for one seed, ``-`` for none."""
     if p is None:
         return "-"
     spread = f"± {p['std']:.1f}" if p["n"] > 1 else "(n=1)"
@@ -164,7 +166,7 @@ def render_table(runs: list[dict[str, Any]], metrics: Sequence[str]) -> str:
             diffs = s[key].get(method)
             if diffs:
                 lines.append(f"| {method}: {what} (paired) | "
-                             + " | ".join(_fmt_paired(diffs.get(m)) for m in metrics) + " |")
+                             + " | ".join(format_paired(diffs.get(m)) for m in metrics) + " |")
     return header + "\n".join(lines) + "\n"
 
 
@@ -225,7 +227,7 @@ NO_PAIR = "no +recon row yet"
 def render_verdicts(runs: list[dict[str, Any]], metrics: Sequence[str]) -> str:
     """A bullet per method: the verdict, the paired rows behind it, and the paper's claim."""
     def cells(rows: dict[str, Any]) -> str:
-        return "; ".join(f"{m} {_fmt_paired(rows[m])}" for m in metrics if m in rows) or "-"
+        return "; ".join(f"{m} {format_paired(rows[m])}" for m in metrics if m in rows) or "-"
 
     lines = []
     found = verdicts(runs, metrics)

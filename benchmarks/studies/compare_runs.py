@@ -1,0 +1,93 @@
+"""One row of two results folders, seed by seed: which variant of a run is better?
+
+Two matrices that differ in one setting and share everything else (seeds, data, schedule,
+evaluation) have rows of the same id, e.g. ``simclr-recon-seed<k>`` in simclr-cpu (the default
+ResNet tap, ``layer4``) and in simclr-cpu-layer (the former tap, ``layer4.1.conv2``). This prints,
+for every metric both have, each folder's mean ± std and the paired difference A − B over the
+seeds both finished, judged by the tables' rule (:func:`benchmarks.report.paired`: clear when
+two seeds or more and the mean larger than its std), and the config keys in which the two
+rows differ, so the output says what it compares. Nothing is trained.
+
+Usage::
+
+    python -m benchmarks.studies.compare_runs benchmarks/results/simclr-cpu \\
+        benchmarks/results/simclr-cpu-layer --row simclr-recon
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from adapters.config import config_diff, flatten
+from benchmarks.report import format_paired, mean_std, paired
+
+__all__ = ["compare", "main"]
+
+
+def _runs(folder: Path, row: str) -> dict[int, dict[str, Any]]:
+    path = folder / "results.json"
+    try:
+        runs = json.loads(path.read_text())["runs"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"compare_runs: {path} is not a readable results file ({exc}); "
+                         "pass a folder written by `recon-aux bench` or `ablate`.") from None
+    pattern = re.compile(rf"{re.escape(row)}-seed(\d+)")
+    found = {int(m.group(1)): r for r in runs if (m := pattern.fullmatch(r["id"]))}
+    if not found:
+        ids = sorted({re.sub(r"-seed\d+$", "", r["id"]) for r in runs})
+        raise SystemExit(f"compare_runs: {path} has no finished run {row}-seed<k>; its rows "
+                         f"are {', '.join(ids)}.")
+    return found
+
+
+def compare(a: Path, b: Path, row: str) -> str:
+    """The comparison as text (a header, the differing config keys and a markdown table)."""
+    runs_a, runs_b = _runs(a, row), _runs(b, row)
+    seeds = sorted(set(runs_a) & set(runs_b))
+    if not seeds:
+        raise SystemExit(f"compare_runs: no seed has {row} in both folders (A: seeds "
+                         f"{sorted(runs_a)}, B: seeds {sorted(runs_b)}).")
+    first_a, first_b = runs_a[seeds[0]]["config"], runs_b[seeds[0]]["config"]
+    fa, fb = flatten(first_a), flatten(first_b)
+    diff = [f"{k} (A: {fa.get(k, '<absent>')}, B: {fb.get(k, '<absent>')})"
+            for k in config_diff(first_a, first_b)]
+    metrics = [m for m in runs_a[seeds[0]]["metrics"] if not m.startswith("final_")
+               and all(m in runs_a[s]["metrics"] and m in runs_b[s]["metrics"] for s in seeds)]
+    lines = [f"{row}, seeds {', '.join(map(str, seeds))}: A = {a}, B = {b}",
+             "configs differ in: " + ("; ".join(diff) if diff else "nothing (same config)"), "",
+             "| metric | A | B | A − B (paired) |", "|---|---|---|---|"]
+    for m in metrics:
+        va = [runs_a[s]["metrics"][m] for s in seeds]
+        vb = [runs_b[s]["metrics"][m] for s in seeds]
+        cells = []
+        for values in (va, vb):
+            mean, std = mean_std(values)
+            cells.append(f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f} (n=1)")
+        p = paired([x - y for x, y in zip(va, vb)], "A better", "B better")
+        lines.append(f"| {m} | {cells[0]} | {cells[1]} | {format_paired(p)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("a", type=Path, help="results folder A")
+    parser.add_argument("b", type=Path, help="results folder B")
+    parser.add_argument("--row", required=True,
+                        help="run id without its seed, e.g. simclr-recon or simclr-base")
+    parser.add_argument("--write", type=Path, default=None, help="also write the text here")
+    args = parser.parse_args(argv)
+    text = compare(args.a, args.b, args.row)
+    sys.stdout.write(text)
+    if args.write is not None:
+        args.write.write_text(f"$ python -m benchmarks.studies.compare_runs {args.a} {args.b} "
+                              f"--row {args.row}\n{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
