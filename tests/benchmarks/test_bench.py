@@ -149,22 +149,13 @@ def test_ablate_end_to_end(tmp_path, toy_config):
                          " | 1 |")
 
 
-def test_second_reference_on_one_backbone_gets_its_own_row(tmp_path, monkeypatch):
+def test_second_reference_on_one_backbone_gets_its_own_row(tmp_path, monkeypatch, no_training):
     # AET and DeepCluster share the backbone; AET's random-init row carries AET's config, so it
     # must be its own run, not a silent duplicate of DeepCluster's.
-    monkeypatch.chdir(tmp_path)  # the run configs resolve against the bench config's folder
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "cifar10-cpu.yaml",
                                   ["seeds=[0]", "references.aet=[random-init]"])
     seen = []
-
-    def fake(c):
-        seen.append(c)
-        return {"metrics": {"knn_conv5": 1.0}, "config": c.to_dict(), "wall_s": 0.0,
-                "machine": "test", "history": [], "train_images": 1, "test_images": 1}
-
-    monkeypatch.setattr(matrix, "train", fake)
-    monkeypatch.setattr(matrix, "check_run", lambda c, d=None: None)  # no data needed
-    monkeypatch.setattr(bench, "write_report", lambda *a, **k: None)
+    monkeypatch.setattr(matrix, "train", lambda c: seen.append(c) or _fake_train(c))
     bench.run_bench(cfg, out=tmp_path, progress=False)
     ids = [r["id"] for r in json.loads((tmp_path / "results.json").read_text())["runs"]]
     assert "random-init-alexnet_cifar-seed0" in ids
@@ -252,23 +243,28 @@ def test_supersede_unplanned_moves_rows_the_config_dropped(tmp_path, monkeypatch
         ("random-init-nin-seed0", ["not planned by this config"])]
 
 
-def test_merge_takes_runs_of_a_parallel_seed(tmp_path, monkeypatch):
+def _fake_train(c):
+    """What ``train`` returns, without training (the seed as the metric)."""
+    return {"metrics": {"knn_pool": float(c.train.seed)}, "config": c.to_dict(), "wall_s": 0.0,
+            "machine": "test", "history": [], "train_images": 1, "test_images": 1}
+
+
+@pytest.fixture
+def no_training(tmp_path, monkeypatch):
+    """Matrices plan and record runs here, but nothing trains, loads data or draws plots."""
     monkeypatch.chdir(tmp_path)
-    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
-                                  ["seeds=[0, 1]"])
-
-    def fake(c):
-        return {"metrics": {"knn_pool": float(c.train.seed)}, "config": c.to_dict(),
-                "wall_s": 0.0, "machine": "test", "history": [], "train_images": 1,
-                "test_images": 1}
-
-    monkeypatch.setattr(matrix, "train", fake)
+    monkeypatch.setattr(matrix, "train", _fake_train)
     monkeypatch.setattr(matrix, "check_run", lambda c, d=None: None)  # no data needed
     monkeypatch.setattr(bench, "write_report", lambda *a, **k: None)
+
+
+def test_merge_takes_runs_of_a_parallel_seed(tmp_path, monkeypatch, no_training):
+    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
+                                  ["seeds=[0, 1]"])
     side = tmp_path / "seed1"
     bench.run_bench(bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
                                             ["seeds=[1]"]), out=side, progress=False)
-    monkeypatch.setattr(matrix, "train", lambda c: fake(c) if c.train.seed == 0
+    monkeypatch.setattr(matrix, "train", lambda c: _fake_train(c) if c.train.seed == 0
                         else pytest.fail("re-trained a merged run"))
     out = bench.run_bench(cfg, out=tmp_path / "main", progress=False, merge=side)
     runs = json.loads((out / "results.json").read_text())["runs"]
@@ -276,25 +272,15 @@ def test_merge_takes_runs_of_a_parallel_seed(tmp_path, monkeypatch):
 
 
 def test_merge_leaves_a_run_of_the_same_id_made_with_another_config(tmp_path, monkeypatch,
-                                                                     capsys):
+                                                                     capsys, no_training):
     """simclr-cpu-layer shares simclr-cpu's run ids: merging takes the base and reference rows
     and leaves simclr-cpu's "+recon" rows (another tap), which the layer matrix trains itself."""
-    monkeypatch.chdir(tmp_path)
     configs = REPO / "benchmarks" / "configs"
-
-    def fake(c):
-        return {"metrics": {"knn_pool": float(c.train.seed)}, "config": c.to_dict(),
-                "wall_s": 0.0, "machine": "test", "history": [], "train_images": 1,
-                "test_images": 1}
-
-    monkeypatch.setattr(matrix, "train", fake)
-    monkeypatch.setattr(matrix, "check_run", lambda c, d=None: None)  # no data needed
-    monkeypatch.setattr(bench, "write_report", lambda *a, **k: None)
     side = tmp_path / "simclr-cpu"
     bench.run_bench(bench.load_bench_config(configs / "simclr-cpu.yaml", ["seeds=[0]"]),
                     out=side, progress=False)
     trained = []
-    monkeypatch.setattr(matrix, "train", lambda c: trained.append(c) or fake(c))
+    monkeypatch.setattr(matrix, "train", lambda c: trained.append(c) or _fake_train(c))
     out = bench.run_bench(bench.load_bench_config(configs / "simclr-cpu-layer.yaml",
                                                   ["seeds=[0]"]),
                           out=tmp_path / "layer", progress=False, merge=side)
