@@ -54,7 +54,8 @@ def compare(a: Path, b: Path, row: str) -> str:
                          f"{sorted(runs_a)}, B: seeds {sorted(runs_b)}).")
     first_a, first_b = runs_a[seeds[0]]["config"], runs_b[seeds[0]]["config"]
     fa, fb = flatten(first_a), flatten(first_b)
-    diff = [f"{k} (A: {fa.get(k, '<absent>')}, B: {fb.get(k, '<absent>')})"
+    unset = "not set (the default)"
+    diff = [f"{k} (A: {fa.get(k, unset)}, B: {fb.get(k, unset)})"
             for k in config_diff(first_a, first_b)]
     metrics = [m for m in runs_a[seeds[0]]["metrics"] if not m.startswith("final_")
                and all(m in runs_a[s]["metrics"] and m in runs_b[s]["metrics"] for s in seeds)]

@@ -10,9 +10,10 @@ from benchmarks.studies import compare_runs
 
 
 def _folder(path, layer, knn, extra=()):
+    recon = {"weight": 1.0} if layer is None else {"weight": 1.0, "layer": layer}
     runs = [{"id": f"simclr-recon-seed{seed}", "seed": seed,
              "metrics": {"knn_pool": value, "final_method_loss": 5.0},
-             "config": {"recon": {"layer": layer}, "train": {"seed": seed},
+             "config": {"recon": recon, "train": {"seed": seed},
                         "run": {"out_dir": str(path / "runs" / f"s{seed}")}}}
             for seed, value in enumerate(knn)]
     runs += [{"id": i, "seed": 0, "metrics": {}, "config": {}} for i in extra]
@@ -22,14 +23,14 @@ def _folder(path, layer, knn, extra=()):
 
 
 def test_paired_difference_over_the_common_seeds_and_what_differs(tmp_path, capsys):
-    a = _folder(tmp_path / "a", "layer4", [45.0, 46.0, 47.0])
+    a = _folder(tmp_path / "a", None, [45.0, 46.0, 47.0])  # the layer=None rule's tap
     b = _folder(tmp_path / "b", "layer4.1.conv2", [44.0, 44.5])  # seed 2 not finished in B
     out = tmp_path / "cmp.txt"
     assert compare_runs.main([str(a), str(b), "--row", "simclr-recon", "--write", str(out)]) == 0
     text = capsys.readouterr().out
     assert text.startswith("simclr-recon, seeds 0, 1: ")
     # the differing key is named with both values; run.* (where a run was written) is not
-    assert "configs differ in: recon.layer (A: layer4, B: layer4.1.conv2)\n" in text
+    assert "configs differ in: recon.layer (A: not set (the default), B: layer4.1.conv2)\n" in text
     # 45 - 44, 46 - 44.5 -> +1.25 ± 0.35; training statistics are not compared
     assert "| knn_pool | 45.5 ± 0.7 | 44.2 ± 0.4 | +1.2 ± 0.4 (2/2 seeds up; A better) |" in text
     assert "final_method_loss" not in text
