@@ -410,14 +410,18 @@ class Matrix:
         saved = self._read(Path(other) / "results.json")["runs"]
         have = {r["id"] for r in self.runs}
         planned = {run_id: cfg for run_id, cfg, _ in self.plan}
-        wanted = [r for r in saved if r["id"] in planned and r["id"] not in have]
-        taken = [r for r in wanted if not config_diff(r["config"], planned[r["id"]])]
+        taken, other_cfg = [], []
+        for r in saved:
+            if r["id"] in planned and r["id"] not in have:
+                if config_diff(r["config"], planned[r["id"]]):
+                    other_cfg.append(r["id"])
+                else:
+                    taken.append(r)
         for r in taken:
             self.runs.append(r)
             self._keep_picture(Path(other) / "pictures" / f"{r['id']}.png", r["id"])
         if taken:
             self._save()
-        other_cfg = [r["id"] for r in wanted if r not in taken]
         left = (f"; left {len(other_cfg)} made with another config ({', '.join(other_cfg)})"
                 if other_cfg else "")
         print(f"merged {len(taken)} finished run(s) from {other}{left}", flush=True)

@@ -19,7 +19,7 @@ from adapters.engine import machine
 
 __all__ = ["PAPER", "summarise", "render_table", "render_readme", "render_setup", "verdicts",
            "render_verdicts", "evaluation_lines", "plot_curves", "plot_ablation", "label_of",
-           "mean_std", "paired", "format_paired", "NO_PAIR"]
+           "mean_std", "paired", "format_cell", "format_paired", "NO_PAIR"]
 
 # The paper's numbers (Hizioglu 2020), AlexNet, full data, paper-scale training.
 PAPER = {
@@ -126,7 +126,9 @@ def summarise(runs: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, A
     return out
 
 
-def _fmt(cell: dict | None) -> str:
+def format_cell(cell: dict | None) -> str:
+    """A ``{"mean", "std", "n"}`` cell as the tables print it: ``40.5 ± 0.7``, ``40.0 (n=1)``
+    for one run, ``-`` for none."""
     if not cell or math.isnan(cell["mean"]):
         return "-"
     if cell["n"] > 1:
@@ -154,12 +156,12 @@ def render_table(runs: list[dict[str, Any]], metrics: Sequence[str]) -> str:
                                                  if lab.startswith(p)), 99), lab))
     methods = sorted({r["method"] for r in runs if not r.get("reference")})
     for label in labels:
-        lines.append(f"| {label} | " + " | ".join(_fmt(s["rows"][label].get(m)) for m in metrics)
-                     + " |")
+        cells = [format_cell(s["rows"][label].get(m)) for m in metrics]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for method in methods:
         for label in (method, method + " +recon"):
             if label in s["rows"]:
-                cells = [_fmt(s["rows"][label].get(m)) for m in metrics]
+                cells = [format_cell(s["rows"][label].get(m)) for m in metrics]
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
         for key, what in (("vs_random", "base − random-init"), ("paired", "+recon − base"),
                           ("vs_recon_only", "+recon − recon-only")):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.config import config_diff, flatten
-from benchmarks.report import format_paired, mean_std, paired
+from benchmarks.report import format_cell, format_paired, mean_std, paired
 
 __all__ = ["compare", "main"]
 
@@ -65,10 +65,7 @@ def compare(a: Path, b: Path, row: str) -> str:
     for m in metrics:
         va = [runs_a[s]["metrics"][m] for s in seeds]
         vb = [runs_b[s]["metrics"][m] for s in seeds]
-        cells = []
-        for values in (va, vb):
-            mean, std = mean_std(values)
-            cells.append(f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f} (n=1)")
+        cells = [format_cell(dict(zip(("mean", "std"), mean_std(v)), n=len(v))) for v in (va, vb)]
         p = paired([x - y for x, y in zip(va, vb)], "A better", "B better")
         lines.append(f"| {m} | {cells[0]} | {cells[1]} | {format_paired(p)} |")
     return "\n".join(lines) + "\n"
