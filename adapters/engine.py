@@ -618,6 +618,8 @@ class Trainer:
             "method": cfg.method.name, "recon": plain["recon"], "seed": self.seed,
             "metrics": metrics, "evaluation": self.eval_details, "history": self.history,
             "config": plain,
+            # the layer(s) the objective tapped (recon.layer, or what layer=None chose)
+            "tapped": self.aux.layer_name if self.aux is not None else None,
             "wall_s": round(time.perf_counter() - t0, 1), "machine": machine(),
             "train_images": len(self.train_set), "test_images": len(self.test_set),
         }

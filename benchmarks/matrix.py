@@ -345,7 +345,7 @@ class Matrix:
         changed = {}
         for r in self.runs:
             if r["id"] in planned:
-                diff = config_diff(r["config"], planned[r["id"]])
+                diff = run_config_diff(r, planned[r["id"]])
                 if diff:
                     changed[r["id"]] = diff
         if not changed:
@@ -413,7 +413,7 @@ class Matrix:
         taken, other_cfg = [], []
         for r in saved:
             if r["id"] in planned and r["id"] not in have:
-                if config_diff(r["config"], planned[r["id"]]):
+                if run_config_diff(r, planned[r["id"]]):
                     other_cfg.append(r["id"])
                 else:
                     taken.append(r)
@@ -439,6 +439,7 @@ class Matrix:
         Before the first run trains, every run to train is checked as the engine would before
         its first step (:func:`adapters.engine.check_run`: data, layers, batch size, ``k``).
         """
+        self._backfill_tapped()
         self._check_changed()
         if self.supersede_unplanned:
             self._supersede_unplanned()
@@ -471,7 +472,8 @@ class Matrix:
                      **({"ref_from": meta["ref_from"]} if "ref_from" in meta else {}),
                      "ablation": meta.get("ablation"), "metrics": result["metrics"],
                      "evaluation": result.get("evaluation"),
-                     "config": result["config"], "wall_s": result["wall_s"],
+                     "config": result["config"], "tapped": result["tapped"],
+                     "wall_s": result["wall_s"],
                      "machine": result["machine"], "history": result["history"],
                      "train_images": result["train_images"], "test_images": result["test_images"]}
             self.runs.append(entry)
@@ -480,6 +482,40 @@ class Matrix:
         self._backfill_evaluation()
         planned = {p[0] for p in self.plan}
         return [r for r in self.runs if r["id"] in planned]
+
+    def _backfill_tapped(self) -> None:
+        """Runs recorded without the layer the objective tapped (results.json did not keep it
+        before) take it from their config when it names the layer, else from their own run
+        folder: its result.json, else its checkpoint's ``aux`` state (checksum-verified), when
+        that run's config is the recorded one."""
+        changed = False
+        for r in self.runs:
+            if "tapped" in r:
+                continue
+            recon = (r.get("config") or {}).get("recon")
+            if not recon or recon.get("layer"):
+                layer = (recon or {}).get("layer")
+                r["tapped"] = "+".join([layer] if isinstance(layer, str) else layer) \
+                    if layer else None
+                changed = True
+                continue
+            folder = self.run_root / r["id"]
+            with contextlib.suppress(OSError, ValueError):
+                saved = json.loads((folder / "result.json").read_text())
+                if "tapped" in saved and not config_diff(saved["config"], r["config"]):
+                    r["tapped"], changed = saved["tapped"], True
+                    continue
+            if not (folder / CHECKPOINT).is_file():
+                continue
+            try:
+                state = load_checkpoint(folder / CHECKPOINT)
+            except CheckpointError:
+                continue
+            layer = ((state.get("aux") or {}).get("_extra_state") or {}).get("layer_name")
+            if layer is not None and not config_diff(state["config"], r["config"]):
+                r["tapped"], changed = layer, True
+        if changed:
+            self._save()
 
     def _backfill_evaluation(self) -> None:
         """Runs recorded without their evaluation details (BatchNorm recalibration, probe fits;
@@ -511,6 +547,21 @@ class Matrix:
         if self.superseded:
             saved["superseded"] = self.superseded
         atomic_write(self.results_file, json_text(saved, indent=1).encode())
+
+
+def run_config_diff(run: Mapping[str, Any], planned: RunConfig) -> list[str]:
+    """:func:`~adapters.config.config_diff` of a finished run's recorded config against the
+    planned one, where a run recorded with ``recon.layer`` unset matches a plan that names the
+    layer(s) it tapped (``run["tapped"]``): naming the layer ``layer=None`` chose trains the
+    same run bit for bit, so a config can pin its default tap without re-running."""
+    diff = config_diff(run["config"], planned)
+    recorded = (run["config"].get("recon") or {}).get("layer")
+    layer = planned.recon.layer if planned.recon is not None else None
+    names = [layer] if isinstance(layer, str) else list(layer or [])
+    if "recon.layer" in diff and recorded is None and names \
+            and run.get("tapped") == "+".join(names):
+        diff.remove("recon.layer")
+    return diff
 
 
 #: Reference rows (what they change in the method's run config); ``recon-only`` also takes the

@@ -350,6 +350,10 @@ def render_setup(runs: list[dict[str, Any]]) -> str:
     recon = next((r["recon"] for r in runs if r["recon"]), None)
     if recon:
         lines.append(f"- +recon block: {json.dumps(recon)}")
+    tapped = sorted({r.get("tapped") or "not recorded" for r in runs if r["config"].get("recon")})
+    if tapped:
+        lines.append(f"- tapped layer (recon.layer, or what layer=None chose): "
+                     f"{', '.join(tapped)}")
     return "\n".join(lines)
 
 

@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> float | None:
     criterion = NTXentLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
 
-    # recon-aux line 1: hook the backbone's last stage (layer4); tell it lightly's
-    # normalisation.
+    # recon-aux line 1: hook the backbone's last residual conv (layer4.1.conv2); tell it
+    # lightly's normalisation.
     aux = recon_aux.attach(model.backbone, optimizer, **NORMALIZE) if args.recon else None
 
     step = 0

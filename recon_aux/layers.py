@@ -18,7 +18,12 @@ The rule, applied once to the execution order of the first forward:
    a transformer block, the tap moves on to the final norm when one runs on that very output
    (timm's ``norm``, torchvision's ``encoder.ln``, Swin's ``norm``): the model's own token
    output, measured to reconstruct better (:data:`FINAL_NORM`). A conv net's block output is
-   kept as it is (DenseNet: ``denseblock4``, before ``norm5``).
+   kept as it is (DenseNet: ``denseblock4``, before ``norm5``), except a ResNet's: when the
+   last block is a residual block (:data:`RESIDUAL_BLOCKS`), the tap is the last ``Conv2d`` of
+   its residual branch (``layer4.1.conv2``; ``layer4.2.conv3`` in a ResNet-50), before its BN,
+   the skip and the ReLU, measured to train better than the stage output
+   (:data:`RESIDUAL_LAST_CONV`). The shortcut's conv, which reads the block's input, is not
+   part of the branch.
 3. **No block: the last conv.** The ``nn.Conv2d`` that ran last (AlexNet, VGG, NIN, the
    project's AlexNet-CIFAR ``conv5.0``), as before. If token layers ran after it (a ``Linear``
    on a 3-D or 4-D input, or an attention module), that conv is a stem, a patch embedding, and
@@ -29,7 +34,8 @@ What it picks (32x32 inputs; the README has the same table):
 ===============================================  ===========================  ==============
 model                                            ``layer=None``               output
 ===============================================  ===========================  ==============
-torchvision ResNet-18 / ResNet18CIFAR            ``layer4``                   C x h x w
+torchvision ResNet-18 / ResNet18CIFAR            ``layer4.1.conv2``           C x h x w
+torchvision / timm ResNet-50                     ``layer4.2.conv3``           C x h x w
 torchvision GoogLeNet                            ``inception5b``              1024 x 1 x 1
 torchvision DenseNet-121                         ``features.denseblock4``     1024 x 1 x 1
 torchvision ConvNeXt / timm ConvNeXt             ``features.7`` / ``stages.3``  C x 1 x 1
@@ -46,7 +52,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["FINAL_NORM", "LayerChoiceError", "Recorder", "choose_layer", "is_attention"]
+__all__ = ["FINAL_NORM", "RESIDUAL_BLOCKS", "RESIDUAL_LAST_CONV", "LayerChoiceError", "Recorder",
+           "choose_layer", "is_attention"]
 
 #: Tap a transformer's final norm (the norm that runs on the last block's output) rather than
 #: the block itself. Measured: a timm ViT (patch 4 on 32 px, dim 96, depth 4, 3 heads, MLP 2x)
@@ -63,6 +70,23 @@ __all__ = ["FINAL_NORM", "LayerChoiceError", "Recorder", "choose_layer", "is_att
 #:
 #: After reconstructs better and trains the same: the default taps the final norm.
 FINAL_NORM = True
+
+#: Class names of ResNet residual blocks (torchvision's and timm's ``BasicBlock`` and
+#: ``Bottleneck``, ResNeXt and wide ResNets included, and ``adapters.backbones.BasicBlock``).
+#: Other residual designs (pre-activation, RegNet, ConvNeXt) keep the block or stage output.
+RESIDUAL_BLOCKS = ("BasicBlock", "Bottleneck")
+
+#: Tap a ResNet's last residual branch conv (``layer4.1.conv2``) rather than the stage output
+#: (``layer4``, after BN, skip and ReLU). Measured (issue 15) on the simclr-cpu matrix:
+#: SimCLR (lightly) +recon, CIFAR ResNet-18 width 0.25, 20k CIFAR-10 images, 8 epochs, L2 +
+#: LPIPS-alex, fair evaluation; 3 seeds, paired by seed, ``layer4`` − ``layer4.1.conv2``:
+#: kNN pool -0.7 ± 0.3, kNN layer3 -1.0 ± 0.1, linear pool -0.7 ± 0.9 (no clear difference).
+#: +recon − base with ``layer4.1.conv2``: kNN pool +3.0 ± 0.5, layer3 +0.9 ± 0.3, linear +2.6 ±
+#: 0.6; with ``layer4``: +2.4 ± 0.3, -0.0 ± 0.3, +1.9 ± 0.4
+#: (``benchmarks/results/simclr-cpu-layer/tap-comparison.txt``). The branch conv trains better:
+#: the default taps it. Measured on BasicBlock only; a Bottleneck's ``conv3`` follows the same
+#: rule by analogy.
+RESIDUAL_LAST_CONV = True
 
 
 class LayerChoiceError(ValueError):
@@ -186,6 +210,8 @@ def choose_layer(model: nn.Module, rec: Recorder) -> str:
             name = _climb(last, rec, blocks)
             if FINAL_NORM and _kind(modules[last]) == "transformer":
                 name = _final_norm(name, rec, modules) or name
+            if RESIDUAL_LAST_CONV:
+                name = _residual_branch_conv(name, rec, modules) or name
             return name
     if last_conv is not None:
         after = [n for n in ran if rec.end[n] > rec.end[last_conv]]
@@ -216,6 +242,20 @@ def _climb(name: str, rec: Recorder, blocks: list[str]) -> str:
             break
         name = parent
     return name
+
+
+def _residual_branch_conv(name: str, rec: Recorder, modules: dict[str, nn.Module]) -> str | None:
+    """The last conv of the residual branch of the ResNet block whose output ``name`` returns
+    (``layer4`` -> ``layer4.1.conv2``), or None when ``name`` does not end in such a block."""
+    blocks = [n for n in rec.end if _within(n, name) and n in modules
+              and type(modules[n]).__name__ in RESIDUAL_BLOCKS and rec.out[n] is rec.out[name]]
+    if not blocks:
+        return None
+    block = max(blocks, key=rec.end.get)
+    branch = [n for n in rec.end if n != block and _within(n, block)
+              and isinstance(modules.get(n), nn.Conv2d)
+              and rec.first_in[n] is not rec.first_in[block]]  # not the shortcut's conv
+    return max(branch, key=rec.end.get) if branch else None
 
 
 def is_norm(m: nn.Module) -> bool:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from adapters import engine, files
 from adapters.checkpoint import MAGIC, load_checkpoint
@@ -221,3 +222,17 @@ def test_a_non_finite_diagnostic_is_null_in_valid_json(tiny_tree, tmp_path, monk
             for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [row["nmi"] for row in rows] == [None, None]
     assert strict_json(tmp_path / "result.json")["history"][0]["nmi"] is None
+
+
+def test_naming_the_default_tap_trains_the_same_run_bit_for_bit(tiny_tree, tmp_path):
+    # what benchmarks.matrix.run_config_diff relies on to match a run recorded with
+    # recon.layer unset to a config that names the layer it tapped
+    default = train(cfg(tiny_tree, tmp_path / "default"))
+    named = train(cfg(tiny_tree, tmp_path / "named", "recon.layer=conv5.0"))
+    assert default["tapped"] == named["tapped"] == "conv5.0"
+    assert default["history"] == named["history"] and default["metrics"] == named["metrics"]
+    a, b = (load_checkpoint(tmp_path / d / "checkpoint.pt") for d in ("default", "named"))
+    for part in ("backbone", "aux"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]
+                   if isinstance(a[part][k], torch.Tensor))
+    assert train(cfg(tiny_tree, tmp_path / "base", recon=None))["tapped"] is None

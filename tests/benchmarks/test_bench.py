@@ -7,9 +7,11 @@ import json
 import pytest
 import yaml
 
-from adapters.config import RunConfigError
+from adapters.config import RunConfigError, load_run_config
 from benchmarks import ablate, bench, matrix
 from benchmarks.matrix import dotted
+from tests.adapters.tiny import tiny_config
+from tests.benchmarks.fakes import fake_train
 from tests.helpers import REPO
 
 TOY_RUN = {
@@ -82,7 +84,7 @@ def test_bench_end_to_end_and_resume(tmp_path, toy_config, monkeypatch):
     trained = []
     monkeypatch.setattr(matrix, "train", lambda c: trained.append(c) or dict(
         runs[0], metrics={"knn_conv5": 1.0}, config=c.to_dict(), train_images=1,
-        test_images=1))
+        test_images=1, tapped="conv5.0"))
     bench.run_bench(changed, out=tmp_path / "results", progress=False, replace_changed=True)
     saved = json.loads((out / "results.json").read_text())
     # the references are built from the method's config, so all five rows changed
@@ -155,7 +157,7 @@ def test_second_reference_on_one_backbone_gets_its_own_row(tmp_path, monkeypatch
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "cifar10-cpu.yaml",
                                   ["seeds=[0]", "references.aet=[random-init]"])
     seen = []
-    monkeypatch.setattr(matrix, "train", lambda c: seen.append(c) or _fake_train(c))
+    monkeypatch.setattr(matrix, "train", lambda c: seen.append(c) or fake_train(c))
     bench.run_bench(cfg, out=tmp_path, progress=False)
     ids = [r["id"] for r in json.loads((tmp_path / "results.json").read_text())["runs"]]
     assert "random-init-alexnet_cifar-seed0" in ids
@@ -243,17 +245,11 @@ def test_supersede_unplanned_moves_rows_the_config_dropped(tmp_path, monkeypatch
         ("random-init-nin-seed0", ["not planned by this config"])]
 
 
-def _fake_train(c):
-    """What ``train`` returns, without training (the seed as the metric)."""
-    return {"metrics": {"knn_pool": float(c.train.seed)}, "config": c.to_dict(), "wall_s": 0.0,
-            "machine": "test", "history": [], "train_images": 1, "test_images": 1}
-
-
 @pytest.fixture
 def no_training(tmp_path, monkeypatch):
     """Matrices plan and record runs here, but nothing trains, loads data or draws plots."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(matrix, "train", _fake_train)
+    monkeypatch.setattr(matrix, "train", fake_train)
     monkeypatch.setattr(matrix, "check_run", lambda c, d=None: None)  # no data needed
     monkeypatch.setattr(bench, "write_report", lambda *a, **k: None)
 
@@ -264,7 +260,7 @@ def test_merge_takes_runs_of_a_parallel_seed(tmp_path, monkeypatch, no_training)
     side = tmp_path / "seed1"
     bench.run_bench(bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
                                             ["seeds=[1]"]), out=side, progress=False)
-    monkeypatch.setattr(matrix, "train", lambda c: _fake_train(c) if c.train.seed == 0
+    monkeypatch.setattr(matrix, "train", lambda c: fake_train(c) if c.train.seed == 0
                         else pytest.fail("re-trained a merged run"))
     out = bench.run_bench(cfg, out=tmp_path / "main", progress=False, merge=side)
     runs = json.loads((out / "results.json").read_text())["runs"]
@@ -280,7 +276,7 @@ def test_merge_leaves_a_run_of_the_same_id_made_with_another_config(tmp_path, mo
     bench.run_bench(bench.load_bench_config(configs / "simclr-cpu.yaml", ["seeds=[0]"]),
                     out=side, progress=False)
     trained = []
-    monkeypatch.setattr(matrix, "train", lambda c: trained.append(c) or _fake_train(c))
+    monkeypatch.setattr(matrix, "train", lambda c: trained.append(c) or fake_train(c))
     out = bench.run_bench(bench.load_bench_config(configs / "simclr-cpu-layer.yaml",
                                                   ["seeds=[0]"]),
                           out=tmp_path / "layer", progress=False, merge=side)
@@ -319,3 +315,38 @@ def test_knn_protocol_reproduces_the_runs_own_knn(tmp_path, toy_config, monkeypa
     row = lines[2].split(" | ")
     assert row[0] == "| toy-base"
     assert row[1].split(" ")[0] == f"{result['metrics']['knn_conv5']:.1f}"
+
+
+def test_a_config_pinning_the_layer_a_default_run_tapped_keeps_that_run(tmp_path, monkeypatch,
+                                                                        no_training):
+    """A run recorded with recon.layer unset that tapped layer4 is the run of a config naming
+    layer4 (simclr-cpu pinned its tap when the ResNet default changed); naming another layer
+    is a changed config."""
+    path = REPO / "benchmarks" / "configs" / "simclr-cpu.yaml"
+    out = bench.run_bench(bench.load_bench_config(path, ["seeds=[0]", "recon.layer=null"]),
+                          out=tmp_path / "m", progress=False)
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert {r["id"]: r["tapped"] for r in runs} == {
+        "random-init-resnet18_cifar-seed0": None, "recon-only-resnet18_cifar-seed0": "layer4",
+        "simclr-base-seed0": None, "simclr-recon-seed0": "layer4"}
+    monkeypatch.setattr(matrix, "train", lambda c: pytest.fail(f"re-trained {c.run.out_dir}"))
+    bench.run_bench(bench.load_bench_config(path, ["seeds=[0]", "recon.layer=layer4"]),
+                    out=out, progress=False)
+    with pytest.raises(RunConfigError, match=r"simclr-recon-seed0: recon\.layer"):
+        bench.run_bench(bench.load_bench_config(path, ["seeds=[0]", "recon.layer=layer3"]),
+                        out=out, progress=False)
+
+
+def test_runs_recorded_without_the_tapped_layer_take_it_from_their_checkpoint(tmp_path,
+                                                                             tiny_tree):
+    m = matrix.Matrix("t", tmp_path / "m", progress=False)
+    result = matrix.train(load_run_config(tiny_config(tiny_tree, m.run_root / "r"), []))
+    (m.run_root / "r" / "result.json").unlink()  # a run folder older than "tapped"
+    m.runs = [{"id": "r", "config": result["config"]},  # as recorded before "tapped"
+              {"id": "gone", "config": result["config"]}]  # its folder deleted: unknown
+    m._backfill_tapped()
+    assert m.runs[0]["tapped"] == "conv5.0" and "tapped" not in m.runs[1]
+    other = load_run_config(tiny_config(tiny_tree, m.run_root / "r", train={"epochs": 1}), [])
+    m.runs = [{"id": "r", "config": other.to_dict()}]  # the folder holds another config's run
+    m._backfill_tapped()
+    assert "tapped" not in m.runs[0]

@@ -15,6 +15,7 @@ from adapters.engine import StopTraining
 from benchmarks import ablate, bench, matrix
 from benchmarks.matrix import Matrix, eta_text
 from tests.adapters.tiny import tiny_config
+from tests.benchmarks.fakes import fake_train
 
 
 @pytest.fixture
@@ -132,8 +133,7 @@ def test_no_config_value_imports_anything(tmp_path, monkeypatch, run_yaml):
 
 
 def _fake_train(c):
-    return {"metrics": {"knn_conv5": 1.0}, "config": c.to_dict(), "wall_s": 0.0,
-            "machine": "test", "history": [], "train_images": 1, "test_images": 1}
+    return fake_train(c, metric="knn_conv5")
 
 
 def test_results_folder_of_another_config_is_refused(run_yaml, tmp_path, monkeypatch):

@@ -63,7 +63,7 @@ def test_layer_choice_resnet18_and_by_name(tiny_alexnet):
     aux = recon_aux.attach(model)
     assert aux.layer_name is None  # chosen from execution order at the first forward
     model(torch.rand(2, 3, 32, 32))
-    assert aux.layer_name == "layer4"  # the last residual stage (recon_aux.layers)
+    assert aux.layer_name == "layer4.1.conv2"  # the last residual branch conv (recon_aux.layers)
     aux.remove()
     aux = recon_aux.attach(tiny_alexnet, layer="features.4")
     assert aux.layer_name == "features.4"
@@ -293,14 +293,13 @@ def test_pairing_errors_say_what_released_the_forward(tiny_alexnet):
 
 
 def test_checkpoint_keeps_its_layer_when_the_default_rule_differs():
-    # A run checkpointed when layer=None meant layer4.1.conv2 resumes tapping layer4.1.conv2.
+    # A run checkpointed when layer=None meant layer4 resumes tapping layer4.
     model = resnet18()
-    aux = recon_aux.attach(model, layer="layer4.1.conv2", lpips_weight=0.0,
-                           input_shape=(3, 32, 32))
+    aux = recon_aux.attach(model, layer="layer4", lpips_weight=0.0, input_shape=(3, 32, 32))
     model2 = resnet18()
     fresh = recon_aux.attach(model2, lpips_weight=0.0)
     fresh.load_state_dict(aux.state_dict())
-    assert fresh.layer_name == "layer4.1.conv2"
+    assert fresh.layer_name == "layer4"
     x = torch.rand(2, 3, 32, 32)
     model2(x)
     assert fresh.loss(x).requires_grad

@@ -87,9 +87,15 @@ FAMILIES = {
     "densenet121": (lambda: torchvision.models.densenet121(weights=None),
                     "features.denseblock4", "features.denseblock1.denselayer1.conv1.weight",
                     (1024, 1, 1), 0),
-    "resnet18": (resnet18, "layer4", "layer1.0.conv1.weight", (512, 1, 1), 0),
-    "resnet18-cifar": (lambda: ResNet18CIFAR(width=0.25), "layer4", "layer1.0.conv1.weight",
-                       (128, 4, 4), 0),
+    "resnet18": (resnet18, "layer4.1.conv2", "layer1.0.conv1.weight", (512, 1, 1), 0),
+    "resnet18-cifar": (lambda: ResNet18CIFAR(width=0.25), "layer4.1.conv2",
+                       "layer1.0.conv1.weight", (128, 4, 4), 0),
+    # timm zero-initialises each block's last BN: no gradient enters a branch at step 0, the
+    # stem's conv is the first to get one
+    "timm-resnet18": (lambda: timm.create_model("resnet18", pretrained=False), "layer4.1.conv2",
+                      "conv1.weight", (512, 1, 1), 0),
+    "resnet50": (lambda: torchvision.models.resnet50(num_classes=10), "layer4.2.conv3",
+                 "layer1.0.conv1.weight", (2048, 1, 1), 0),
 }
 
 
@@ -136,6 +142,34 @@ class DataParallelFeatures(nn.Module):
 
     def forward(self, x):
         return self.features(x).mean((2, 3))
+
+
+def test_resnet_tap_is_the_residual_branch_not_the_shortcut():
+    # One block per stage: layer4.0 has a downsample shortcut, whose conv runs after conv2 in
+    # torchvision's BasicBlock; the tap is still the branch's last conv, not the shortcut's.
+    from torchvision.models.resnet import BasicBlock, ResNet
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)
+    aux = recon_aux.attach(model, input_shape=(3, X, X), lpips_weight=0.0)
+    assert aux.layer_name == "layer4.0.conv2"
+    aux.remove()
+    # a ResNet whose last stage is post-processed by a block of another kind keeps that block
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), _LastBlock())
+    aux = recon_aux.attach(model, input_shape=(3, X, X), lpips_weight=0.0)
+    assert aux.layer_name == "1"
+
+
+class _LastBlock(nn.Module):
+    """A residual BasicBlock followed, inside one block, by another conv: the block's output is
+    not the BasicBlock's, so its branch conv is not the representation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from adapters.backbones.resnet import BasicBlock
+        self.res = BasicBlock(3, 8)
+        self.post = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.post(self.res(x))
 
 
 def test_plain_cnns_keep_the_last_conv(tiny_alexnet):

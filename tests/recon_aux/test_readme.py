@@ -14,4 +14,4 @@ def test_readme_two_lines_example_runs(capsys):
     assert "recon_aux.attach(encoder, optimizer)" in code and "aux.loss(images)" in code
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out
-    assert "layer4 " in out and "'lpips'" in out
+    assert "layer4.1.conv2 " in out and "'lpips'" in out

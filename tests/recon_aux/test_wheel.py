@@ -75,7 +75,7 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_the_readme(tmp_path):
                      re.S).group(1)
     (outside / "two_lines.py").write_text(code)
     out = _run([str(python), "two_lines.py"], outside, env)
-    assert "layer4 " in out and "'lpips'" in out
+    assert "layer4.1.conv2 " in out and "'lpips'" in out
 
     script = env_dir / "bin" / "recon-aux"
     assert _run([str(script), "--version"], outside, env).strip() == (
