@@ -49,8 +49,8 @@ class ReconstructionHead(nn.Module):
     encoder (tapped layer, 32x32 / 224x224 in)  feature map       stages  params
     ==========================================  ================  ======  =========
     AlexNet-CIFAR width 1.0 (conv5)             256 x 4 x 4       3       0.04 M
-    resnet18, 32x32 input (layer4)              512 x 1 x 1       5       0.17 M
-    resnet18, 224x224 input (layer4)            512 x 7 x 7       5       0.17 M
+    resnet18, 32x32 input (layer4.1.conv2)      512 x 1 x 1       5       0.17 M
+    resnet18, 224x224 input (layer4.1.conv2)    512 x 7 x 7       5       0.17 M
     ==========================================  ================  ======  =========
 
     (The table is checked by ``tests/test_head.py``.)

@@ -55,8 +55,9 @@ class ResNet18CIFAR(Backbone):
     width 1.0 is the standard 11.2 M-parameter model, width 0.25 has 0.70 M.
 
     Probe points: ``layer1`` .. ``layer4`` (conv maps) and ``pool`` (global average, the
-    representation ``forward`` returns). ``recon_aux.attach(..., layer=None)`` taps ``layer4``
-    (the last stage's output, after BN, skip and ReLU), 4x4 for a 32x32 input.
+    representation ``forward`` returns). ``recon_aux.attach(..., layer=None)`` taps
+    ``layer4.1.conv2`` (the last residual branch conv, before its BN, the skip and the ReLU),
+    4x4 for a 32x32 input.
 
     Attributes:
         width: Channel multiplier.
