@@ -11,7 +11,8 @@ process that is writing, without paying for the imports and the first run's set-
    checkpoints, ``log.jsonl``, ``result.json`` and the picture) is listed in ``BASE/events.json``.
 2. For each event i (in a forked child): ``BASE/kill<i>``: the same run, which sends itself
    SIGKILL just before event i; then (in another child) ``run.resume=true`` in that folder, to
-   the end.
+   the end. Events run side by side, one per CPU core (at most ``KILL_JOBS``, default 2), each
+   in its own folder.
 
 ``BASE/report.json`` says, per event, how the killed child ended and whether the resume
 succeeded; the test compares each folder with ``BASE/ref``.
@@ -100,17 +101,49 @@ def main(config: str, base: str) -> None:
     events = _run(cfg, base_dir / "ref", None, False)
     (base_dir / "events.json").write_text(json.dumps(events))
     only = os.environ.get("KILL_AT")  # e.g. "3,17": a subset, for debugging
-    wanted = [int(i) for i in only.split(",")] if only else range(1, len(events) + 1)
+    wanted = [int(i) for i in only.split(",")] if only else list(range(1, len(events) + 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    jobs = max(1, min(int(os.environ.get("KILL_JOBS", "2")), cores or 1))
+    running = 0  # kill-then-resume chains, the only children of this process
+    for i in wanted:
+        if running == jobs:
+            os.wait()
+            running -= 1
+        _chain(cfg, base_dir, i, events[i - 1])
+        running += 1
+    for _ in range(running):
+        os.wait()
     report = []
     for i in wanted:
+        entry = base_dir / f"kill{i}.json"
+        report.append(json.loads(entry.read_text()) if entry.is_file() else
+                      {"event": i, "what": events[i - 1], "killed": False, "resumed": False,
+                       "error": "the chain failed (see stderr)"})
+    (base_dir / "report.json").write_text(json.dumps(report, indent=1))
+
+
+def _chain(cfg: dict, base_dir: Path, i: int, what: str) -> None:
+    """Fork a process that kills a run before event ``i``, resumes it, and writes
+    ``BASE/kill<i>.json``."""
+    if os.fork():
+        return
+    code = 1
+    try:
         out = base_dir / f"kill{i}"
         killed = _child(cfg, out, i, False)
         resumed = _child(cfg, out, None, True)
-        report.append({"event": i, "what": events[i - 1],
-                       "killed": os.WIFSIGNALED(killed) and os.WTERMSIG(killed) == signal.SIGKILL,
-                       "resumed": resumed == 0})
-        print(json.dumps(report[-1]), flush=True)
-    (base_dir / "report.json").write_text(json.dumps(report, indent=1))
+        entry = {"event": i, "what": what,
+                 "killed": os.WIFSIGNALED(killed) and os.WTERMSIG(killed) == signal.SIGKILL,
+                 "resumed": resumed == 0}
+        (base_dir / f"kill{i}.json").write_text(json.dumps(entry))
+        print(json.dumps(entry), flush=True)
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":
