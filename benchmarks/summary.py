@@ -64,7 +64,8 @@ def _cell(diffs: dict[str, dict[str, Any]], metrics: Sequence[str]) -> str:
 
 def summary_rows(folder: Path) -> list[dict[str, Any]]:
     """One row per trained method of the ``bench`` results in ``folder``: its verdict, the
-    seeds of its base and +recon rows and the three paired-difference cells."""
+    seeds of its base and +recon rows, the layer(s) its +recon rows tapped and the three
+    paired-difference cells."""
     path = folder / "results.json"
     if not path.is_file():
         raise SummaryError(f"{path} does not exist: run `recon-aux bench` for that matrix first, "
@@ -86,7 +87,10 @@ def summary_rows(folder: Path) -> list[dict[str, Any]]:
                  for recon in (False, True)}
         v = found.get(method)
         answer, reason = (v["answer"], v["reason"]) if v else ("unclear", NO_PAIR)
-        rows.append({"method": method, "matrix": folder.name, "answer": answer,
+        tapped = sorted({r.get("tapped") or "not recorded" for r in runs
+                         if not r.get("reference") and r["method"] == method and r["recon"]})
+        rows.append({"method": method, "matrix": folder.name, "tapped": tapped,
+                     "answer": answer,
                      "reason": reason, "seeds": seeds, "paper": PAPER_CLAIMS.get(method, ""),
                      **{key: _cell(s[key].get(method, {}), metrics) for key, _ in _COLUMNS}})
     return rows
@@ -94,14 +98,15 @@ def summary_rows(folder: Path) -> list[dict[str, Any]]:
 
 def render_summary(folders: Sequence[Path]) -> str:
     """The markdown table (with the lines that say how to read it) over ``folders``."""
-    lines = ["| method (matrix) | verdict | seeds: base / +recon | "
+    lines = ["| method (matrix; tapped layer) | verdict | seeds: base / +recon | "
              + " | ".join(what for _, what in _COLUMNS) + " | the paper |",
              "|---" * (len(_COLUMNS) + 4) + "|"]
     for folder in folders:
         for row in summary_rows(folder):
             seeds = " / ".join(", ".join(map(str, row["seeds"][k])) or "none"
                                for k in (False, True))
-            lines.append(f"| {row['method']} ({row['matrix']}) | **{row['answer']}**: "
+            tap = f"; {', '.join(row['tapped'])}" if row["tapped"] else ""
+            lines.append(f"| {row['method']} ({row['matrix']}{tap}) | **{row['answer']}**: "
                          f"{row['reason']} | {seeds} | "
                          + " | ".join(row[key] for key, _ in _COLUMNS)
                          + f" | {row['paper']} |")

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _run(method, recon, seed, knn, reference=None):
     return {"method": method, "recon": recon, "seed": seed, "reference": reference,
-            "metrics": {"knn_conv5": knn, "final_method_loss": 1.0}}
+            "metrics": {"knn_conv5": knn, "final_method_loss": 1.0},
+            "tapped": "conv5.0" if recon else None}
 
 
 def _folder(tmp_path: Path, name: str, runs, kind="bench") -> Path:
@@ -40,7 +41,7 @@ def test_rows_verdicts_seeds_and_bold_where_clear(tmp_path):
     rows = summary.summary_rows(_folder(tmp_path, "m", runs))
     dc, sela = rows
     assert (dc["method"], dc["matrix"], dc["answer"]) == ("dc", "m", "yes")
-    assert dc["seeds"] == {False: [0, 1], True: [0, 1]}
+    assert dc["seeds"] == {False: [0, 1], True: [0, 1]} and dc["tapped"] == ["conv5.0"]
     assert dc["vs_random"] == "**kNN conv5 +10.0 ± 0.0**"
     assert dc["paired"] == "**kNN conv5 +2.5 ± 0.7**"
     # +recon − recon-only: -3 and 0 -> -1.5 ± 2.1, not clear, so not bold
@@ -48,7 +49,8 @@ def test_rows_verdicts_seeds_and_bold_where_clear(tmp_path):
     assert (sela["answer"], sela["reason"]) == ("unclear", "no +recon row yet")
     assert sela["vs_random"] == "kNN conv5 +3.0 (n=1)" and sela["paired"] == "-"
     table = summary.render_summary([tmp_path / "m"])
-    assert "| dc (m) | **yes**: +recon clearly better on knn_conv5 | 0, 1 / 0, 1 |" in table
+    assert "| dc (m; conv5.0) | **yes**: +recon clearly better on knn_conv5 | 0, 1 / 0, 1 |" \
+        in table
     assert "| sela (m) | **unclear**: no +recon row yet | 0 / none |" in table
     assert "final" not in table  # training statistics are not evaluations
 
@@ -76,7 +78,7 @@ def test_write_then_check_from_the_command_line(tmp_path, capsys):
     assert cli.main(["summary", "--write", str(readme), "--results", str(results)]) == 0
     text = readme.read_text()
     assert "stale" not in text and text.endswith("\n\nafter\n")
-    assert "| aet (cifar10-cpu) | **unclear**: fewer than two seeds | 0 / 0 |" in text
+    assert "| aet (cifar10-cpu; conv5.0) | **unclear**: fewer than two seeds | 0 / 0 |" in text
     assert cli.main(["summary", "--check", str(readme), "--results", str(results)]) == 0
     (readme).write_text("no markers")
     assert cli.main(["summary", "--write", str(readme), "--results", str(results)]) == 2
