@@ -24,9 +24,14 @@ $(VENV)/.installed: pyproject.toml
 lint: venv
 	$(VENV)/bin/ruff check recon_aux adapters benchmarks examples tests
 
+# The suite runs in TEST_JOBS worker processes (pytest-xdist; `make test TEST_JOBS=auto` on a
+# bigger machine), each torch on one thread: two workers with two threads each would slow each
+# other down many times over on 2 cores. The slowest tests are listed at the end.
+TEST_JOBS ?= 2
 test: lint
 	# pytest exits 5 when it collected no test; that is reported, not a failure.
-	$(PY) -m pytest -q || [ $$? -eq 5 ]
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_JOBS) --durations=10 \
+		|| [ $$? -eq 5 ]
 
 # The API reference, built from the docstrings into site/ (mkdocs.yml; docs/).
 docs: venv

@@ -494,10 +494,7 @@ class Matrix:
                 continue
             recon = (r.get("config") or {}).get("recon")
             if not recon or recon.get("layer"):
-                layer = (recon or {}).get("layer")
-                r["tapped"] = "+".join([layer] if isinstance(layer, str) else layer) \
-                    if layer else None
-                changed = True
+                r["tapped"], changed = tap_name((recon or {}).get("layer")), True
                 continue
             folder = self.run_root / r["id"]
             with contextlib.suppress(OSError, ValueError):
@@ -556,12 +553,19 @@ def run_config_diff(run: Mapping[str, Any], planned: RunConfig) -> list[str]:
     same run bit for bit, so a config can pin its default tap without re-running."""
     diff = config_diff(run["config"], planned)
     recorded = (run["config"].get("recon") or {}).get("layer")
-    layer = planned.recon.layer if planned.recon is not None else None
-    names = [layer] if isinstance(layer, str) else list(layer or [])
-    if "recon.layer" in diff and recorded is None and names \
-            and run.get("tapped") == "+".join(names):
+    named = tap_name(planned.recon.layer if planned.recon is not None else None)
+    if "recon.layer" in diff and recorded is None and named is not None \
+            and run.get("tapped") == named:
         diff.remove("recon.layer")
     return diff
+
+
+def tap_name(layer: str | Sequence[str] | None) -> str | None:
+    """``recon.layer`` as ``ReconAux.layer_name`` writes it (``"layer3+layer4"``); None for
+    None (the default rule's choice is only known after the first forward)."""
+    if not layer:
+        return None
+    return layer if isinstance(layer, str) else "+".join(layer)
 
 
 #: Reference rows (what they change in the method's run config); ``recon-only`` also takes the

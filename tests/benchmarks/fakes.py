@@ -6,14 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from adapters.config import RunConfig
+from benchmarks.matrix import tap_name
 
 
 def fake_train(c: RunConfig, metric: str = "knn_pool", default_tap: str = "layer4"
                ) -> dict[str, Any]:
     """A finished run's result: ``metric`` is the seed, ``default_tap`` what layer=None tapped."""
-    layer = c.recon.layer if c.recon is not None else None
-    tapped = None if c.recon is None else (
-        default_tap if layer is None else "+".join([layer] if isinstance(layer, str) else layer))
+    tapped = None if c.recon is None else (tap_name(c.recon.layer) or default_tap)
     return {"metrics": {metric: float(c.train.seed)}, "config": c.to_dict(), "wall_s": 0.0,
             "machine": "test", "history": [], "train_images": 1, "test_images": 1,
             "tapped": tapped}
