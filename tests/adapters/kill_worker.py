@@ -73,12 +73,18 @@ def _run(cfg_dict: dict, out: Path, kill_at: int | None, resume: bool) -> list[s
 
 def _child(cfg_dict: dict, out: Path, kill_at: int | None, resume: bool) -> int:
     """Fork; the child runs the config into ``out`` and exits; returns the wait status."""
+    return os.waitpid(_fork(lambda: _run(cfg_dict, out, kill_at, resume)), 0)[1]
+
+
+def _fork(work) -> int:
+    """Fork; the child calls ``work()`` and exits (0, or 1 with the traceback printed); returns
+    the child's pid."""
     pid = os.fork()
     if pid:
-        return os.waitpid(pid, 0)[1]
+        return pid
     code = 1
     try:
-        _run(cfg_dict, out, kill_at, resume)
+        work()
         code = 0
     except BaseException:
         traceback.print_exc()
@@ -125,10 +131,8 @@ def main(config: str, base: str) -> None:
 def _chain(cfg: dict, base_dir: Path, i: int, what: str) -> None:
     """Fork a process that kills a run before event ``i``, resumes it, and writes
     ``BASE/kill<i>.json``."""
-    if os.fork():
-        return
-    code = 1
-    try:
+
+    def chain() -> None:
         out = base_dir / f"kill{i}"
         killed = _child(cfg, out, i, False)
         resumed = _child(cfg, out, None, True)
@@ -137,13 +141,8 @@ def _chain(cfg: dict, base_dir: Path, i: int, what: str) -> None:
                  "resumed": resumed == 0}
         (base_dir / f"kill{i}.json").write_text(json.dumps(entry))
         print(json.dumps(entry), flush=True)
-        code = 0
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+
+    _fork(chain)
 
 
 if __name__ == "__main__":
