@@ -53,7 +53,7 @@ class ReconstructionHead(nn.Module):
     resnet18, 224x224 input (layer4.1.conv2)    512 x 7 x 7       5       0.17 M
     ==========================================  ================  ======  =========
 
-    (The table is checked by ``tests/test_head.py``.)
+    (The table is checked by ``tests/recon_aux/test_head.py``.)
 
     Multi-level input (``in_channels`` a sequence, e.g. ``layer=["layer3", "layer4"]``), after
     RePre (Wang et al., IJCAI 2022), which fuses several encoder levels in a light conv decoder:

@@ -32,7 +32,8 @@ the warp is one :func:`torch.nn.functional.grid_sample` that reproduces Pillow's
 takes the fill colour, one inside is bilinearly interpolated with edge pixels replicated).
 :func:`warp_perspective` agrees with ``PIL.Image.transform`` to within uint8 rounding except for
 the odd pixel whose source point lies within float error of the image border
-(``tests/test_aet.py``). Cost per 128 x 3 x 32 x 32 batch on this 2-core CPU, one thread:
+(``tests/adapters/ops/test_projective.py``). Cost per 128 x 3 x 32 x 32 batch on this 2-core
+CPU, one thread:
 sampling + warp 6-7 ms; ``torchvision.transforms.v2.functional.perspective`` looped per image
 (it takes one homography per call) 38 ms, and it blends the fill into border pixels (up to 0.56
 off PIL on 4% of the values); the original's PIL ``transform`` looped per uint8 image 9-12 ms
