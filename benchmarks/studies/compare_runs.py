@@ -1,12 +1,12 @@
 """One row of two results folders, seed by seed: which variant of a run is better?
 
 Two matrices that differ in one setting and share everything else (seeds, data, schedule,
-evaluation) have rows of the same id, e.g. ``simclr-recon-seed<k>`` in simclr-cpu (the default
-ResNet tap, ``layer4``) and in simclr-cpu-layer (the former tap, ``layer4.1.conv2``). This prints,
-for every metric both have, each folder's mean ± std and the paired difference A − B over the
-seeds both finished, judged by the tables' rule (:func:`benchmarks.report.paired`: clear when
-two seeds or more and the mean larger than its std), and the config keys in which the two
-rows differ, so the output says what it compares. Nothing is trained.
+evaluation) have rows of the same id, e.g. ``simclr-recon-seed<k>`` in simclr-cpu (ResNet tap
+``layer4``) and in simclr-cpu-layer (``layer4.1.conv2``). This prints, for every metric both
+have, each folder's mean ± std and the paired difference A − B over the seeds both finished,
+judged by the tables' rule (:func:`benchmarks.report.paired`: clear when two seeds or more and
+the mean larger than its std), the config keys in which the two rows differ and the layers
+their runs tapped, so the output says what it compares. Nothing is trained.
 
 Usage::
 
@@ -59,8 +59,11 @@ def compare(a: Path, b: Path, row: str) -> str:
             for k in config_diff(first_a, first_b)]
     metrics = [m for m in runs_a[seeds[0]]["metrics"] if not m.startswith("final_")
                and all(m in runs_a[s]["metrics"] and m in runs_b[s]["metrics"] for s in seeds)]
+    tapped = [", ".join(sorted({str(runs[s].get("tapped", "not recorded")) for s in seeds}))
+              for runs in (runs_a, runs_b)]
     lines = [f"{row}, seeds {', '.join(map(str, seeds))}: A = {a}, B = {b}",
-             "configs differ in: " + ("; ".join(diff) if diff else "nothing (same config)"), "",
+             "configs differ in: " + ("; ".join(diff) if diff else "nothing (same config)"),
+             f"tapped layer: A: {tapped[0]}, B: {tapped[1]}", "",
              "| metric | A | B | A − B (paired) |", "|---|---|---|---|"]
     for m in metrics:
         va = [runs_a[s]["metrics"][m] for s in seeds]

@@ -11,7 +11,7 @@ from benchmarks.studies import compare_runs
 
 def _folder(path, layer, knn, extra=()):
     recon = {"weight": 1.0} if layer is None else {"weight": 1.0, "layer": layer}
-    runs = [{"id": f"simclr-recon-seed{seed}", "seed": seed,
+    runs = [{"id": f"simclr-recon-seed{seed}", "seed": seed, "tapped": layer or "layer4",
              "metrics": {"knn_pool": value, "final_method_loss": 5.0},
              "config": {"recon": recon, "train": {"seed": seed},
                         "run": {"out_dir": str(path / "runs" / f"s{seed}")}}}
@@ -31,6 +31,7 @@ def test_paired_difference_over_the_common_seeds_and_what_differs(tmp_path, caps
     assert text.startswith("simclr-recon, seeds 0, 1: ")
     # the differing key is named with both values; run.* (where a run was written) is not
     assert "configs differ in: recon.layer (A: not set (the default), B: layer4.1.conv2)\n" in text
+    assert "tapped layer: A: layer4, B: layer4.1.conv2\n" in text  # what the default chose
     # 45 - 44, 46 - 44.5 -> +1.25 ± 0.35; training statistics are not compared
     assert "| knn_pool | 45.5 ± 0.7 | 44.2 ± 0.4 | +1.2 ± 0.4 (2/2 seeds up; A better) |" in text
     assert "final_method_loss" not in text
