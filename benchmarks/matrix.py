@@ -388,7 +388,7 @@ class Matrix:
                     raise CheckpointError(
                         f"run {run_id} cannot resume: {exc} To start that run again, delete "
                         f"its folder {ckpt.parent}.") from None
-                diff = config_diff(state["config"], cfg)
+                diff = config_diff(state["config"], cfg)  # as the engine's resume checks
                 if diff:
                     changed[run_id] = diff
         if changed and not self.replace_changed:
@@ -550,7 +550,8 @@ def run_config_diff(run: Mapping[str, Any], planned: RunConfig) -> list[str]:
     """:func:`~adapters.config.config_diff` of a finished run's recorded config against the
     planned one, where a run recorded with ``recon.layer`` unset matches a plan that names the
     layer(s) it tapped (``run["tapped"]``): naming the layer ``layer=None`` chose trains the
-    same run bit for bit, so a config can pin its default tap without re-running."""
+    same run bit for bit, so a config can pin its default tap without re-running. (An
+    unfinished run is compared strictly, as the engine's resume compares it.)"""
     diff = config_diff(run["config"], planned)
     recorded = (run["config"].get("recon") or {}).get("layer")
     named = tap_name(planned.recon.layer if planned.recon is not None else None)
