@@ -496,12 +496,11 @@ class Matrix:
             if not recon or recon.get("layer"):
                 r["tapped"], changed = tap_name((recon or {}).get("layer")), True
                 continue
+            saved = self._own_result(r)
+            if saved is not None and "tapped" in saved:
+                r["tapped"], changed = saved["tapped"], True
+                continue
             folder = self.run_root / r["id"]
-            with contextlib.suppress(OSError, ValueError):
-                saved = json.loads((folder / "result.json").read_text())
-                if "tapped" in saved and not config_diff(saved["config"], r["config"]):
-                    r["tapped"], changed = saved["tapped"], True
-                    continue
             if not (folder / CHECKPOINT).is_file():
                 continue
             try:
@@ -522,16 +521,23 @@ class Matrix:
         for r in self.runs:
             if r.get("evaluation") is not None:
                 continue
-            path = self.run_root / r["id"] / "result.json"
-            try:
-                saved = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if saved.get("evaluation") and not config_diff(saved.get("config") or {},
-                                                           r.get("config") or {}):
+            saved = self._own_result(r)
+            if saved is not None and saved.get("evaluation"):
                 r["evaluation"], changed = saved["evaluation"], True
         if changed:
             self._save()
+
+    def _own_result(self, run: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The result.json in ``run``'s own run folder, when it exists, reads and was made with
+        the run's recorded config; else None."""
+        try:
+            saved = json.loads((self.run_root / run["id"] / "result.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(saved, dict) or config_diff(saved.get("config") or {},
+                                                      run.get("config") or {}):
+            return None
+        return saved
 
     def _keep_picture(self, picture: Path, run_id: str) -> None:
         if picture.is_file():

@@ -19,7 +19,7 @@ from adapters.engine import machine
 
 __all__ = ["PAPER", "summarise", "render_table", "render_readme", "render_setup", "verdicts",
            "render_verdicts", "evaluation_lines", "plot_curves", "plot_ablation", "label_of",
-           "mean_std", "paired", "format_cell", "format_paired", "NO_PAIR"]
+           "mean_std", "paired", "format_cell", "format_paired", "tapped_layers", "NO_PAIR"]
 
 # The paper's numbers (Hizioglu 2020), AlexNet, full data, paper-scale training.
 PAPER = {
@@ -350,11 +350,17 @@ def render_setup(runs: list[dict[str, Any]]) -> str:
     recon = next((r["recon"] for r in runs if r["recon"]), None)
     if recon:
         lines.append(f"- +recon block: {json.dumps(recon)}")
-    tapped = sorted({r.get("tapped") or "not recorded" for r in runs if r["config"].get("recon")})
+    tapped = tapped_layers([r for r in runs if r["config"].get("recon")])
     if tapped:
         lines.append(f"- tapped layer (recon.layer, or what layer=None chose): "
                      f"{', '.join(tapped)}")
     return "\n".join(lines)
+
+
+def tapped_layers(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """The distinct layers ``runs`` tapped (``tapped`` in results.json), sorted; "not recorded"
+    for a run without it."""
+    return sorted({r.get("tapped") or "not recorded" for r in runs})
 
 
 def evaluation_lines(runs: list[dict[str, Any]]) -> list[str]:

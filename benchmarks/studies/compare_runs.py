@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.config import config_diff, flatten
-from benchmarks.report import format_cell, format_paired, mean_std, paired
+from benchmarks.report import format_cell, format_paired, mean_std, paired, tapped_layers
 
 __all__ = ["compare", "main"]
 
@@ -59,8 +59,7 @@ def compare(a: Path, b: Path, row: str) -> str:
             for k in config_diff(first_a, first_b)]
     metrics = [m for m in runs_a[seeds[0]]["metrics"] if not m.startswith("final_")
                and all(m in runs_a[s]["metrics"] and m in runs_b[s]["metrics"] for s in seeds)]
-    tapped = [", ".join(sorted({str(runs[s].get("tapped", "not recorded")) for s in seeds}))
-              for runs in (runs_a, runs_b)]
+    tapped = [", ".join(tapped_layers([runs[s] for s in seeds])) for runs in (runs_a, runs_b)]
     lines = [f"{row}, seeds {', '.join(map(str, seeds))}: A = {a}, B = {b}",
              "configs differ in: " + ("; ".join(diff) if diff else "nothing (same config)"),
              f"tapped layer: A: {tapped[0]}, B: {tapped[1]}", "",
