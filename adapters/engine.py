@@ -452,6 +452,8 @@ class Trainer:
         the first training view's augmentation (fresh at every call) with the model in train
         mode (BatchNorm normalises with batch statistics and updates its running ones, dropout
         is on), as SeLa's ``cifar.py`` computes its pseudo-labels; no gradient either way.
+        Both tensors (``N x D`` features, ``N`` dataset indices in order) are on the training
+        device.
         """
         if augmented:
             feats, indices = self._extract_augmented(layer)

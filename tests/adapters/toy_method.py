@@ -45,7 +45,7 @@ class Rotation(Method):
     def on_epoch_start(self, ctx: EngineContext) -> None:
         g = torch.Generator().manual_seed(ctx.seed * 1000 + ctx.epoch)
         feats, idx = ctx.extract("conv5")
-        assert feats.shape[0] == ctx.num_samples and torch.equal(idx, torch.arange(len(idx)))
+        assert feats.shape[0] == ctx.num_samples and torch.equal(idx.cpu(), torch.arange(len(idx)))
         self.labels.copy_(ctx.broadcast(torch.randint(0, 4, (ctx.num_samples,), generator=g)))
         self.updates += 1
         ctx.log({"updates": self.updates})
