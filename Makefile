@@ -48,17 +48,25 @@ demo-recon: venv
 
 # On a machine with a CUDA GPU: the tests marked `cuda`, the overhead benchmark on the GPU
 # (bf16, 224 px: the ImageNet AlexNet, as AlexNet-CIFAR takes 32 px only;
-# benchmarks/results/overhead-gpu.txt), and two epochs of every row of cifar10-gpu.yaml, seed 0
-# (benchmarks/results/gpu-check/; SeLa with one label update per epoch), whose wall times size
-# the full matrix.
+# benchmarks/results/overhead-gpu.txt, and at 32 px overhead-gpu-cifar.txt), the head's memory
+# formats and norms (gpu-check/head-memory-format.txt), the first epoch of every cifar10-gpu row
+# (gpu-check/first-epoch.txt) and two epochs of every row, seed 0 (benchmarks/results/gpu-check/;
+# SeLa with one label update per epoch), whose wall times size the full matrix.
 gpu-check: venv
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check \
 	needs a CUDA GPU; torch.cuda.is_available() is False here (no GPU, or a CPU-only torch).')"
 	$(PY) -m pytest -q -m cuda
 	$(PY) -m benchmarks.studies.overhead --device cuda --precision bf16 --backbone alexnet \
 		--image-size 224 --widths 1.0 --write benchmarks/results/overhead-gpu.txt
+	$(PY) -m benchmarks.studies.overhead --device cuda --precision bf16 --widths 1.0 \
+		--write benchmarks/results/overhead-gpu-cifar.txt
+	$(PY) -m benchmarks.studies.head_memory_format --device cuda \
+		--write benchmarks/results/gpu-check/head-memory-format.txt
+	$(PY) -m benchmarks.studies.first_epoch benchmarks/configs/cifar10-gpu.yaml --evaluation \
+		--write benchmarks/results/gpu-check/first-epoch.txt
 	$(VENV)/bin/recon-aux bench benchmarks/configs/cifar10-gpu.yaml 'seeds=[0]' \
-		common.train.epochs=2 methods.sela.set.method.nopts=4 --out-dir benchmarks/results/gpu-check
+		common.train.epochs=2 methods.sela.set.method.nopts=4 --replace-changed \
+		--out-dir benchmarks/results/gpu-check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache site

@@ -71,6 +71,9 @@ class ReconstructionHead(nn.Module):
         stages: Number of x2 doublings in all (conv stages plus the sub-pixel output).
         out_scale: Upsampling factor of the sub-pixel output conv.
         channels: Width after the stem and after each conv stage.
+        channels_last: Memory format of the decoding: True runs it in channels-last (NHWC),
+            False in NCHW, None (default) channels-last for CUDA inputs and NCHW otherwise. The
+            same function either way; only the kernels differ (CPU runs stay bit for bit).
 
     Example:
         >>> head = ReconstructionHead(256, (4, 4), (32, 32))
@@ -152,6 +155,7 @@ class ReconstructionHead(nn.Module):
             m, s = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
         self.register_buffer("mean", m, persistent=False)
         self.register_buffer("std", s, persistent=False)
+        self.channels_last: bool | None = None
 
     def forward(self, features: Tensor | Sequence[Tensor],
                 out_size: Sequence[int] | None = None) -> Tensor:
@@ -178,7 +182,15 @@ class ReconstructionHead(nn.Module):
             got = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
             raise ValueError(f"ReconstructionHead expects N x {self.in_channels} x h x w features, "
                              f"got {got}.")
-        return self.stem(features)
+        return self.stem(self._memory_format(features))
+
+    def _memory_format(self, features: Tensor) -> Tensor:
+        # On CUDA, BatchNorm over NCHW maps of 16-32 channels at 100+ px is slow, and cuDNN
+        # transposes every bf16 conv to NHWC and back: on an H200 (alexnet 224 px, batch 256,
+        # bf16) NHWC decoding took +L2 from 4.98x to 2.58x a base step, +L2+LPIPS-alex from 5.91x
+        # to 3.49x (benchmarks/results/gpu-check/head-memory-format.txt).
+        nhwc = features.is_cuda if self.channels_last is None else self.channels_last
+        return features.contiguous(memory_format=torch.channels_last) if nhwc else features
 
     def _fuse(self, features: Sequence[Tensor]) -> Tensor:
         shapes = [tuple(f.shape) if torch.is_tensor(f) else type(f).__name__
@@ -193,7 +205,7 @@ class ReconstructionHead(nn.Module):
         align = False if self.upsample == "bilinear" else None
         x = 0
         for f, lateral in zip(features, self.laterals):
-            y = lateral(f)
+            y = lateral(self._memory_format(f))
             if tuple(y.shape[-2:]) != size:
                 y = F.interpolate(y, size=size, mode=self.upsample, align_corners=align)
             x = x + y

@@ -1,5 +1,6 @@
 """The overhead benchmark (benchmarks/studies/overhead.py): its report's structure, --write,
-and the settings it refuses. Tiny sizes: the timings themselves mean nothing here."""
+and the settings it refuses; the head's memory-format study and the first-epoch sizing study
+beside it. Tiny sizes: the timings themselves mean nothing here."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import re
 import pytest
 import torch
 
-from benchmarks.studies import overhead
+from benchmarks.studies import first_epoch, head_memory_format, overhead
 
 TINY = ["--rounds", "2", "--warmup", "1", "--batch-size", "8", "--widths", "0.25",
         "--threads", "1"]
@@ -97,3 +98,28 @@ def test_cuda_precisions(precision, one_thread):
     report = overhead.run_benchmark(overhead.parse_args(argv), echo=False)
     assert "device: CUDA " in report.text and f"precision: {precision}" in report.text
     assert all(s.median > 0 for s in report.results[0.25].ratios.values())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_head_memory_format_study_sets_each_heads_format(tmp_path, device, one_thread):
+    out = tmp_path / "head.txt"
+    text = head_memory_format.main(
+        ["--device", device, "--precision", "fp32", "--backbone", "alexnet_cifar",
+         "--image-size", "32", "--batch-size", "4", "--rounds", "1", "--warmup", "0",
+         "--write", str(out)])
+    assert out.read_text() == text
+    names = [line[:30].strip() for line in text.splitlines()[2:]]
+    assert names == list(head_memory_format.VARIANTS)
+
+
+def test_first_epoch_rows_are_the_trained_rows_plus_extras():
+    todo = first_epoch.rows("benchmarks/configs/cifar10-gpu.yaml", [],
+                            ["sela-recon:data.augment_on_device=false,data.prefetch=0"])
+    names = [name for name, _ in todo]
+    assert names[:6] == [f"{m}-{v}" for m in ("deepcluster", "sela", "aet")
+                         for v in ("base", "recon")]
+    extra = todo[-1][1]
+    assert not extra.data.augment_on_device and extra.recon is not None
+    assert extra.method.config.nopts == 42  # the config's own schedule, not a shortened one
+    with pytest.raises(SystemExit, match="ROW one of"):
+        first_epoch.rows("benchmarks/configs/cifar10-gpu.yaml", [], ["nope:train.lr=1"])

@@ -72,3 +72,36 @@ def test_multi_level_head_shapes_and_errors():
         head([torch.randn(2, 64, 8, 8), torch.randn(2, 64, 4, 4)])
     with pytest.raises(ValueError, match="empty"):
         ReconstructionHead([], (8, 8), (32, 32))
+
+
+def _decode(head: ReconstructionHead, x: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
+    """The head's output and, per conv stage, whether its output was channels-last."""
+    seen: list[bool] = []
+    hooks = [b[0].register_forward_hook(
+        lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last)
+                                    and not o.is_contiguous()))
+        for b in head.blocks]
+    try:
+        return head(x), seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_channels_last_decoding_is_the_same_function(device):
+    torch.manual_seed(0)
+    head = ReconstructionHead(64, (4, 4), (32, 32)).to(device)
+    x = torch.randn(4, 64, 4, 4, device=device, requires_grad=True)
+    default, fmt = _decode(head, x)
+    assert fmt == [device == "cuda"] * len(head.blocks)  # NHWC on CUDA only, by default
+    head.channels_last = not (device == "cuda")
+    flipped, fmt = _decode(head, x)
+    assert fmt == [device != "cuda"] * len(head.blocks)
+    torch.testing.assert_close(flipped, default, rtol=1e-4, atol=1e-5)
+    g1, = torch.autograd.grad(default.square().sum(), x)
+    g2, = torch.autograd.grad(flipped.square().sum(), x)
+    torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-5)
+    if device == "cpu":  # the default leaves CPU runs bit for bit as they were
+        head.channels_last = False
+        assert torch.equal(_decode(head, x)[0], default)

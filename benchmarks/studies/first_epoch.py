@@ -1,0 +1,101 @@
+"""Wall time of set-up plus the first epoch of every trained row of a bench config: what a new
+machine measures before it commits to a whole matrix.
+
+Each row (``<method>-base`` and ``<method>-recon``, seed 0) runs with the config's own schedule
+(its ``train.epochs``, SeLa's ``nopts``) and ``run.stop_after_epoch=1``: set-up (data, model, a
+method's first clustering or label pass), epoch 1 and the checkpoint, no evaluation. ``--extra``
+adds a row with more overrides (e.g. a GPU input pipeline). ``--evaluation`` then times the
+evaluation alone, on an untrained network of the first method (``train.epochs=0``), with the
+functions it spent its time in (cProfile, cumulative).
+
+Example (the numbers in ``benchmarks/results/gpu-check/device-run.md``)::
+
+    python -m benchmarks.studies.first_epoch benchmarks/configs/cifar10-gpu.yaml \\
+        --extra "sela-recon:data.augment_on_device=true,data.prefetch=2" --evaluation
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from adapters import engine
+from adapters.config import RunConfig
+from benchmarks.bench import load_bench_config
+from benchmarks.matrix import dotted
+
+
+def rows(config: str, overrides: Sequence[str],
+         extra: Sequence[str]) -> list[tuple[str, RunConfig]]:
+    """(row name, run config) of every trained row, then the ``--extra`` rows."""
+    cfg = load_bench_config(config, ["seeds=[0]", *overrides])
+    common = [*dotted(cfg.common), "train.seed=0"]
+    out = []
+    for method, src in cfg.methods.items():
+        if src is None:
+            continue
+        for variant in ("base", "recon"):
+            final = [f"recon={json.dumps(cfg.recon or {})}"] if variant == "recon" \
+                else ["recon=null"]
+            out.append((f"{method}-{variant}", src.run_config(common, cfg.name, final)))
+    named = dict(out)
+    for item in extra:
+        row, _, sets = item.partition(":")
+        if row not in named or not sets:
+            raise SystemExit(f"--extra {item!r}: give ROW:key=value[,key=value], ROW one of "
+                             f"{sorted(named)}.")
+        out.append((f"{row} + {sets}", named[row].override(*sets.split(","))))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.studies.first_epoch",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("config", help="a bench config (benchmarks/configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the bench config")
+    p.add_argument("--extra", action="append", default=[], metavar="ROW:OVERRIDES")
+    p.add_argument("--evaluation", action="store_true", help="also time one evaluation")
+    p.add_argument("--write", type=Path, default=None, metavar="PATH",
+                   help="also write the timings (not the profile) to PATH")
+    a = p.parse_args(argv)
+    todo = rows(a.config, a.overrides, a.extra)
+    lines = [f"python -m benchmarks.studies.first_epoch {a.config} {' '.join(a.overrides)}; "
+             f"{engine.machine()}"]
+    print(lines[0], flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, rc in todo:
+            rc = rc.with_run(out_dir=str(Path(tmp) / name.replace(" ", "_")), progress=False,
+                             stop_after_epoch=1, resume=False)
+            t0 = time.perf_counter()
+            try:
+                engine.train(rc)
+            except engine.StopTraining:
+                pass
+            lines.append(f"{name:40s} {time.perf_counter() - t0:7.1f} s  (set-up + epoch 1 + "
+                         "checkpoint)")
+            print(lines[-1], flush=True)
+        if a.evaluation:
+            rc = todo[0][1].override("train.epochs=0").with_run(
+                out_dir=str(Path(tmp) / "evaluation"), progress=False)
+            prof = cProfile.Profile()
+            t0 = time.perf_counter()
+            prof.enable()
+            result = engine.train(rc)
+            prof.disable()
+            lines.append(f"evaluation of an untrained {todo[0][0]}: "
+                         f"{time.perf_counter() - t0:.1f} s, {result['metrics']}")
+            print(lines[-1], flush=True)
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+    if a.write is not None:
+        a.write.parent.mkdir(parents=True, exist_ok=True)
+        a.write.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
