@@ -3,7 +3,9 @@ machine measures before it commits to a whole matrix.
 
 Each row (``<method>-base`` and ``<method>-recon``, seed 0) runs with the config's own schedule
 (its ``train.epochs``, SeLa's ``nopts``) and ``run.stop_after_epoch=1``: set-up (data, model, a
-method's first clustering or label pass), epoch 1 and the checkpoint, no evaluation. ``--extra``
+method's first clustering or label pass), epoch 1 and the checkpoint, no evaluation; the data
+are loaded (and decoded into their cache) once before the first row, and that time is printed
+on its own. ``--extra``
 adds a row with more overrides (e.g. a GPU input pipeline). ``--evaluation`` then times the
 evaluation alone, on an untrained network of the first method (``train.epochs=0``), with the
 functions it spent its time in (cProfile, cumulative).
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from adapters import engine
 from adapters.config import RunConfig
+from adapters.data import load_dataset
 from benchmarks.bench import load_bench_config
 from benchmarks.matrix import dotted
 
@@ -68,6 +71,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     lines = [f"python -m benchmarks.studies.first_epoch {a.config} {' '.join(a.overrides)}; "
              f"{engine.machine()}"]
     print(lines[0], flush=True)
+    d = todo[0][1].data  # decode the data into its cache first, so no row pays for it
+    t0 = time.perf_counter()
+    for train in (True, False):
+        load_dataset(d.dataset, data_root=d.root, train=train, download=d.download)
+    lines.append(f"{'loading the data (both splits)':40s} {time.perf_counter() - t0:7.1f} s")
+    print(lines[-1], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, rc in todo:
             rc = rc.with_run(out_dir=str(Path(tmp) / name.replace(" ", "_")), progress=False,
