@@ -50,8 +50,9 @@ demo-recon: venv
 # (bf16, 224 px: the ImageNet AlexNet, as AlexNet-CIFAR takes 32 px only;
 # benchmarks/results/overhead-gpu.txt, and at 32 px overhead-gpu-cifar.txt), the head's memory
 # formats and norms (gpu-check/head-memory-format.txt), the first epoch of every cifar10-gpu row
-# (gpu-check/first-epoch.txt) and two epochs of every row, seed 0 (benchmarks/results/gpu-check/;
-# SeLa with one label update per epoch), whose wall times size the full matrix.
+# (gpu-check/first-epoch.txt, with one full evaluation timed) and two epochs of every row, seed 0,
+# evaluated by kNN only (benchmarks/results/gpu-check/; SeLa with one label update per epoch): a
+# pipeline check sized to ~10 minutes on an H200 (a full evaluation is ~80 s per run there).
 gpu-check: venv
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check \
 	needs a CUDA GPU; torch.cuda.is_available() is False here (no GPU, or a CPU-only torch).')"
@@ -65,7 +66,8 @@ gpu-check: venv
 	$(PY) -m benchmarks.studies.first_epoch benchmarks/configs/cifar10-gpu.yaml --evaluation \
 		--write benchmarks/results/gpu-check/first-epoch.txt
 	$(VENV)/bin/recon-aux bench benchmarks/configs/cifar10-gpu.yaml 'seeds=[0]' \
-		common.train.epochs=2 methods.sela.set.method.nopts=4 --replace-changed \
+		common.train.epochs=2 methods.sela.set.method.nopts=4 common.eval.linear=null \
+		common.eval.nonlinear=null 'metrics=[knn_conv3, knn_conv5, knn_fc7]' --replace-changed \
 		--out-dir benchmarks/results/gpu-check
 
 clean:
