@@ -22,11 +22,11 @@ Bench config (YAML; run config paths are relative to this file's folder)::
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapters.config import RunConfigError
+from adapters.config import RunConfig, RunConfigError
 from adapters.schema import check_value
 
 from .matrix import (
@@ -98,6 +98,18 @@ def _load_bench_config(path: str | Path, overrides: Sequence[str]) -> BenchConfi
     return BenchConfig(**MatrixConfig.parse(raw, path), methods=sources, references=refs)
 
 
+def trained_rows(cfg: BenchConfig, seed: int) -> Iterator[tuple[str, str, RunConfig]]:
+    """(method, "base" or "recon", run config) of every trained row of ``cfg`` for ``seed``."""
+    common = [*dotted(cfg.common), f"train.seed={seed}"]
+    for method, src in cfg.methods.items():
+        if src is None:  # switched off on the command line: methods.aet=null
+            continue
+        for variant in ("base", "recon"):
+            final = ([f"recon={json.dumps(cfg.recon or {})}"] if variant == "recon"
+                     else ["recon=null"])
+            yield method, variant, src.run_config(common, cfg.name, final)
+
+
 def run_bench(cfg: BenchConfig, out: Path | None = None, progress: bool | None = None,
               replace_changed: bool = False, report_only: bool = False,
               merge: Path | None = None, reuse_folder: bool = False,
@@ -120,19 +132,13 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, progress: bool | None =
     matrix = Matrix(cfg.name, out, progress, replace_changed, kind="bench",
                     reuse_folder=reuse_folder, supersede_unplanned=supersede_unplanned)
     common = dotted(cfg.common)
-    recon_set = [f"recon={json.dumps(cfg.recon or {})}"]
     for seed in cfg.seeds:
         for ref_from, rows in cfg.references.items():
             src = cfg.methods.get(ref_from)
             if src is not None:
                 add_references(matrix, cfg, src, ref_from, rows, common, seed)
-        for method, src in cfg.methods.items():
-            if src is None:  # switched off on the command line: methods.aet=null
-                continue
-            for variant in ("base", "recon"):
-                final = recon_set if variant == "recon" else ["recon=null"]
-                rc = src.run_config([*common, f"train.seed={seed}"], cfg.name, final)
-                matrix.add(f"{method}-{variant}-seed{seed}", rc, {"method": method})
+        for method, variant, rc in trained_rows(cfg, seed):
+            matrix.add(f"{method}-{variant}-seed{seed}", rc, {"method": method})
     if merge is not None:
         matrix.merge(merge)
     runs = matrix.execute(report_only)

@@ -5,22 +5,21 @@ Each row (``<method>-base`` and ``<method>-recon``, seed 0) runs with the config
 (its ``train.epochs``, SeLa's ``nopts``) and ``run.stop_after_epoch=1``: set-up (data, model, a
 method's first clustering or label pass), epoch 1 and the checkpoint, no evaluation; the data
 are loaded (and decoded into their cache) once before the first row, and that time is printed
-on its own. ``--extra``
-adds a row with more overrides (e.g. a GPU input pipeline). ``--evaluation`` then times the
-evaluation alone, on an untrained network of the first method (``train.epochs=0``), with the
-functions it spent its time in (cProfile, cumulative).
+on its own. ``--extra`` adds a row with more overrides (e.g. another input pipeline).
+``--evaluation`` then times the evaluation alone, on an untrained network of the first method
+(``train.epochs=0``), with the functions it spent its time in (cProfile, cumulative).
 
-Example (the numbers in ``benchmarks/results/gpu-check/device-run.md``)::
+Example (``benchmarks/results/gpu-check/device-run.md`` has what this measured on an H200, when
+the config still built batches on the CPU and the extra row moved them to the GPU)::
 
     python -m benchmarks.studies.first_epoch benchmarks/configs/cifar10-gpu.yaml \\
-        --extra "sela-recon:data.augment_on_device=true,data.prefetch=2" --evaluation
+        --extra "sela-recon:data.augment_on_device=false,data.prefetch=0" --evaluation
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import pstats
 import tempfile
 import time
@@ -30,23 +29,14 @@ from pathlib import Path
 from adapters import engine
 from adapters.config import RunConfig
 from adapters.data import load_dataset
-from benchmarks.bench import load_bench_config
-from benchmarks.matrix import dotted
+from benchmarks.bench import load_bench_config, trained_rows
 
 
 def rows(config: str, overrides: Sequence[str],
          extra: Sequence[str]) -> list[tuple[str, RunConfig]]:
-    """(row name, run config) of every trained row, then the ``--extra`` rows."""
+    """(row name, run config) of every trained row (seed 0), then the ``--extra`` rows."""
     cfg = load_bench_config(config, ["seeds=[0]", *overrides])
-    common = [*dotted(cfg.common), "train.seed=0"]
-    out = []
-    for method, src in cfg.methods.items():
-        if src is None:
-            continue
-        for variant in ("base", "recon"):
-            final = [f"recon={json.dumps(cfg.recon or {})}"] if variant == "recon" \
-                else ["recon=null"]
-            out.append((f"{method}-{variant}", src.run_config(common, cfg.name, final)))
+    out = [(f"{method}-{variant}", rc) for method, variant, rc in trained_rows(cfg, 0)]
     named = dict(out)
     for item in extra:
         row, _, sets = item.partition(":")
