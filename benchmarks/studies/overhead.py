@@ -333,7 +333,9 @@ def header(args: argparse.Namespace, load: tuple[float, float, float] | None,
         f"model: {args.backbone}, widths {' '.join(map(str, args.widths))}, batch "
         f"{args.batch_size}, image {args.image_size}x{args.image_size}, SGD(momentum 0.9)",
         f"precision: {precision}; memory format "
-        f"{'channels-last' if args.channels_last else 'contiguous (NCHW)'}",
+        f"{'channels-last' if args.channels_last else 'contiguous (NCHW)'}"
+        + ("" if args.channels_last or args.device != "cuda"
+           else "; the head decodes channels-last (its default on CUDA)"),
         f"protocol: {_count(args.rounds, 'timed round')} after "
         f"{_count(args.warmup, 'warm-up round')}; each round "
         "runs every variant once, in a rotating order; ratio = variant step / base step of the "
