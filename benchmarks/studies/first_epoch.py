@@ -47,7 +47,8 @@ def rows(config: str, overrides: Sequence[str],
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.studies.first_epoch",
                                 description=__doc__.split("\n")[0])
     p.add_argument("config", help="a bench config (benchmarks/configs/)")
@@ -56,7 +57,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--evaluation", action="store_true", help="also time one evaluation")
     p.add_argument("--write", type=Path, default=None, metavar="PATH",
                    help="also write the timings (not the profile) to PATH")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    a = parse_args(argv)
     todo = rows(a.config, a.overrides, a.extra)
     lines = [f"python -m benchmarks.studies.first_epoch {a.config} {' '.join(a.overrides)}; "
              f"{engine.machine()}"]

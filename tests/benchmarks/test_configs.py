@@ -47,3 +47,41 @@ def test_cifar10_cpu_runs_recon_only_on_each_methods_recipe(tmp_path):
         assert (rc.data, rc.train, rc.eval, rc.backbone) == (own.data, own.train, own.eval,
                                                              own.backbone)
     assert "ref_from" not in by_id["recon-only-alexnet_cifar-seed0"][1]
+
+
+def _gpu_check_commands() -> list[list[str]]:
+    """The commands of the Makefile's gpu-check target, continuation lines joined, split."""
+    import shlex
+
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    body = text.split("\ngpu-check:", 1)[1].split("\n\n", 1)[0]
+    return [shlex.split(line.strip()) for line in body.splitlines()[1:]
+            if line.startswith("\t$(")]
+
+
+def test_gpu_check_commands_parse_on_a_cpu_machine():
+    """make gpu-check runs only where there is a GPU, rarely: its arguments are checked here."""
+    from benchmarks.studies import first_epoch, head_memory_format, overhead
+
+    commands = _gpu_check_commands()
+    studies = {"overhead": overhead.parse_args, "head_memory_format": head_memory_format.parse_args,
+               "first_epoch": first_epoch.parse_args}
+    seen = set()
+    for argv in commands:
+        if argv[1:3] == ["-m", "pytest"]:
+            seen.add("pytest")
+        elif argv[1] == "-m" and argv[2].startswith("benchmarks.studies."):
+            name = argv[2].rsplit(".", 1)[1]
+            seen.add(name)
+            args = studies[name](argv[3:])
+            if name == "first_epoch":  # its rows are built from the bench config
+                assert first_epoch.rows(str(REPO / args.config), args.overrides, args.extra)
+        elif argv[0].endswith("recon-aux") and argv[1] == "bench":
+            seen.add("bench")
+            overrides = [a for a in argv[3:] if not a.startswith("--") and "/" not in a]
+            cfg = bench.load_bench_config(REPO / argv[2], overrides)
+            rows = [rc for _, _, rc in bench.trained_rows(cfg, 0)]
+            assert list(cfg.seeds) == [0] and len(rows) == 6
+            assert all(rc.train.epochs == 2 and rc.eval.linear is None
+                       and rc.eval.nonlinear is None for rc in rows)
+    assert seen == {"pytest", "overhead", "head_memory_format", "first_epoch", "bench"}
