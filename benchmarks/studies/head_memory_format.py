@@ -74,10 +74,12 @@ def main(argv: Sequence[str] | None = None) -> str:
              f"{args.image_size} px, batch {a.batch_size}, {a.precision}; encoder and images "
              f"NCHW; {a.rounds} interleaved rounds after {a.warmup} warm-up",
              f"{'variant':30s} {'median step':>12s}   ratio median  [min, max]"]
-    for name, ts in times.items():
-        ratios = [t / b for t, b in zip(ts, times["base"], strict=True)]
-        lines.append(f"{name:30s} {statistics.median(ts) * 1e3:9.2f} ms   "
-                     f"{statistics.median(ratios):5.2f}  [{min(ratios):.2f}, {max(ratios):.2f}]")
+    for name, r in ov.ratio_stats(times, args.resamples, args.seed).items():
+        lines.append(f"{name:30s} {statistics.median(times[name]) * 1e3:9.2f} ms   "
+                     f"{r.median:5.2f}  [{r.low:.2f}, {r.high:.2f}]")
+    for v in variants.values():
+        if v.aux is not None:
+            v.aux.remove()
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if a.write is not None:
