@@ -12,6 +12,19 @@ from torch import Tensor, nn
 __all__ = ["ReconstructionHead"]
 
 
+@torch.compiler.assume_constant_result  # read at trace time: a compiled graph keeps its format
+def _cudnn_conv_tf32() -> bool:
+    """Whether cuDNN convolutions may use TF32: the new per-backend setting (torch >= 2.9) where
+    one is set, read leaf first ("none" defers to the level above), else the legacy flag."""
+    cudnn = torch.backends.cudnn
+    levels = [getattr(getattr(cudnn, "conv", None), "fp32_precision", None),
+              getattr(cudnn, "fp32_precision", None),
+              getattr(torch.backends, "fp32_precision", None)]
+    if levels[0] is None:
+        return bool(cudnn.allow_tf32)
+    return next((level == "tf32" for level in levels if level not in (None, "none")), False)
+
+
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels)
@@ -72,8 +85,10 @@ class ReconstructionHead(nn.Module):
         out_scale: Upsampling factor of the sub-pixel output conv.
         channels: Width after the stem and after each conv stage.
         channels_last: Memory format of the decoding: True runs it in channels-last (NHWC),
-            False in NCHW, None (default) channels-last for CUDA inputs and NCHW otherwise. The
-            same function either way; only the kernels differ (CPU runs stay bit for bit).
+            False in NCHW, None (default) channels-last for CUDA inputs whose convolutions run
+            in reduced precision anyway (autocast, or cuDNN's TF32, torch's default) and NCHW
+            otherwise. The same function either way; only the kernels, and so the rounding,
+            differ (CPU runs stay bit for bit).
 
     Example:
         >>> head = ReconstructionHead(256, (4, 4), (32, 32))
@@ -189,7 +204,13 @@ class ReconstructionHead(nn.Module):
         # transposes every bf16 conv to NHWC and back: on an H200 (alexnet 224 px, batch 256,
         # bf16) NHWC decoding took +L2 from 4.98x to 2.58x a base step, +L2+LPIPS-alex from 5.91x
         # to 3.49x (benchmarks/results/gpu-check/head-memory-format.txt).
-        nhwc = features.is_cuda if self.channels_last is None else self.channels_last
+        # Strict float32 stays NCHW: with TF32 off, cuDNN's NHWC backward of this head still
+        # rounds almost like TF32 (largest input-gradient error against float64, for gradients
+        # up to 0.9: NHWC 7e-3, NCHW 6e-7; with TF32 on, 2e-2 in both; H200, torch 2.11), so
+        # the fast format is the default only where convolutions are reduced-precision anyway.
+        nhwc = self.channels_last
+        if nhwc is None:
+            nhwc = features.is_cuda and (torch.is_autocast_enabled() or _cudnn_conv_tf32())
         return features.contiguous(memory_format=torch.channels_last) if nhwc else features
 
     def _fuse(self, features: Sequence[Tensor]) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -88,20 +90,74 @@ def _decode(head: ReconstructionHead, x: torch.Tensor) -> tuple[torch.Tensor, li
             h.remove()
 
 
+def _errors(head: ReconstructionHead, x: torch.Tensor, ref: tuple) -> tuple[float, float, list]:
+    """Largest error of the head's output and input gradient against ``ref``, each as a share
+    of the reference's largest magnitude, and the stages' formats."""
+    x = x.detach().requires_grad_(True)
+    y, fmt = _decode(head, x)
+    g, = torch.autograd.grad(y.square().sum(), x)
+    (yr, gr) = ref
+    return (float((y.detach().double().cpu() - yr).abs().max() / yr.abs().max()),
+            float((g.double().cpu() - gr).abs().max() / gr.abs().max()), fmt)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_channels_last_decoding_is_the_same_function(device):
+def test_channels_last_decoding_is_the_same_function(device, monkeypatch):
     torch.manual_seed(0)
     head = ReconstructionHead(64, (4, 4), (32, 32)).to(device)
-    x = torch.randn(4, 64, 4, 4, device=device, requires_grad=True)
-    default, fmt = _decode(head, x)
-    assert fmt == [device == "cuda"] * len(head.blocks)  # NHWC on CUDA only, by default
-    head.channels_last = not (device == "cuda")
-    flipped, fmt = _decode(head, x)
-    assert fmt == [device != "cuda"] * len(head.blocks)
-    torch.testing.assert_close(flipped, default, rtol=1e-4, atol=1e-5)
-    g1, = torch.autograd.grad(default.square().sum(), x)
-    g2, = torch.autograd.grad(flipped.square().sum(), x)
-    torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-5)
-    if device == "cpu":  # the default leaves CPU runs bit for bit as they were
-        head.channels_last = False
+    x = torch.randn(4, 64, 4, 4, device=device)
+    ref_head = copy.deepcopy(head).to("cpu", torch.float64)
+    ref_head.channels_last = False
+    xr = x.detach().cpu().double().requires_grad_(True)
+    yr = ref_head(xr)
+    ref = (yr.detach(), torch.autograd.grad(yr.square().sum(), xr)[0])
+    stages = len(head.blocks)
+    if device == "cpu":
+        default = _decode(head, x)[0]
+        for channels_last in (False, True):
+            head.channels_last = channels_last
+            y_err, g_err, fmt = _errors(head, x, ref)
+            assert fmt == [channels_last] * stages and y_err < 1e-5 and g_err < 1e-5
+        head.channels_last = False  # the default leaves CPU runs bit for bit as they were
         assert torch.equal(_decode(head, x)[0], default)
+        return
+    # CUDA: with TF32 (cuDNN's default) both formats round like TF32; measured on an H200
+    # (torch 2.11): 2e-4 / 2e-2 (output / input gradient) in both. With TF32 off NCHW is float32
+    # (6e-7 of the gradient) and NHWC is not (8e-3 of it), so strict float32 defaults to NCHW.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    for channels_last in (None, True, False):
+        head.channels_last = channels_last
+        y_err, g_err, fmt = _errors(head, x, ref)
+        assert fmt == [channels_last is not False] * stages and y_err < 5e-3 and g_err < 5e-2
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    head.channels_last = None
+    y_err, g_err, fmt = _errors(head, x, ref)
+    assert fmt == [False] * stages and y_err < 1e-5 and g_err < 1e-5
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert _decode(head, x)[1] == [True] * stages  # reduced precision anyway: NHWC
+    head.channels_last = True
+    y_err, g_err, fmt = _errors(head, x, ref)
+    assert fmt == [True] * stages and y_err < 1e-5 and g_err < 5e-2
+
+
+def test_tf32_reading_follows_the_legacy_and_the_new_settings(monkeypatch):
+    from recon_aux.head import _cudnn_conv_tf32
+    cudnn = torch.backends.cudnn
+    if not hasattr(getattr(cudnn, "conv", None), "fp32_precision"):  # torch < 2.9
+        monkeypatch.setattr(cudnn, "allow_tf32", False)
+        assert _cudnn_conv_tf32() is False
+        return
+    saved = (torch.backends.fp32_precision, cudnn.fp32_precision, cudnn.conv.fp32_precision)
+    try:
+        for conv, expected in (("tf32", True), ("ieee", False)):
+            cudnn.conv.fp32_precision = conv
+            assert _cudnn_conv_tf32() is expected
+        cudnn.conv.fp32_precision = "none"  # defers to the levels above
+        cudnn.fp32_precision = "tf32"
+        assert _cudnn_conv_tf32() is True
+        cudnn.fp32_precision = "none"
+        assert _cudnn_conv_tf32() is (torch.backends.fp32_precision == "tf32")
+        cudnn.allow_tf32 = False  # the legacy flag sets the new ones
+        assert _cudnn_conv_tf32() is False
+    finally:
+        torch.backends.fp32_precision, cudnn.fp32_precision, cudnn.conv.fp32_precision = saved
