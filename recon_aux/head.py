@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ReconstructionHead"]
+__all__ = ["ReconstructionHead", "cudnn_conv_tf32"]
 
 
 @torch.compiler.assume_constant_result  # read at trace time: a compiled graph keeps its format
-def _cudnn_conv_tf32() -> bool:
+def cudnn_conv_tf32() -> bool:
     """Whether cuDNN convolutions may use TF32: the new per-backend setting (torch >= 2.9) where
     one is set, read leaf first ("none" defers to the level above), else the legacy flag."""
     cudnn = torch.backends.cudnn
@@ -210,7 +210,7 @@ class ReconstructionHead(nn.Module):
         # the fast format is the default only where convolutions are reduced-precision anyway.
         nhwc = self.channels_last
         if nhwc is None:
-            nhwc = features.is_cuda and (torch.is_autocast_enabled() or _cudnn_conv_tf32())
+            nhwc = features.is_cuda and (torch.is_autocast_enabled() or cudnn_conv_tf32())
         return features.contiguous(memory_format=torch.channels_last) if nhwc else features
 
     def _fuse(self, features: Sequence[Tensor]) -> Tensor:

@@ -141,23 +141,23 @@ def test_channels_last_decoding_is_the_same_function(device, monkeypatch):
 
 
 def test_tf32_reading_follows_the_legacy_and_the_new_settings(monkeypatch):
-    from recon_aux.head import _cudnn_conv_tf32
+    from recon_aux.head import cudnn_conv_tf32
     cudnn = torch.backends.cudnn
     if not hasattr(getattr(cudnn, "conv", None), "fp32_precision"):  # torch < 2.9
         monkeypatch.setattr(cudnn, "allow_tf32", False)
-        assert _cudnn_conv_tf32() is False
+        assert cudnn_conv_tf32() is False
         return
     saved = (torch.backends.fp32_precision, cudnn.fp32_precision, cudnn.conv.fp32_precision)
     try:
         for conv, expected in (("tf32", True), ("ieee", False)):
             cudnn.conv.fp32_precision = conv
-            assert _cudnn_conv_tf32() is expected
+            assert cudnn_conv_tf32() is expected
         cudnn.conv.fp32_precision = "none"  # defers to the levels above
         cudnn.fp32_precision = "tf32"
-        assert _cudnn_conv_tf32() is True
+        assert cudnn_conv_tf32() is True
         cudnn.fp32_precision = "none"
-        assert _cudnn_conv_tf32() is (torch.backends.fp32_precision == "tf32")
+        assert cudnn_conv_tf32() is (torch.backends.fp32_precision == "tf32")
         cudnn.allow_tf32 = False  # the legacy flag sets the new ones
-        assert _cudnn_conv_tf32() is False
+        assert cudnn_conv_tf32() is False
     finally:
         torch.backends.fp32_precision, cudnn.fp32_precision, cudnn.conv.fp32_precision = saved
