@@ -445,6 +445,11 @@ DDP_SCRIPT = textwrap.dedent("""
     dist.all_gather(out, flat)
     if dist.get_rank() == 0:
         print(json.dumps({"layer": aux.layer_name, "agree": torch.equal(*out)}))
+    # As ddp_loop.py: drop the DDP wrapper (its reducer holds the process group) before gloo is
+    # torn down, or a rank can abort at exit ("terminate called without an active exception").
+    import gc
+    del net, aux, opt, model
+    gc.collect()
     dist.barrier(); dist.destroy_process_group()
 """)
 
