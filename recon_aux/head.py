@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ReconstructionHead", "cudnn_conv_tf32"]
+__all__ = ["ReconstructionHead", "cudnn_conv_tf32", "nhwc_by_default"]
 
 
 @torch.compiler.assume_constant_result  # read at trace time: a compiled graph keeps its format
@@ -23,6 +23,12 @@ def cudnn_conv_tf32() -> bool:
     if levels[0] is None:
         return bool(cudnn.allow_tf32)
     return next((level == "tf32" for level in levels if level not in (None, "none")), False)
+
+
+def nhwc_by_default(on_cuda: bool, autocast: bool) -> bool:
+    """The head's default format (``channels_last=None``): channels-last for CUDA inputs whose
+    convolutions run in reduced precision anyway (autocast, or cuDNN's TF32), else NCHW."""
+    return on_cuda and (autocast or cudnn_conv_tf32())
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -210,7 +216,7 @@ class ReconstructionHead(nn.Module):
         # the fast format is the default only where convolutions are reduced-precision anyway.
         nhwc = self.channels_last
         if nhwc is None:
-            nhwc = features.is_cuda and (torch.is_autocast_enabled() or cudnn_conv_tf32())
+            nhwc = nhwc_by_default(features.is_cuda, torch.is_autocast_enabled())
         return features.contiguous(memory_format=torch.channels_last) if nhwc else features
 
     def _fuse(self, features: Sequence[Tensor]) -> Tensor:

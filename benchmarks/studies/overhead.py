@@ -57,7 +57,7 @@ from torch import nn
 import recon_aux
 from adapters.backbones import build_backbone
 from adapters.backbones.registry import check_backbone_arguments
-from recon_aux.head import cudnn_conv_tf32
+from recon_aux.head import nhwc_by_default
 
 #: The variants and their ``attach`` overrides (None: no auxiliary objective).
 VARIANTS: dict[str, dict | None] = {
@@ -336,8 +336,8 @@ def header(args: argparse.Namespace, load: tuple[float, float, float] | None,
         f"precision: {precision}; memory format "
         f"{'channels-last' if args.channels_last else 'contiguous (NCHW)'}"
         + ("" if args.channels_last or args.device != "cuda"
-           else "; the head decodes " + ("channels-last" if args.precision != "fp32"
-                                         or cudnn_conv_tf32() else "NCHW")
+           else "; the head decodes " + ("channels-last" if nhwc_by_default(
+               True, autocast=args.precision != "fp32") else "NCHW")
            + " (its default on CUDA: channels-last under autocast or TF32)"),
         f"protocol: {_count(args.rounds, 'timed round')} after "
         f"{_count(args.warmup, 'warm-up round')}; each round "
