@@ -84,6 +84,19 @@ class Plateau:
                              "0 < factor < 1, tol >= 0.")
 
 
+def resident(features: Tensor, device: torch.device, share: float = 0.5) -> Tensor:
+    """``features`` moved to a CUDA ``device`` once when they take at most ``share`` of its free
+    memory, so that mini-batches are gathered there; else returned as they are, and every
+    mini-batch is gathered on the host and copied over on its own (the only way on other
+    devices). The values are the same either way."""
+    if device.type != "cuda" or features.device == device:
+        return features
+    free, _ = torch.cuda.mem_get_info(device)
+    if features.element_size() * features.numel() > share * free:
+        return features
+    return features.to(device)
+
+
 def fit(
     head: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -109,14 +122,21 @@ def fit(
     """
     generator = torch.Generator().manual_seed(seed)
     n = train_features.shape[0]
+    train_features = resident(train_features, device)
+    train_targets = train_targets.to(train_features.device)
     iteration = 0
     loss_sum, correct, seen = 0.0, 0, 0
     curve: list[float] = []
     scale, best, waited, drops, levelled = 1.0, math.inf, 0, 0, None
     for epoch in progress_bar(range(epochs), enabled=progress, total=epochs, desc=desc):
         head.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        order = torch.randperm(n, generator=generator)
+        # The epoch's sums stay on the device until its end: a float() or int() per step would
+        # wait for the GPU at every step. float64 sums of float32 losses times batch sizes are
+        # the same numbers as Python's float arithmetic gave.
+        loss_total = torch.zeros((), dtype=torch.float64, device=device)
+        hits = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
+        order = torch.randperm(n, generator=generator).to(train_features.device)
         for start in range(0, n, batch_size):
             index = order[start : start + batch_size]
             if index.numel() < 2:
@@ -132,9 +152,10 @@ def fit(
             loss.backward()
             optimizer.step()
             iteration += 1
-            loss_sum += float(loss.detach()) * index.numel()
-            correct += int((logits.detach().argmax(1) == y).sum())
+            loss_total += loss.detach().double() * index.numel()
+            hits += (logits.detach().argmax(1) == y).sum()
             seen += index.numel()
+        loss_sum, correct = float(loss_total), int(hits)
         if seen and not math.isfinite(loss_sum):
             raise FloatingPointError(
                 f"{desc}: training loss became {loss_sum} in epoch {epoch + 1}; lower lr or "

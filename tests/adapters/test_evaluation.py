@@ -15,6 +15,7 @@ from adapters.evaluation import (
     Features,
     NonLinearHead,
     Standardize,
+    _training,
     extract_features,
     knn_eval,
     linear_probe,
@@ -27,7 +28,7 @@ from adapters.evaluation import (
     recalibrated_batchnorm,
     weighted_knn,
 )
-from adapters.evaluation._training import Plateau, inverse_sqrt_lr, step_lr
+from adapters.evaluation._training import Plateau, inverse_sqrt_lr, resident, step_lr
 from adapters.evaluation.linear import WEIGHT_DECAYS
 
 
@@ -325,6 +326,28 @@ def test_linear_probe_chooses_weight_decay_on_held_out_training_features_only():
     assert single["weight_decay"] == 1e-3 and "val_top1" not in single
     with pytest.raises(ValueError, match="val_fraction"):
         linear_probe(x[:500], y[:500], x[500:], y[500:], val_fraction=1.0)
+
+
+def test_probe_features_stay_where_they_are_for_a_cpu_probe():
+    x = torch.randn(10, 3)
+    assert resident(x, torch.device("cpu")) is x
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_probe_on_the_gpu_gathers_batches_there_with_the_same_result(monkeypatch):
+    x, y = _separable(1200, 64, 10, seed=5)
+    assert resident(x, torch.device("cuda")).device.type == "cuda"
+    on_gpu = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], device="cuda")
+    nonlinear = nonlinear_probe(x[:1000], y[:1000], x[1000:], y[1000:], epochs=3, device="cuda")
+    monkeypatch.setattr(_training, "resident", lambda features, device, share=0.5: features)
+    streamed = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], device="cuda")
+    assert on_gpu == streamed  # the same kernels on the same values: every number equal
+    assert nonlinear == nonlinear_probe(x[:1000], y[:1000], x[1000:], y[1000:], epochs=3,
+                                        device="cuda")
+    on_cpu = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], device="cpu")
+    assert on_gpu["weight_decay"] == on_cpu["weight_decay"]
+    assert abs(on_gpu["top1"] - on_cpu["top1"]) <= 1.0 and on_gpu["levelled_off"]
 
 
 def test_linear_probe_reads_features_whatever_their_scale():
