@@ -50,8 +50,9 @@ demo-recon: venv
 # (bf16, 224 px: the ImageNet AlexNet, as AlexNet-CIFAR takes 32 px only;
 # benchmarks/results/overhead-gpu.txt, and at 32 px overhead-gpu-cifar.txt), the head's memory
 # formats and norms (gpu-check/head-memory-format.txt), the first epoch of every cifar10-gpu row
-# (gpu-check/first-epoch.txt, with one full evaluation timed) and two epochs of every row, seed 0,
-# evaluated by kNN only (benchmarks/results/gpu-check/; SeLa with one label update per epoch): a
+# (gpu-check/first-epoch.txt, with one full evaluation timed and 50 steps of SeLa +recon
+# profiled: where a step's time goes, how often it waits for the GPU) and two epochs of every
+# row, seed 0, evaluated by kNN only (benchmarks/results/gpu-check/; SeLa with one label update per epoch): a
 # pipeline check of about 7 minutes on an H200 (measured without the first-epoch study's
 # --evaluation: 5.3 minutes; one full evaluation is ~80-110 s there).
 gpu-check: venv
@@ -65,7 +66,7 @@ gpu-check: venv
 	$(PY) -m benchmarks.studies.head_memory_format --device cuda \
 		--write benchmarks/results/gpu-check/head-memory-format.txt
 	$(PY) -m benchmarks.studies.first_epoch benchmarks/configs/cifar10-gpu.yaml --evaluation \
-		--write benchmarks/results/gpu-check/first-epoch.txt
+		--profile sela-recon --write benchmarks/results/gpu-check/first-epoch.txt
 	$(VENV)/bin/recon-aux bench benchmarks/configs/cifar10-gpu.yaml 'seeds=[0]' \
 		common.train.epochs=2 methods.sela.set.method.nopts=4 common.eval.linear=null \
 		common.eval.nonlinear=null 'metrics=[knn_conv3, knn_conv5, knn_fc7]' --replace-changed \

@@ -8,6 +8,9 @@ are loaded (and decoded into their cache) once before the first row, and that ti
 on its own. ``--extra`` adds a row with more overrides (e.g. another input pipeline).
 ``--evaluation`` then times the evaluation alone, on an untrained network of the first method
 (``train.epochs=0``), with the functions it spent its time in (cProfile, cumulative).
+``--profile ROW`` runs that row's epoch 1 once more under ``torch.profiler`` and says where a
+step's time goes: wall time per step against the time the device's kernels ran, and how many
+times a step waited for the device (its synchronisations); the ops by self time follow.
 
 Example (``benchmarks/results/gpu-check/device-run.md`` has what this measured on an H200, when
 the config still built batches on the CPU and the extra row moved them to the GPU)::
@@ -25,6 +28,10 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.profiler import ProfilerActivity, profile, schedule
 
 from adapters import engine
 from adapters.config import RunConfig
@@ -47,6 +54,56 @@ def rows(config: str, overrides: Sequence[str],
     return out
 
 
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def profile_epoch(name: str, rc: RunConfig, *, wait: int = 20, warmup: int = 5,
+                  active: int = 50) -> tuple[str, str]:
+    """Profile ``active`` training steps of ``rc``'s epoch 1, after ``wait + warmup`` steps.
+
+    Steps are counted by a hook after every optimizer step (``torch.optim``'s global post-hook),
+    which also stamps the host clock. Returns the summary line (median wall time per step, the
+    device kernels' time per step, host-device synchronisations per step) and the profiler's
+    table of ops by self time. Times are measured under the profiler, which adds a few
+    microseconds of host time per op.
+    """
+    on_cuda = torch.device(rc.train.device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    stamps: list[float] = []
+    prof = profile(activities=activities,
+                   schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=1))
+
+    def count_step(*_args) -> None:
+        stamps.append(time.perf_counter())
+        prof.step()
+
+    handle = register_optimizer_step_post_hook(count_step)
+    try:
+        with prof:
+            try:
+                engine.train(rc.with_run(stop_after_epoch=1))
+            except engine.StopTraining:
+                pass
+    finally:
+        handle.remove()
+    first = wait + warmup
+    if len(stamps) < first + active:
+        raise SystemExit(f"--profile {name}: epoch 1 has {len(stamps)} steps, fewer than the "
+                         f"{first + active} profiled (wait {wait} + warmup {warmup} + active "
+                         f"{active}); use a bigger training set or fewer steps.")
+    gaps = sorted(b - a for a, b in zip(stamps[first:first + active],
+                                        stamps[first + 1:first + active + 1], strict=False))
+    wall_ms = 1e3 * gaps[len(gaps) // 2] if gaps else float("nan")
+    events = prof.key_averages()
+    device_ms = sum(e.self_device_time_total for e in events) / 1e3 / active
+    syncs = sum(e.count for e in events if e.key in SYNCS) / active
+    line = (f"profile of {name}, steps {first + 1}-{first + active} of epoch 1: "
+            f"{wall_ms:.2f} ms per step (median, host clock), device kernels "
+            f"{device_ms:.2f} ms per step, {syncs:.1f} host-device synchronisations per step")
+    sort = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    return line, events.table(sort_by=sort, row_limit=25)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.studies.first_epoch",
@@ -55,6 +112,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="dotted overrides of the bench config")
     p.add_argument("--extra", action="append", default=[], metavar="ROW:OVERRIDES")
     p.add_argument("--evaluation", action="store_true", help="also time one evaluation")
+    p.add_argument("--profile", action="append", default=[], metavar="ROW",
+                   help="also profile 50 steps of this row's epoch 1 (torch.profiler)")
     p.add_argument("--write", type=Path, default=None, metavar="PATH",
                    help="also write the timings (not the profile) to PATH")
     return p.parse_args(argv)
@@ -63,6 +122,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     a = parse_args(argv)
     todo = rows(a.config, a.overrides, a.extra)
+    unknown = sorted(set(a.profile) - {name for name, _ in todo})
+    if unknown:
+        raise SystemExit(f"--profile {unknown}: no such row; rows: {[n for n, _ in todo]}.")
     lines = [f"python -m benchmarks.studies.first_epoch {a.config} {' '.join(a.overrides)}; "
              f"{engine.machine()}"]
     print(lines[0], flush=True)
@@ -84,6 +146,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             lines.append(f"{name:40s} {time.perf_counter() - t0:7.1f} s  (set-up + epoch 1 + "
                          "checkpoint)")
             print(lines[-1], flush=True)
+        for name in a.profile:
+            rc = dict(todo)[name].with_run(out_dir=str(Path(tmp) / f"profile-{name}"),
+                                           progress=False, resume=False)
+            line, table = profile_epoch(name, rc)
+            lines.append(line)
+            print(line, table, sep="\n", flush=True)
         if a.evaluation:
             rc = todo[0][1].override("train.epochs=0").with_run(
                 out_dir=str(Path(tmp) / "evaluation"), progress=False)
