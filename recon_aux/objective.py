@@ -168,14 +168,11 @@ class ReconAux(nn.Module):
             self._build_head(feature, tuple(images.shape[-2:]))
         self.calls += 1
         reconstruction = self.head(feature, images.shape[-2:])
-        try:
-            parts = self.perceptual.components(reconstruction, images)
-        except NonFiniteLossError as exc:
-            raise NonFiniteLossError(f"recon_aux: at aux.loss call {self.calls} (optimizer step "
-                                     f"{self.steps}): {exc} {_DIVERGED}") from exc
+        self.perceptual.check_inputs = self.config.check_inputs  # live, as the weights are
+        parts = self.perceptual.components(reconstruction, images, check=False)
         total = self.config.weight * parts["total"]
         if self.config.check_inputs:
-            self._check_finite(reconstruction, parts, total)
+            self._check(reconstruction, parts, total)
         self.last = {
             "l2": parts["l2"].detach(), "lpips": parts["lpips"].detach(), "total": total.detach(),
             "reconstruction": reconstruction.detach(), "images": images.detach(),
@@ -236,18 +233,27 @@ class ReconAux(nn.Module):
             else:
                 p.grad.copy_(g)
 
-    def _check_finite(self, reconstruction: Tensor, parts: dict, total: Tensor) -> None:
-        values = torch.stack([parts["l2"].detach(), parts["lpips"].detach(), total.detach()])
-        if bool(torch.isfinite(values).all()):
+    def _check(self, reconstruction: Tensor, parts: dict, total: Tensor) -> None:
+        """One host sync: the images' range (the perceptual loss's check), then the loss's
+        finiteness."""
+        losses = torch.stack([parts["l2"].detach(), parts["lpips"].detach(), total.detach()])
+        read = torch.cat([parts["span"], losses]).tolist()
+        span, values = read[:4], read[4:]
+        try:
+            self.perceptual.check_span(span)
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(f"recon_aux: at aux.loss call {self.calls} (optimizer step "
+                                     f"{self.steps}): {exc} {_DIVERGED}") from exc
+        if all(math.isfinite(v) for v in values):
             return
         if not bool(torch.isfinite(reconstruction).all()):
             component = "reconstruction"
         else:
-            component = next(k for k, v in zip(("l2", "lpips", "total"), values.tolist())
+            component = next(k for k, v in zip(("l2", "lpips", "total"), values, strict=True)
                              if not math.isfinite(v))
         raise NonFiniteLossError(
             f"recon_aux: non-finite {component} at aux.loss call {self.calls} (optimizer step "
-            f"{self.steps}); l2, lpips, total = {values.tolist()}. {_DIVERGED}"
+            f"{self.steps}); l2, lpips, total = {values}. {_DIVERGED}"
         )
 
     # -- head ------------------------------------------------------------------------------------

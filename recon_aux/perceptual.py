@@ -206,12 +206,17 @@ class PerceptualLoss(nn.Module):
         lo, hi = self.input_range
         return (x - lo) / (hi - lo)
 
-    def _check_range(self, **named: Tensor) -> None:
-        """One host sync for all tensors: each must lie in [0, 1] up to the tolerance."""
-        stats = torch.stack([s for u in named.values() for s in (u.amin(), u.amax())]).tolist()
+    SPAN = ("target images", "reconstruction")  # the images in ``components()``'s "span"
+
+    def check_span(self, span: Sequence[float]) -> None:
+        """Raise unless the images of :data:`SPAN` lie in [0, 1] up to the tolerance.
+
+        ``span`` is ``components()``'s ``"span"`` read on the host: (min, max) after mapping to
+        [0, 1], for each image of :data:`SPAN` in turn.
+        """
         tol = self.range_tolerance
-        for i, name in enumerate(named):
-            umin, umax = stats[2 * i], stats[2 * i + 1]
+        for i, name in enumerate(self.SPAN):
+            umin, umax = span[2 * i], span[2 * i + 1]
             if umin >= -tol and umax <= 1 + tol:
                 continue
             if not (math.isfinite(umin) and math.isfinite(umax)):
@@ -227,8 +232,15 @@ class PerceptualLoss(nn.Module):
                 "when the pipeline normalised them. Values are never clamped."
             )
 
-    def components(self, reconstruction: Tensor, target: Tensor) -> dict[str, Tensor]:
-        """``{"l2", "lpips", "total"}`` as scalar float32 tensors (with grad)."""
+    def components(self, reconstruction: Tensor, target: Tensor, *,
+                   check: bool = True) -> dict[str, Tensor]:
+        """``{"l2", "lpips", "total"}`` as scalar float32 tensors (with grad).
+
+        With ``check_inputs``, ``"span"`` holds both images' range on the device (see
+        :meth:`check_span`), and one host sync checks it before returning; ``check=False``
+        leaves that read to the caller (``ReconAux`` reads it together with the loss's
+        finiteness: one sync per call for both).
+        """
         check_images(reconstruction, "reconstruction")
         check_images(target, "target images")
         with torch.autocast(reconstruction.device.type, enabled=False):
@@ -237,8 +249,12 @@ class PerceptualLoss(nn.Module):
             if r.shape != t.shape:
                 raise ValueError(f"reconstruction {tuple(r.shape)} and target {tuple(t.shape)} "
                                  "must have the same shape.")
+            parts = {}
             if self.check_inputs:
-                self._check_range(**{"target images": t, "reconstruction": r.detach()})
+                rd = r.detach()
+                parts["span"] = torch.stack([t.amin(), t.amax(), rd.amin(), rd.amax()])
+                if check:
+                    self.check_span(parts["span"].tolist())
             l2 = F.mse_loss(r, t)
             if self.lpips is not None:
                 if self.resize_to is not None and tuple(r.shape[-2:]) != self.resize_to:
@@ -259,7 +275,7 @@ class PerceptualLoss(nn.Module):
             else:
                 lp = torch.zeros((), device=r.device)
             total = self.l2_weight * l2 + self.lpips_weight * lp
-        return {"l2": l2, "lpips": lp, "total": total}
+        return {"l2": l2, "lpips": lp, "total": total, **parts}
 
     def _sample(self, r: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """What LPIPS reads: a random subset of the batch (``lpips_fraction``) and one random

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import recon_aux
 from recon_aux import ConfigError, NonFiniteLossError, PairingError, RangeError, ReconAuxConfig
@@ -226,3 +227,38 @@ def test_non_finite_names_step_and_component(tiny_alexnet):
     with pytest.raises(NonFiniteLossError, match=r"aux.loss call 2 \(optimizer step 1\): "
                                                  "reconstruction contains NaN"):
         aux.loss(x)
+
+
+class _HostReads(TorchFunctionMode):
+    """Records every read of a tensor's value by the host (a sync on a GPU)."""
+
+    READS = {"__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_checks_read_the_device_once_per_call_and_follow_the_knob(tiny_alexnet):
+    aux = recon_aux.attach(tiny_alexnet)
+    x = torch.rand(2, 3, 32, 32)
+    tiny_alexnet(x)
+    aux.loss(x)  # builds the head
+    tiny_alexnet(x)
+    with _HostReads() as mode:
+        aux.loss(x)
+    assert mode.reads == ["tolist"]  # the range of both images and the loss's finiteness
+    aux.config.check_inputs = False  # live: both checks off, no read at all
+    tiny_alexnet(255 * x)
+    with _HostReads() as mode:
+        aux.loss(255 * x)  # out of the declared range, unchecked as asked
+    assert mode.reads == []
+    aux.config.check_inputs = True
+    tiny_alexnet(255 * x)
+    with pytest.raises(RangeError, match="outside the declared"):
+        aux.loss(255 * x)
