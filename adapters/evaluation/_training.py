@@ -118,7 +118,8 @@ def fit(
     from 0 over all epochs), times the reductions of ``plateau`` when given (which may also end
     training before ``epochs``). Batches of a single sample are skipped (BatchNorm cannot train
     on them). Returns the mean loss and accuracy (%) of the last epoch, the epochs run, the
-    per-epoch losses, and whether the loss levelled off (``None`` without ``plateau``).
+    per-epoch losses, and whether the loss levelled off (``None`` without ``plateau``). On a
+    GPU the features move there once when they fit (:func:`resident`).
     """
     generator = torch.Generator().manual_seed(seed)
     n = train_features.shape[0]
