@@ -52,8 +52,8 @@ demo-recon: venv
 # formats and norms (gpu-check/head-memory-format.txt), the first epoch of every cifar10-gpu row
 # (gpu-check/first-epoch.txt, with one full evaluation timed and 50 steps of SeLa +recon
 # profiled: where a step's time goes, how often it waits for the GPU) and two epochs of every
-# row, seed 0, evaluated by kNN only (benchmarks/results/gpu-check/; SeLa with one label update per epoch): a
-# pipeline check of about 7 minutes on an H200 (measured without the first-epoch study's
+# row, seed 0, evaluated by kNN only (benchmarks/results/gpu-check/; SeLa with one label update
+# per epoch): a pipeline check of about 7 minutes on an H200 (measured without the first-epoch study's
 # --evaluation: 5.3 minutes; one full evaluation is ~80-110 s there).
 gpu-check: venv
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check \

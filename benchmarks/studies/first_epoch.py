@@ -54,6 +54,14 @@ def rows(config: str, overrides: Sequence[str],
     return out
 
 
+def train_epoch_1(rc: RunConfig) -> None:
+    """Set up ``rc``'s run and train its epoch 1 (and write its checkpoint), then stop."""
+    try:
+        engine.train(rc.with_run(stop_after_epoch=1))
+    except engine.StopTraining:
+        pass
+
+
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
@@ -80,10 +88,7 @@ def profile_epoch(name: str, rc: RunConfig, *, wait: int = 20, warmup: int = 5,
     handle = register_optimizer_step_post_hook(count_step)
     try:
         with prof:
-            try:
-                engine.train(rc.with_run(stop_after_epoch=1))
-            except engine.StopTraining:
-                pass
+            train_epoch_1(rc)
     finally:
         handle.remove()
     first = wait + warmup
@@ -137,12 +142,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, rc in todo:
             rc = rc.with_run(out_dir=str(Path(tmp) / name.replace(" ", "_")), progress=False,
-                             stop_after_epoch=1, resume=False)
+                             resume=False)
             t0 = time.perf_counter()
-            try:
-                engine.train(rc)
-            except engine.StopTraining:
-                pass
+            train_epoch_1(rc)
             lines.append(f"{name:40s} {time.perf_counter() - t0:7.1f} s  (set-up + epoch 1 + "
                          "checkpoint)")
             print(lines[-1], flush=True)
