@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import pstats
+import statistics
 import tempfile
 import time
 from collections.abc import Sequence
@@ -96,9 +98,11 @@ def profile_epoch(name: str, rc: RunConfig, *, wait: int = 20, warmup: int = 5,
         raise SystemExit(f"--profile {name}: epoch 1 has {len(stamps)} steps, fewer than the "
                          f"{first + active} profiled (wait {wait} + warmup {warmup} + active "
                          f"{active}); use a bigger training set or fewer steps.")
-    gaps = sorted(b - a for a, b in zip(stamps[first:first + active],
-                                        stamps[first + 1:first + active + 1], strict=False))
-    wall_ms = 1e3 * gaps[len(gaps) // 2] if gaps else float("nan")
+    # stamps[i] ends step i + 1: the profiled steps' durations end at stamps[first:first + active]
+    # (the first has no start stamp when no step precedes it)
+    ends = stamps[max(first - 1, 0):first + active]
+    gaps = [b - a for a, b in itertools.pairwise(ends)]
+    wall_ms = 1e3 * statistics.median(gaps) if gaps else float("nan")
     events = prof.key_averages()
     device_ms = sum(e.self_device_time_total for e in events) / 1e3 / active
     syncs = sum(e.count for e in events if e.key in SYNCS) / active
