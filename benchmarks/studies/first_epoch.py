@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -77,7 +78,9 @@ def profile_epoch(name: str, rc: RunConfig, *, wait: int = 20, warmup: int = 5,
     table of ops by self time. Times are measured under the profiler, which adds a few
     microseconds of host time per op.
     """
-    on_cuda = torch.device(rc.train.device).type == "cuda"
+    device = rc.train.device  # "auto" is the engine's: CUDA when torch sees one
+    on_cuda = (torch.cuda.is_available() if device == "auto"
+               else torch.device(device).type == "cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     stamps: list[float] = []
     prof = profile(activities=activities,
@@ -104,7 +107,10 @@ def profile_epoch(name: str, rc: RunConfig, *, wait: int = 20, warmup: int = 5,
     gaps = [b - a for a, b in itertools.pairwise(ends)]
     wall_ms = 1e3 * statistics.median(gaps) if gaps else float("nan")
     events = prof.key_averages()
-    device_ms = sum(e.self_device_time_total for e in events) / 1e3 / active
+    # kernels only, as the table's "Self CUDA time total": the ops' rows repeat their kernels'
+    # time, and the profiler's own step ranges (ProfilerStep*) are user annotations spanning it
+    device_ms = sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU
+                    and not e.is_user_annotation) / 1e3 / active
     syncs = sum(e.count for e in events if e.key in SYNCS) / active
     line = (f"profile of {name}, steps {first + 1}-{first + active} of epoch 1: "
             f"{wall_ms:.2f} ms per step (median, host clock), device kernels "

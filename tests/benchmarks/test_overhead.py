@@ -127,7 +127,14 @@ def test_first_epoch_rows_are_the_trained_rows_plus_extras():
         first_epoch.main(["benchmarks/configs/cifar10-gpu.yaml", "--profile", "sela"])
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def _table_total_ms(table: str) -> float:
+    """The profiler table's "Self CUDA time total" in ms."""
+    value, unit = re.search(r"Self CUDA time total: ([\d.]+)(s|ms|us)", table).groups()
+    return float(value) * {"s": 1e3, "ms": 1.0, "us": 1e-3}[unit]
+
+
+# "auto" is the engine's default train.device (CUDA when torch sees one)
+@pytest.mark.parametrize("device", ["cpu", "auto", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_first_epoch_profile_reports_per_step_time_and_synchronisations(tiny_tree, tmp_path,
                                                                        device):
     from adapters.config import load_run_config
@@ -140,10 +147,12 @@ def test_first_epoch_profile_reports_per_step_time_and_synchronisations(tiny_tre
                          r"\(median, host clock\), device kernels ([\d.]+) ms per step, "
                          r"([\d.]+) host-device synchronisations per step", line)
     assert match and float(match[1]) > 0
-    if device == "cpu":  # no device to run kernels on or to wait for
+    if device == "cpu" or not torch.cuda.is_available():  # no kernels to run or wait for
         assert float(match[2]) == 0 and float(match[3]) == 0
     else:  # the kernels ran there, and the objective's checks (at least) waited for them
         assert float(match[2]) > 0 and float(match[3]) >= 1
+        # the kernels' time alone: not the ops' rows again, nor the profiler's step ranges
+        assert float(match[2]) == pytest.approx(_table_total_ms(table) / 3, rel=0.01, abs=0.01)
     assert "aten::convolution" in table
     with pytest.raises(SystemExit, match="epoch 1 has 6 steps, fewer than the 8 profiled"):
         first_epoch.profile_epoch("rotation-recon", rc.with_run(out_dir=str(tmp_path / "again")),
