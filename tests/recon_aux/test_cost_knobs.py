@@ -59,6 +59,24 @@ def test_lpips_window_matches_the_same_crop_of_both_images():
     assert got != pytest.approx(float(whole.components(a, b)["lpips"]))
 
 
+def test_lpips_sample_gradient_lands_on_each_window_of_each_drawn_image_only():
+    torch.manual_seed(3)
+    a, b = torch.rand(3, 3, 50, 60, requires_grad=True), torch.rand(3, 3, 50, 60)
+    loss = PerceptualLoss(lpips_crop=32, lpips_fraction=0.5)  # windows of 2 of the 3 images
+    r, t = loss._sample(a, b)
+    g = torch.randn_like(r)
+    grad, = torch.autograd.grad((r * g).sum(), a)
+    expected = torch.zeros_like(a)
+    for i in range(r.shape[0]):
+        hits = [(j, y, x) for j in range(3) for y in range(19) for x in range(29)
+                if torch.equal(a[j, :, y:y + 32, x:x + 32], r[i])]
+        assert len(hits) == 1
+        j, y, x = hits[0]
+        assert torch.equal(b[j, :, y:y + 32, x:x + 32], t[i])
+        expected[j, :, y:y + 32, x:x + 32] += g[i]
+    assert torch.equal(grad, expected)
+
+
 def test_lpips_fraction_reads_a_random_share_and_is_unbiased():
     torch.manual_seed(2)
     a, b = torch.rand(8, 3, 32, 32), torch.rand(8, 3, 32, 32)
