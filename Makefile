@@ -48,7 +48,8 @@ demo-recon: venv
 
 # On a machine with a CUDA GPU: the tests marked `cuda`, the overhead benchmark on the GPU
 # (bf16, 224 px: the ImageNet AlexNet, as AlexNet-CIFAR takes 32 px only;
-# benchmarks/results/overhead-gpu.txt, and at 32 px overhead-gpu-cifar.txt), the head's memory
+# benchmarks/results/overhead-gpu.txt, with the L2+LPIPS step's kernels printed, and at 32 px
+# overhead-gpu-cifar.txt), the head's memory
 # formats and norms (gpu-check/head-memory-format.txt), the first epoch of every cifar10-gpu row
 # (gpu-check/first-epoch.txt, with one full evaluation timed and 50 steps of SeLa +recon
 # profiled: where a step's time goes, how often it waits for the GPU) and two epochs of every
@@ -60,7 +61,8 @@ gpu-check: venv
 	needs a CUDA GPU; torch.cuda.is_available() is False here (no GPU, or a CPU-only torch).')"
 	$(PY) -m pytest -q -m cuda
 	$(PY) -m benchmarks.studies.overhead --device cuda --precision bf16 --backbone alexnet \
-		--image-size 224 --widths 1.0 --write benchmarks/results/overhead-gpu.txt
+		--image-size 224 --widths 1.0 --profile +L2+LPIPS-alex \
+		--write benchmarks/results/overhead-gpu.txt
 	$(PY) -m benchmarks.studies.overhead --device cuda --precision bf16 --widths 1.0 \
 		--write benchmarks/results/overhead-gpu-cifar.txt
 	$(PY) -m benchmarks.studies.head_memory_format --device cuda \

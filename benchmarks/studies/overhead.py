@@ -31,6 +31,10 @@ Examples::
     python -m benchmarks.studies.overhead --device cuda --precision bf16 --backbone alexnet \\
         --image-size 224 --widths 1.0 --write benchmarks/results/overhead-gpu.txt
 
+``--profile VARIANT`` then runs a few more steps of that variant under ``torch.profiler`` and
+prints its ops by self time (device time on CUDA): where the variant's time goes. The tables are
+printed, not written with ``--write``, and the profiled steps are not in the timings.
+
 AlexNet-CIFAR takes 32x32 images only; at 224 px use ``--backbone alexnet`` (the ImageNet
 AlexNet, SeLa's CIFAR setting on upsampled images; no width multiplier) or ``resnet18_cifar``.
 """
@@ -53,6 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 import recon_aux
 from adapters.backbones import build_backbone
@@ -70,6 +75,8 @@ HEADLINE = "+L2+LPIPS-alex"
 PRECISIONS: dict[str, torch.dtype | None] = {
     "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16,
 }
+#: Steps ``--profile`` runs of a variant, after its timed rounds.
+PROFILE_STEPS = 5
 #: Targets of the issue that asked for this benchmark (width 1.0), printed with the summary.
 TARGETS = {"+L2": 1.08, "+L2+LPIPS-alex": 1.15}
 
@@ -187,6 +194,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seeds the models, data and bootstrap")
     p.add_argument("--write", type=Path, default=None, metavar="PATH",
                    help="also write the report to PATH (e.g. benchmarks/results/overhead-cpu.txt)")
+    p.add_argument("--profile", action="append", default=[], choices=list(VARIANTS),
+                   metavar="VARIANT", help="after the timing, profile PROFILE_STEPS steps of "
+                   f"this variant and print its ops by self time (one of {list(VARIANTS)})")
     return p.parse_args(argv)
 
 
@@ -463,10 +473,29 @@ def run_width(width: float, args: argparse.Namespace, report: Report) -> WidthRe
     result = WidthResult(width, times, {n: statistics.median(ts) for n, ts in times.items()},
                          ratio_stats(times, args.resamples, args.seed))
     report.add(width_table(result, template, variants[HEADLINE].aux, args))
+    for name in args.profile:
+        table = profile_variant(variants[name], images, labels, args)
+        if report.echo:
+            print(f"\nprofile of {name}, width {width}, {PROFILE_STEPS} steps after the timed "
+                  f"rounds:\n{table}", flush=True)
     for v in variants.values():
         if v.aux is not None:
             v.aux.remove()
     return result
+
+
+def profile_variant(v: Variant, images: torch.Tensor, labels: torch.Tensor,
+                    args: argparse.Namespace) -> str:
+    """``PROFILE_STEPS`` steps of ``v`` under ``torch.profiler``: the table of its ops, sorted by
+    self device time on CUDA (kernels; the table ends with their total) and by self CPU time on
+    the CPU."""
+    on_cuda = args.device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(PROFILE_STEPS):
+            step(v, images, labels, args)
+    sort = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=25)
 
 
 def width_table(result: WidthResult, template: nn.Module, aux: recon_aux.ReconAux,

@@ -40,6 +40,20 @@ def test_report_structure_and_write(tmp_path, one_thread):
     assert f"{head.median:.2f}" in report.lines[-1]
 
 
+def test_profile_prints_the_variants_ops_and_writes_only_the_report(tmp_path, capsys,
+                                                                    one_thread):
+    out = tmp_path / "overhead.txt"
+    argv = [*TINY, "--rounds", "1", "--profile", "+L2", "--write", str(out)]
+    report = overhead.run_benchmark(overhead.parse_args(argv))
+    printed = capsys.readouterr().out
+    assert "profile of +L2, width 0.25, 5 steps after the timed rounds:" in printed
+    table = printed.split("profile of +L2")[1]
+    assert "aten::convolution" in table and "Self CPU time total" in table
+    assert "profile of" not in out.read_text() and out.read_text() == report.text
+    with pytest.raises(SystemExit):
+        overhead.parse_args(["--profile", "+L3"])
+
+
 def test_nothing_written_without_write(tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
     overhead.run_benchmark(overhead.parse_args([*TINY, "--rounds", "1"]), echo=False)
