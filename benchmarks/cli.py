@@ -142,7 +142,8 @@ def _summary(args: argparse.Namespace) -> int:
 def _options(args: argparse.Namespace) -> dict:
     return {"out": args.out_dir, "progress": None, "replace_changed": args.replace_changed,
             "report_only": args.report_only, "merge": args.merge,
-            "reuse_folder": args.reuse_folder, "supersede_unplanned": args.supersede_unplanned}
+            "reuse_folder": args.reuse_folder, "supersede_unplanned": args.supersede_unplanned,
+            "time_budget": args.time_budget}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="move finished runs this config does not plan (rows an earlier "
                             "version had) to 'superseded' in results.json; use with the whole "
                             "config, not with seeds= or methods.<row>=null overrides")
+        b.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                       help="start a run only while the time used plus the longest run so far "
+                            "fits in SECONDS (the first always starts); the runs left stay "
+                            "planned for the next call (the README says PARTIAL)")
         b.set_defaults(func=_matrix)
     s = sub.add_parser("summary", help="the verdict table over the bench results folders")
     target = s.add_mutually_exclusive_group()

@@ -251,6 +251,13 @@ def dotted(mapping: Mapping[str, Any] | None) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in (mapping or {}).items()]
 
 
+def check_time_budget(time_budget: float | None) -> None:
+    """Refuse a time budget that is not a positive number of seconds (None: no budget)."""
+    if time_budget is not None and not time_budget > 0:
+        raise RunConfigError(f"time budget {time_budget!r}: give a positive number of seconds, "
+                             "or none to run every planned run.")
+
+
 class Matrix:
     """A list of planned runs, a results file, and the loop that fills it.
 
@@ -432,13 +439,18 @@ class Matrix:
         done = {r["id"] for r in self.runs}
         return [p[0] for p in self.plan if p[0] not in done]
 
-    def execute(self, report_only: bool = False) -> list[dict[str, Any]]:
+    def execute(self, report_only: bool = False,
+                time_budget: float | None = None) -> list[dict[str, Any]]:
         """Train the planned runs not done yet (none with ``report_only``); return the planned
         runs that are done.
 
         Before the first run trains, every run to train is checked as the engine would before
         its first step (:func:`adapters.engine.check_run`: data, layers, batch size, ``k``).
+        With ``time_budget`` (seconds), a run starts only when the time used so far plus the
+        longest run so far fits in it (the first always starts): the runs left stay planned,
+        and the same command goes on with them (for a machine lent by the minute).
         """
+        check_time_budget(time_budget)
         self._backfill_tapped()
         self._check_changed()
         if self.supersede_unplanned:
@@ -459,13 +471,22 @@ class Matrix:
               f"done (in {self.results_file}), {len(todo)} to run", flush=True)
         bar = progress(todo, enabled=self.progress, total=len(todo), unit="run")
         t0 = time.perf_counter()
+        longest = 0.0
         for i, (run_id, cfg, meta) in enumerate(bar):
+            used = time.perf_counter() - t0
+            if time_budget is not None and i > 0 and used + longest > time_budget:
+                print(f"time budget: {used / 60:.1f} of {time_budget / 60:.1f} min used and the "
+                      f"longest run took {longest / 60:.1f}; {len(todo) - i} run(s) left, from "
+                      f"{run_id}: the same command goes on with them", flush=True)
+                break
             if bar is todo:  # no bar: one line per run
                 eta = eta_text(time.perf_counter() - t0, i, len(todo) - i)
                 print(f"run {i + 1}/{len(todo)}: {run_id} ({eta})", flush=True)
             else:
                 bar.set_description(f"run {i + 1}/{len(todo)} {run_id}")
+            started = time.perf_counter()
             result = train(cfg)
+            longest = max(longest, time.perf_counter() - started)
             entry = {"id": run_id, "method": meta.get("method", cfg.method.name),
                      "recon": cfg.recon.to_dict() if cfg.recon is not None else False,
                      "seed": cfg.train.seed, "reference": meta.get("reference"),

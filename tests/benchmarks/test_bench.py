@@ -350,3 +350,27 @@ def test_runs_recorded_without_the_tapped_layer_take_it_from_their_checkpoint(tm
     m.runs = [{"id": "r", "config": other.to_dict()}]  # the folder holds another config's run
     m._backfill_tapped()
     assert "tapped" not in m.runs[0]
+
+
+def test_time_budget_starts_only_the_runs_that_fit_and_the_next_call_goes_on(
+        tmp_path, monkeypatch, capsys, no_training):
+    clock = [0.0]
+    monkeypatch.setattr(matrix.time, "perf_counter", lambda: clock[0])
+
+    def hundred_seconds(c):
+        clock[0] += 100.0
+        return fake_train(c)
+
+    monkeypatch.setattr(matrix, "train", hundred_seconds)
+    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
+                                  ["seeds=[0]"])
+    out = tmp_path / "results"
+    bench.run_bench(cfg, out=out, progress=False, time_budget=250)
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert len(runs) == 2  # 0 + 100 and 100 + 100 fit in 250 s; 200 + 100 does not
+    assert ("time budget: 3.3 of 4.2 min used and the longest run took 1.7; 2 run(s) left"
+            in capsys.readouterr().out)
+    bench.run_bench(cfg, out=out, progress=False, time_budget=250)
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 4
+    with pytest.raises(RunConfigError, match="time budget 0: give a positive number of seconds"):
+        bench.run_bench(cfg, out=tmp_path / "other", progress=False, time_budget=0)
