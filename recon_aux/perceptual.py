@@ -100,6 +100,14 @@ def _build_lpips(net: str, weights: str) -> nn.Module:
     return metric.to(memory_format=torch.channels_last).eval()
 
 
+def _on(device: torch.device, t: Tensor) -> Tensor:
+    """``t``, drawn on the host, on ``device``; to a GPU from pinned memory without waiting (a
+    plain copy would first wait for the work queued there: a synchronisation per call)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _as_tuple(value):
     """Sequences (lists, tuples, arrays, tensors) as tuples of Python numbers; others unchanged."""
     if value is None or isinstance(value, (int, float, str)):
@@ -283,7 +291,7 @@ class PerceptualLoss(nn.Module):
         n, _, h, w = r.shape
         if self.lpips_fraction < 1:
             keep = torch.randperm(n, generator=self.generator)[:math.ceil(self.lpips_fraction * n)]
-            keep = keep.to(r.device)
+            keep = _on(r.device, keep)
             # index_select and gather, not advanced indexing: the same values and gradients (no
             # index repeats), but their backward is a scatter-add, where indexing's is a sorted
             # index_put (4.1 ms a step for the windows below on an H200, 256 images at 224 px)
@@ -291,8 +299,8 @@ class PerceptualLoss(nn.Module):
         size = self.lpips_crop
         if size is not None and max(h, w) > size:
             sh, sw = min(size, h), min(size, w)
-            top = torch.randint(0, h - sh + 1, (n,), generator=self.generator).to(r.device)
-            left = torch.randint(0, w - sw + 1, (n,), generator=self.generator).to(r.device)
+            top = _on(r.device, torch.randint(0, h - sh + 1, (n,), generator=self.generator))
+            left = _on(r.device, torch.randint(0, w - sw + 1, (n,), generator=self.generator))
             rows = (top[:, None] + torch.arange(sh, device=r.device))[:, None, :, None]
             cols = (left[:, None] + torch.arange(sw, device=r.device))[:, None, None, :]
             rows, cols = rows.expand(n, 3, sh, w), cols.expand(n, 3, sh, sw)

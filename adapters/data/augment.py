@@ -176,14 +176,14 @@ class BatchAugment:
         elif self.crop == "none" and self.size is not None and x.shape[-2:] != (self.size,) * 2:
             x = tvf.resize(_to_float(x), [self.size, self.size], antialias=True)
         if flip is not None:
-            x = torch.where(flip[:, None, None, None].to(x.device), x.flip(-1), x)
+            x = torch.where(_on(x.device, flip[:, None, None, None]), x.flip(-1), x)
         x = _to_float(x)
         if self.jitter is not None and self.jitter_p > 0:
             x = _color_jitter(x, self.jitter, self.jitter_p, generator)
         if self.grayscale_p > 0:
             gray = torch.rand(n, generator=generator) < self.grayscale_p
-            x = torch.where(gray[:, None, None, None].to(x.device), tvf.rgb_to_grayscale(x, 3),
-                            x)
+            x = torch.where(_on(x.device, gray[:, None, None, None]),
+                            tvf.rgb_to_grayscale(x, 3), x)
         if self.mean is not None and self.std is not None:
             x = tvf.normalize(x, list(self.mean), list(self.std))
         return x
@@ -239,6 +239,16 @@ def make_augment(
 # ops
 
 
+def _on(device: torch.device, t: torch.Tensor) -> torch.Tensor:
+    """``t``, drawn on the host, on ``device``. To a GPU the copy goes from pinned memory without
+    waiting: a plain copy would wait for all the work queued there first (a synchronisation)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _to_float(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.uint8:
         return x.to(torch.float32).div_(255.0)
@@ -269,7 +279,7 @@ def _pad_crop(
     if flip is not None:
         cols = torch.where(flip[:, None], left[:, None] + (size - 1) - ar, cols)
     rows = top[:, None] + ar
-    flat = (rows[:, :, None] * wp + cols[:, None, :]).view(n, 1, size * size).to(x.device)
+    flat = _on(x.device, (rows[:, :, None] * wp + cols[:, None, :]).view(n, 1, size * size))
     out = x.reshape(n, c, hp * wp).gather(2, flat.expand(n, c, size * size))
     return out.view(n, c, size, size)
 
@@ -353,16 +363,13 @@ def _resized_crop(
     rx = _resample_matrix(left, cw, w, size)
     if flip is not None:
         rx = torch.where(flip[:, None, None], rx.flip(1), rx)
-    ry, rx = ry.to(x.device), rx.to(x.device)
+    ry, rx = _on(x.device, ry), _on(x.device, rx)
     out = torch.matmul(torch.matmul(ry[:, None], x), rx.transpose(1, 2)[:, None])
     return out.clamp_(0.0, 1.0)
 
 
 def _gray_mean(x: torch.Tensor) -> torch.Tensor:
     return tvf.rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
-
-
-_HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
 
 
 def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -379,7 +386,8 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h6 = torch.where(
         maxc == r, (g - b) * inv, torch.where(maxc == g, (b - r) * inv + 2.0, (r - g) * inv + 4.0)
     )
-    k = torch.remainder(_HUE_OFFSETS.to(x.device) + h6 + 6.0 * shift, 6.0)
+    offsets = 5.0 - 2.0 * torch.arange(3, dtype=torch.float32, device=x.device)  # 5, 3, 1
+    k = torch.remainder(offsets.view(1, 3, 1, 1) + h6 + 6.0 * shift, 6.0)
     return maxc - delta * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
 
@@ -403,23 +411,28 @@ def _color_jitter(
     order = torch.argsort(torch.rand(n, 4, generator=g), dim=1)  # per-sample op order
     active = (b > 0, c > 0, s > 0, hue > 0)
     x = x.clone()
+    groups = []  # (op, the images it applies to at this position), in the order applied
     for pos in range(4):
         for op in range(4):
-            if not active[op]:
-                continue
             idx = torch.nonzero(apply & (order[:, pos] == op), as_tuple=True)[0]
-            if idx.numel() == 0:
-                continue
-            f = factors[op][idx].view(-1, 1, 1, 1).to(x.device)
-            idx = idx.to(x.device)
-            xi = x[idx]
-            if op == 0:  # brightness: blend with black
-                xi = (xi * f).clamp_(0.0, 1.0)
-            elif op == 1:  # contrast: blend with the mean grey level
-                xi = (f * xi + (1 - f) * _gray_mean(xi)).clamp_(0.0, 1.0)
-            elif op == 2:  # saturation: blend with the grey image
-                xi = (f * xi + (1 - f) * tvf.rgb_to_grayscale(xi)).clamp_(0.0, 1.0)
-            else:  # hue: rotate in HSV
-                xi = _adjust_hue(xi, f)
-            x[idx] = xi
+            if active[op] and idx.numel() > 0:
+                groups.append((op, idx))
+    if not groups:
+        return x
+    # every group's images and factors go to the device in one copy each, not two per group
+    sizes = [int(idx.numel()) for _, idx in groups]
+    idxs = _on(x.device, torch.cat([idx for _, idx in groups])).split(sizes)
+    fs = _on(x.device, torch.cat([factors[op][idx] for op, idx in groups])).split(sizes)
+    for (op, _), idx, f in zip(groups, idxs, fs):
+        f = f.view(-1, 1, 1, 1)
+        xi = x[idx]
+        if op == 0:  # brightness: blend with black
+            xi = (xi * f).clamp_(0.0, 1.0)
+        elif op == 1:  # contrast: blend with the mean grey level
+            xi = (f * xi + (1 - f) * _gray_mean(xi)).clamp_(0.0, 1.0)
+        elif op == 2:  # saturation: blend with the grey image
+            xi = (f * xi + (1 - f) * tvf.rgb_to_grayscale(xi)).clamp_(0.0, 1.0)
+        else:  # hue: rotate in HSV
+            xi = _adjust_hue(xi, f)
+        x[idx] = xi
     return x

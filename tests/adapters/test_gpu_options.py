@@ -155,6 +155,26 @@ def test_augmenting_on_the_gpu_gives_the_cpu_batches():
 
 @pytest.mark.cuda
 @cuda
+@pytest.mark.parametrize("preset", ["simclr", "crop_flip"])
+def test_augmenting_on_the_gpu_never_waits_for_it(preset):
+    """The random parameters are drawn on the host and copied over without a synchronisation
+    (a blocking copy waits for all the work queued on the device)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from adapters.data.augment import make_augment
+
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    augment = make_augment(preset, size=32)
+    augment(images, torch.Generator().manual_seed(0))  # warm-up: pinned blocks, kernels
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        augment(images, torch.Generator().manual_seed(1))
+    waits = {e.key: e.count for e in prof.key_averages() if e.key in
+             ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")}
+    assert waits == {}
+
+
+@pytest.mark.cuda
+@cuda
 def test_fp16_with_a_grad_scaler_trains_and_resumes(tiny_tree, tmp_path):
     opts = ("train.device=cuda", "train.precision=fp16", "train.channels_last=true",
             "data.augment_on_device=true", "data.prefetch=2")
