@@ -328,6 +328,28 @@ def test_linear_probe_chooses_weight_decay_on_held_out_training_features_only():
         linear_probe(x[:500], y[:500], x[500:], y[500:], val_fraction=1.0)
 
 
+@pytest.mark.parametrize("kw", [{}, {"lr_schedule": "deepcluster", "epochs": 6, "momentum": 0.0},
+                                {"lr_schedule": "step", "epochs": 8}])
+def test_batched_weight_decay_search_trains_each_candidate_as_the_sequential_one(kw):
+    g = torch.Generator().manual_seed(7)
+    centres = torch.randn(10, 64, generator=g)
+    y = torch.randint(0, 10, (1500,), generator=g)
+    x = centres[y] * 0.35 + torch.randn(1500, 64, generator=g)
+    seq = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], search="sequential", **kw)
+    bat = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], search="batched", **kw)
+    assert (seq["weight_decay_search"], bat["weight_decay_search"]) == ("sequential", "batched")
+    # other floating-point operations, the same probes: every held-out score and every
+    # candidate's plateau (epochs 100 down to 17 with the default rule) agree
+    assert bat["val_top1"] == pytest.approx(seq["val_top1"], abs=0.5)
+    assert bat["val_epochs"] == seq["val_epochs"]
+    assert len(set(seq["val_top1"].values())) > 1  # the candidates differ: a real comparison
+    assert bat["weight_decay"] == seq["weight_decay"] and bat["top1"] == seq["top1"]
+    auto = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], **kw)
+    assert auto["weight_decay_search"] == "sequential" and auto == seq  # auto on the CPU
+    with pytest.raises(ValueError, match="search must be one of"):
+        linear_probe(x, y, x, y, search="parallel")
+
+
 def test_probe_features_stay_where_they_are_for_a_cpu_probe():
     x = torch.randn(10, 3)
     assert resident(x, torch.device("cpu")) is x
@@ -339,6 +361,7 @@ def test_probe_on_the_gpu_gathers_batches_there_with_the_same_result(monkeypatch
     x, y = _separable(1200, 64, 10, seed=5)
     assert resident(x, torch.device("cuda")).device.type == "cuda"
     on_gpu = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], device="cuda")
+    assert on_gpu["weight_decay_search"] == "batched"  # search="auto" on CUDA
     nonlinear = nonlinear_probe(x[:1000], y[:1000], x[1000:], y[1000:], epochs=3, device="cuda")
     monkeypatch.setattr(_training, "resident", lambda features, device, share=0.5: features)
     streamed = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], device="cuda")
