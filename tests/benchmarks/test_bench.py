@@ -374,3 +374,18 @@ def test_time_budget_starts_only_the_runs_that_fit_and_the_next_call_goes_on(
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 4
     with pytest.raises(RunConfigError, match="time budget 0: give a positive number of seconds"):
         bench.run_bench(cfg, out=tmp_path / "other", progress=False, time_budget=0)
+
+
+def test_pieces_run_elsewhere_merge_into_the_report_without_training_here(tmp_path, monkeypatch,
+                                                                          no_training):
+    """A matrix run in pieces on a lent machine (--time-budget, --out-dir there), merged here
+    with --merge --report-only: the finished runs are taken and nothing trains here."""
+    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
+                                  ["seeds=[0]"])
+    piece = tmp_path / "piece"
+    bench.run_bench(cfg, out=piece, progress=False, time_budget=1e-9)  # the first run only
+    assert len(json.loads((piece / "results.json").read_text())["runs"]) == 1
+    monkeypatch.setattr(matrix, "train", lambda c: pytest.fail("trained here"))
+    out = bench.run_bench(cfg, out=tmp_path / "main", progress=False, merge=piece,
+                          report_only=True)
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 1
