@@ -68,7 +68,7 @@ from .evaluation import (
     nonlinear_probe_eval,
 )
 from .evaluation.features import POOL_MODES
-from .evaluation.linear import LR_SCHEDULES, RECIPES
+from .evaluation.linear import LR_SCHEDULES, RECIPES, SEARCHES
 from .methods import METHODS, MethodConfig, method_class
 from .schema import SchemaError, Section, above, at_least, check_value, one_of, plain
 
@@ -297,6 +297,7 @@ class LinearSection(Section):
     gamma: float = field(default=0.1, metadata=above(0))
     val_fraction: float = field(default=0.2, metadata=_in_open_unit_interval())
     seed: int = field(default=31, metadata=at_least(0))
+    search: str = field(default="auto", metadata=one_of(*SEARCHES))
 
     def check(self) -> None:
         wd = self.weight_decay
