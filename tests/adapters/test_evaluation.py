@@ -350,6 +350,16 @@ def test_batched_weight_decay_search_trains_each_candidate_as_the_sequential_one
         linear_probe(x, y, x, y, search="parallel")
 
 
+@pytest.mark.parametrize("search", ["sequential", "batched"])
+def test_a_diverging_probe_is_an_error_that_names_the_fix(search):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 8, generator=g) * 1e30, torch.randint(0, 3, (300,), generator=g)
+    with pytest.raises(FloatingPointError, match=r"linear probe.*training loss became nan in "
+                                                 r"epoch \d+; lower lr or check the features"):
+        linear_probe(x[:200], y[:200], x[200:], y[200:], standardize=False, lr=10.0,
+                     search=search)
+
+
 def test_probe_features_stay_where_they_are_for_a_cpu_probe():
     x = torch.randn(10, 3)
     assert resident(x, torch.device("cpu")) is x
