@@ -50,7 +50,8 @@ demo-recon: venv
 # (bf16, 224 px: the ImageNet AlexNet, as AlexNet-CIFAR takes 32 px only;
 # benchmarks/results/overhead-gpu.txt, with the L2+LPIPS step's kernels printed, and at 32 px
 # overhead-gpu-cifar.txt), the head's memory
-# formats and norms (gpu-check/head-memory-format.txt), the first epoch of every cifar10-gpu row
+# formats and norms (gpu-check/head-memory-format.txt), the linear probe's weight-decay search
+# sequential against batched (gpu-check/probe-search.txt), the first epoch of every cifar10-gpu row
 # (gpu-check/first-epoch.txt, with one full evaluation timed and 50 steps of SeLa +recon
 # profiled: where a step's time goes, how often it waits for the GPU) and two epochs of every
 # row, seed 0, evaluated by kNN only (benchmarks/results/gpu-check/; SeLa with one label update
@@ -67,6 +68,8 @@ gpu-check: venv
 		--write benchmarks/results/overhead-gpu-cifar.txt
 	$(PY) -m benchmarks.studies.head_memory_format --device cuda \
 		--write benchmarks/results/gpu-check/head-memory-format.txt
+	$(PY) -m benchmarks.studies.probe_search --device cuda \
+		--write benchmarks/results/gpu-check/probe-search.txt
 	$(PY) -m benchmarks.studies.first_epoch benchmarks/configs/cifar10-gpu.yaml --evaluation \
 		--profile sela-recon --write benchmarks/results/gpu-check/first-epoch.txt
 	$(VENV)/bin/recon-aux bench benchmarks/configs/cifar10-gpu.yaml 'seeds=[0]' \
