@@ -55,8 +55,9 @@ demo-recon: venv
 # (gpu-check/first-epoch.txt, with one full evaluation timed and 50 steps of SeLa +recon
 # profiled: where a step's time goes, how often it waits for the GPU) and two epochs of every
 # row, seed 0, evaluated by kNN only (benchmarks/results/gpu-check/; SeLa with one label update
-# per epoch): a pipeline check of about 7 minutes on an H200 (measured without the first-epoch study's
-# --evaluation: 5.3 minutes; one full evaluation is ~80-110 s there).
+# per epoch): a pipeline check of about 8 minutes on an H200 (the second session's steps without
+# the first-epoch study's --evaluation took 5.3 minutes; one full evaluation took 106 s on the
+# third, the probe-search study is new, estimated at a minute).
 gpu-check: venv
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check \
 	needs a CUDA GPU; torch.cuda.is_available() is False here (no GPU, or a CPU-only torch).')"
