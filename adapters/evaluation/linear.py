@@ -36,7 +36,7 @@ the best epoch, which selects on the test set).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -273,6 +273,7 @@ def linear_probe(
 
 def _check_schedule(lr_schedule: str, epochs: int, batch_size: int, lr: float,
                     plateau: _training.Plateau | None) -> None:
+    """Refuse a schedule the probe cannot train with, before any features are touched."""
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}.")
     if epochs < 1 or batch_size < 2:
@@ -284,7 +285,9 @@ def _check_schedule(lr_schedule: str, epochs: int, batch_size: int, lr: float,
 
 
 def _schedule(lr_schedule: str, lr: float, epochs: int, milestones: Sequence[int] | None,
-              gamma: float, plateau: _training.Plateau | None):
+              gamma: float, plateau: _training.Plateau | None
+              ) -> tuple[list[int] | None, _training.Plateau | None,
+                         Callable[[int, int, float], float]]:
     """(the step milestones or None, the plateau rule or None, ``(epoch, iteration,
     weight_decay) -> lr``) of a checked schedule."""
     steps = None
