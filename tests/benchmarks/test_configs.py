@@ -61,11 +61,11 @@ def _gpu_check_commands() -> list[list[str]]:
 
 def test_gpu_check_commands_parse_on_a_cpu_machine():
     """make gpu-check runs only where there is a GPU, rarely: its arguments are checked here."""
-    from benchmarks.studies import first_epoch, head_memory_format, overhead
+    from benchmarks.studies import first_epoch, head_memory_format, overhead, probe_search
 
     commands = _gpu_check_commands()
     studies = {"overhead": overhead.parse_args, "head_memory_format": head_memory_format.parse_args,
-               "first_epoch": first_epoch.parse_args}
+               "first_epoch": first_epoch.parse_args, "probe_search": probe_search.parse_args}
     seen = set()
     for argv in commands:
         if argv[1:3] == ["-m", "pytest"]:
@@ -85,4 +85,5 @@ def test_gpu_check_commands_parse_on_a_cpu_machine():
             assert list(cfg.seeds) == [0] and len(rows) == 6
             assert all(rc.train.epochs == 2 and rc.eval.linear is None
                        and rc.eval.nonlinear is None for rc in rows)
-    assert seen == {"pytest", "overhead", "head_memory_format", "first_epoch", "bench"}
+    assert seen == {"pytest", "overhead", "head_memory_format", "first_epoch", "probe_search",
+                    "bench"}
