@@ -87,7 +87,8 @@ def val_scores(
     generator = torch.Generator().manual_seed(seed)
     n = x_all.shape[0]
     iteration = 0
-    scale, best, waited, drops = [1.0] * c, [math.inf] * c, [0] * c, [0] * c
+    states = [_training.PlateauState(plateau) if plateau is not None else None
+              for _ in candidates]
     running = [True] * c
     epochs_run = [0] * c
     rates: list[float] | None = None
@@ -103,8 +104,9 @@ def val_scores(
             index = order[start : start + batch_size]
             if index.numel() < 2:  # as fit(): BatchNorm-free, but the same batches
                 continue
-            now = [lr_at(epoch, iteration, w) * s if r else 0.0  # a stopped probe stays put
-                   for w, s, r in zip(candidates, scale, running)]
+            now = [lr_at(epoch, iteration, w) * (st.scale if st is not None else 1.0) if r
+                   else 0.0  # a stopped probe stays put
+                   for w, st, r in zip(candidates, states, running, strict=True)]
             if now != rates:
                 rates, lr = now, _host_to(device, now, weight.dtype)
             x = x_all[index].to(device, non_blocking=True)
@@ -140,17 +142,8 @@ def val_scores(
                     f"linear probe (weight decay {candidates[i]}): training loss became "
                     f"{means[i]} in epoch {epoch + 1}; lower lr or check the features for huge "
                     "values.")
-            if plateau is None:
-                continue
-            if means[i] < best[i] - plateau.tol:
-                best[i], waited[i] = means[i], 0
-            else:
-                waited[i] += 1
-            if waited[i] >= plateau.patience:
-                if drops[i] == plateau.drops:
-                    running[i] = False
-                else:
-                    drops[i], waited[i], scale[i] = drops[i] + 1, 0, scale[i] * plateau.factor
+            if states[i] is not None and states[i].end_epoch(means[i]):
+                running[i] = False
     hits = torch.zeros(c, dtype=torch.int64, device=device)
     with torch.no_grad():
         for start in range(0, val_x.shape[0], 1024):

@@ -84,6 +84,31 @@ class Plateau:
                              "0 < factor < 1, tol >= 0.")
 
 
+@dataclasses.dataclass
+class PlateauState:
+    """Where one probe's training stands under a :class:`Plateau` rule: the best epoch loss so
+    far, the epochs waited since, the lr reductions made and the lr's factor (``scale``)."""
+
+    rule: Plateau
+    best: float = math.inf
+    waited: int = 0
+    drops: int = 0
+    scale: float = 1.0
+
+    def end_epoch(self, loss: float) -> bool:
+        """Record an epoch's mean training loss; True when training is over (levelled off)."""
+        if loss < self.best - self.rule.tol:
+            self.best, self.waited = loss, 0
+        else:
+            self.waited += 1
+        if self.waited >= self.rule.patience:
+            if self.drops == self.rule.drops:
+                return True
+            self.drops, self.waited = self.drops + 1, 0
+            self.scale *= self.rule.factor
+        return False
+
+
 def resident(features: Tensor, device: torch.device, share: float = 0.5) -> Tensor:
     """``features`` moved to a CUDA ``device`` once when they take at most ``share`` of its free
     memory, so that mini-batches are gathered there; else returned as they are, and every
@@ -128,7 +153,8 @@ def fit(
     iteration = 0
     loss_sum, correct, seen = 0.0, 0, 0
     curve: list[float] = []
-    scale, best, waited, drops, levelled = 1.0, math.inf, 0, 0, None
+    state = PlateauState(plateau) if plateau is not None else None
+    levelled = None
     for epoch in progress_bar(range(epochs), enabled=progress, total=epochs, desc=desc):
         head.train()
         # The epoch's sums stay on the device until its end: a float() or int() per step would
@@ -142,7 +168,7 @@ def fit(
             index = order[start : start + batch_size]
             if index.numel() < 2:
                 continue
-            lr = lr_at(epoch, iteration) * scale
+            lr = lr_at(epoch, iteration) * (state.scale if state is not None else 1.0)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x = train_features[index].to(device, non_blocking=True)
@@ -163,24 +189,17 @@ def fit(
                 "check the features for huge values."
             )
         curve.append(loss_sum / max(seen, 1))
-        if plateau is None:
+        if state is None:
             continue
-        levelled = False
-        if curve[-1] < best - plateau.tol:
-            best, waited = curve[-1], 0
-        else:
-            waited += 1
-        if waited >= plateau.patience:
-            if drops == plateau.drops:
-                levelled = True
-                break
-            drops, waited, scale = drops + 1, 0, scale * plateau.factor
+        levelled = state.end_epoch(curve[-1])
+        if levelled:
+            break
     return {
         "train_loss": curve[-1] if curve else math.nan,
         "train_top1": 100.0 * correct / max(seen, 1),
         "epochs_run": len(curve),
         "levelled_off": levelled,
-        "lr_drops": drops if plateau is not None else None,
+        "lr_drops": state.drops if state is not None else None,
         "loss_curve": [round(v, 5) for v in curve],
     }
 
