@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as nnf
 from torchvision.transforms.v2 import functional as tvf
 
+from ..devices import to_device
+
 __all__ = [
     "BatchAugment",
     "PRESETS",
@@ -176,13 +178,13 @@ class BatchAugment:
         elif self.crop == "none" and self.size is not None and x.shape[-2:] != (self.size,) * 2:
             x = tvf.resize(_to_float(x), [self.size, self.size], antialias=True)
         if flip is not None:
-            x = torch.where(_on(x.device, flip[:, None, None, None]), x.flip(-1), x)
+            x = torch.where(to_device(flip[:, None, None, None], x.device), x.flip(-1), x)
         x = _to_float(x)
         if self.jitter is not None and self.jitter_p > 0:
             x = _color_jitter(x, self.jitter, self.jitter_p, generator)
         if self.grayscale_p > 0:
             gray = torch.rand(n, generator=generator) < self.grayscale_p
-            x = torch.where(_on(x.device, gray[:, None, None, None]),
+            x = torch.where(to_device(gray[:, None, None, None], x.device),
                             tvf.rgb_to_grayscale(x, 3), x)
         if self.mean is not None and self.std is not None:
             x = tvf.normalize(x, list(self.mean), list(self.std))
@@ -239,16 +241,6 @@ def make_augment(
 # ops
 
 
-def _on(device: torch.device, t: torch.Tensor) -> torch.Tensor:
-    """``t``, drawn on the host, on ``device``. To a GPU the copy goes from pinned memory without
-    waiting: a plain copy would wait for all the work queued there first (a synchronisation)."""
-    if t.device == device:
-        return t
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def _to_float(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.uint8:
         return x.to(torch.float32).div_(255.0)
@@ -279,7 +271,8 @@ def _pad_crop(
     if flip is not None:
         cols = torch.where(flip[:, None], left[:, None] + (size - 1) - ar, cols)
     rows = top[:, None] + ar
-    flat = _on(x.device, (rows[:, :, None] * wp + cols[:, None, :]).view(n, 1, size * size))
+    flat = to_device((rows[:, :, None] * wp + cols[:, None, :]).view(n, 1, size * size),
+                     x.device)
     out = x.reshape(n, c, hp * wp).gather(2, flat.expand(n, c, size * size))
     return out.view(n, c, size, size)
 
@@ -363,7 +356,7 @@ def _resized_crop(
     rx = _resample_matrix(left, cw, w, size)
     if flip is not None:
         rx = torch.where(flip[:, None, None], rx.flip(1), rx)
-    ry, rx = _on(x.device, ry), _on(x.device, rx)
+    ry, rx = to_device(ry, x.device), to_device(rx, x.device)
     out = torch.matmul(torch.matmul(ry[:, None], x), rx.transpose(1, 2)[:, None])
     return out.clamp_(0.0, 1.0)
 
@@ -414,15 +407,17 @@ def _color_jitter(
     groups = []  # (op, the images it applies to at this position), in the order applied
     for pos in range(4):
         for op in range(4):
+            if not active[op]:
+                continue
             idx = torch.nonzero(apply & (order[:, pos] == op), as_tuple=True)[0]
-            if active[op] and idx.numel() > 0:
+            if idx.numel() > 0:
                 groups.append((op, idx))
     if not groups:
         return x
     # every group's images and factors go to the device in one copy each, not two per group
     sizes = [int(idx.numel()) for _, idx in groups]
-    idxs = _on(x.device, torch.cat([idx for _, idx in groups])).split(sizes)
-    fs = _on(x.device, torch.cat([factors[op][idx] for op, idx in groups])).split(sizes)
+    idxs = to_device(torch.cat([idx for _, idx in groups]), x.device).split(sizes)
+    fs = to_device(torch.cat([factors[op][idx] for op, idx in groups]), x.device).split(sizes)
     for (op, _), idx, f in zip(groups, idxs, fs):
         f = f.view(-1, 1, 1, 1)
         xi = x[idx]

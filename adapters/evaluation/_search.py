@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..devices import to_device
 from ..progress import progress as progress_bar
 from . import _training
 
@@ -33,14 +34,6 @@ def _stacked_logits(weight: Tensor, bias: Tensor, x: Tensor) -> Tensor:
     """``(C, B, K)`` logits of the ``C`` stacked linear layers on ``x`` ``(B, D)``."""
     return torch.baddbmm(bias[:, None, :], x.expand(weight.shape[0], -1, -1),
                          weight.transpose(1, 2))
-
-
-def _host_to(device: torch.device, values: list[float], dtype: torch.dtype) -> Tensor:
-    """A small host-made tensor on ``device``, copied without waiting for the device's work."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def val_scores(
@@ -81,7 +74,7 @@ def val_scores(
     y_all = train_y.long().to(x_all.device)
     weight = init.weight.detach().to(device).repeat(c, 1, 1).requires_grad_()
     bias = init.bias.detach().to(device).repeat(c, 1).requires_grad_()
-    wd = _host_to(device, list(candidates), weight.dtype)
+    wd = to_device(torch.tensor(candidates, dtype=weight.dtype), device)
     std = standardize.to(device) if standardize is not None else None
     buffers: tuple[Tensor, Tensor] | None = None
     generator = torch.Generator().manual_seed(seed)
@@ -108,7 +101,7 @@ def val_scores(
                    else 0.0  # a stopped probe stays put
                    for w, st, r in zip(candidates, states, running, strict=True)]
             if now != rates:
-                rates, lr = now, _host_to(device, now, weight.dtype)
+                rates, lr = now, to_device(torch.tensor(now, dtype=weight.dtype), device)
             x = x_all[index].to(device, non_blocking=True)
             y = y_all[index].to(device, non_blocking=True)
             if std is not None:
