@@ -76,7 +76,7 @@ from .schema import SchemaError
 __all__ = ["Trainer", "train", "StopTraining", "RunSetup", "prepare_run", "plain_loader",
            "evaluation_batchnorm",
            "machine", "RunFolderError", "RUN_FILES", "run_dir", "prepare_run_folder", "check_run",
-           "check_layers", "check_data"]
+           "check_layers", "check_data", "train_device"]
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -160,7 +160,7 @@ def prepare_run(cfg: RunConfig, device: torch.device | None = None,
     finished run's checkpoint next to the untrained network it started from).
 
     ``datasets``: a cache of loaded splits shared between calls (e.g. checking many runs)."""
-    device = device or _device(cfg.train.device)
+    device = device or train_device(cfg.train.device)
     _seed_everything(cfg.train.seed)
     d = cfg.data
 
@@ -203,7 +203,12 @@ def _balanced(arrays: ImageArrays, per_class: int, seed: int, key: str, split: s
     return balanced_subset(arrays.targets, per_class, seed)
 
 
-def _device(want: str) -> torch.device:
+def train_device(want: str) -> torch.device:
+    """``train.device`` as a device: ``"auto"`` is CUDA when torch sees one, else the CPU.
+
+    Raises:
+        RunConfigError: CUDA asked for where torch sees none.
+    """
     if want == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(want)
@@ -334,7 +339,7 @@ def check_run(cfg: RunConfig, datasets: dict[tuple, ImageArrays] | None = None) 
     Raises:
         RunConfigError, DatasetError: What is wrong and how to fix it.
     """
-    _precision(cfg.train.precision, _device(cfg.train.device))
+    _precision(cfg.train.precision, train_device(cfg.train.device))
     setup = prepare_run(cfg, torch.device("cpu"), datasets)
     check_layers(cfg, setup.backbone)
     steps = len(BatchLoader(setup.train_set, cfg.data.batch_size, drop_last=True))
@@ -361,7 +366,7 @@ class Trainer:
         self.cfg = cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.device = _device(cfg.train.device)
+        self.device = train_device(cfg.train.device)
         D.init(self.device)
         self.rank, self.world = D.rank(), D.world_size()
         self.seed = cfg.train.seed

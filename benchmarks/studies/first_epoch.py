@@ -31,7 +31,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch.autograd import DeviceType
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.profiler import ProfilerActivity, profile, schedule
@@ -78,9 +77,7 @@ def profile_epoch(name: str, rc: RunConfig, *, wait: int = 20, warmup: int = 5,
     table of ops by self time. Times are measured under the profiler, which adds a few
     microseconds of host time per op.
     """
-    device = rc.train.device  # "auto" is the engine's: CUDA when torch sees one
-    on_cuda = (torch.cuda.is_available() if device == "auto"
-               else torch.device(device).type == "cuda")
+    on_cuda = engine.train_device(rc.train.device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     stamps: list[float] = []
     prof = profile(activities=activities,
