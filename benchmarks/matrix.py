@@ -480,7 +480,7 @@ class Matrix:
                       f"{run_id}: the same command goes on with them", flush=True)
                 break
             if bar is todo:  # no bar: one line per run
-                eta = eta_text(time.perf_counter() - t0, i, len(todo) - i)
+                eta = eta_text(used, i, len(todo) - i)
                 print(f"run {i + 1}/{len(todo)}: {run_id} ({eta})", flush=True)
             else:
                 bar.set_description(f"run {i + 1}/{len(todo)} {run_id}")

@@ -326,9 +326,9 @@ def _choose_weight_decay(candidates: list[float], train_features: Tensor, train_
     if search == "auto":
         search = "batched" if device.type == "cuda" else "sequential"
     if search == "batched":
-        scores, epochs = _batched_scores(candidates, train_features[fit], train_targets[fit],
-                                 train_features[val], train_targets[val],
-                                 num_classes=num_classes, **{**kwargs, "device": device})
+        scores, epochs = _batched_scores(
+            candidates, train_features[fit], train_targets[fit], train_features[val],
+            train_targets[val], num_classes=num_classes, **{**kwargs, "device": device})
     else:
         scores, epochs = {}, {}
         for wd in candidates:
@@ -351,8 +351,8 @@ def _batched_scores(candidates: list[float], fit_x: Tensor, fit_y: Tensor, val_x
                     gamma: float, plateau: _training.Plateau | None, seed: int,
                     progress: bool | None, **_: Any) -> tuple[dict, dict]:
     """The held-out top-1 and epochs of every candidate, trained at once
-    (:func:`_search.val_scores`) from
-    what :func:`linear_probe` would build for each: the same features, init and schedule."""
+    (:func:`_search.val_scores`) from what :func:`linear_probe` would build for each: the same
+    features, initialisation and schedule."""
     train_x, held_x = _prepare(fit_x, fit_y, val_x, val_y, pool, target_dim)
     _, plateau, lr_at = _schedule(lr_schedule, lr, epochs, milestones, gamma, plateau)
     with _training.seeded(seed):
