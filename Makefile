@@ -53,11 +53,13 @@ demo-recon: venv
 # formats and norms (gpu-check/head-memory-format.txt), the linear probe's weight-decay search
 # sequential against batched (gpu-check/probe-search.txt), the first epoch of every cifar10-gpu row
 # (gpu-check/first-epoch.txt, with one full evaluation timed and 50 steps of SeLa +recon
-# profiled: where a step's time goes, how often it waits for the GPU) and two epochs of every
-# row, seed 0, evaluated by kNN only (benchmarks/results/gpu-check/; SeLa with one label update
-# per epoch): a pipeline check of about 8 minutes on an H200 (the second session's steps without
-# the first-epoch study's --evaluation took 5.3 minutes; one full evaluation took 106 s on the
-# third, the probe-search study is new, estimated at a minute).
+# profiled, eager and with train.compile=reduce-overhead: where a step's time goes, how often
+# it waits for the GPU; the 32-px overhead compiled: overhead-gpu-cifar-compiled.txt) and two
+# epochs of every row, seed 0, evaluated by kNN only (benchmarks/results/gpu-check/; SeLa with
+# one label update per epoch): a pipeline check of about 10 minutes on an H200 (the second
+# session's steps without the first-epoch study's --evaluation took 5.3 minutes; one full
+# evaluation took 106 s on the third; the probe-search study and the compiled rows are new,
+# estimated at a minute each).
 gpu-check: venv
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check \
 	needs a CUDA GPU; torch.cuda.is_available() is False here (no GPU, or a CPU-only torch).')"
@@ -71,8 +73,12 @@ gpu-check: venv
 		--write benchmarks/results/gpu-check/head-memory-format.txt
 	$(PY) -m benchmarks.studies.probe_search --device cuda \
 		--write benchmarks/results/gpu-check/probe-search.txt
+	$(PY) -m benchmarks.studies.overhead --device cuda --precision bf16 --widths 1.0 \
+		--compile reduce-overhead --write benchmarks/results/overhead-gpu-cifar-compiled.txt
 	$(PY) -m benchmarks.studies.first_epoch benchmarks/configs/cifar10-gpu.yaml --evaluation \
-		--profile sela-recon --write benchmarks/results/gpu-check/first-epoch.txt
+		--extra sela-recon:train.compile=default --extra sela-recon:train.compile=reduce-overhead \
+		--profile sela-recon --profile "sela-recon + train.compile=reduce-overhead" \
+		--write benchmarks/results/gpu-check/first-epoch.txt
 	$(VENV)/bin/recon-aux bench benchmarks/configs/cifar10-gpu.yaml 'seeds=[0]' \
 		common.train.epochs=2 methods.sela.set.method.nopts=4 common.eval.linear=null \
 		common.eval.nonlinear=null 'metrics=[knn_conv3, knn_conv5, knn_fc7]' --replace-changed \

@@ -8,7 +8,7 @@ A run config has seven sections; every one but ``method`` has defaults::
                                augment, eval_batch_size, resize, augment_on_device, prefetch}
     train:    TrainConfig     {epochs, lr, momentum, weight_decay, nesterov, lr_schedule,
                                milestones, gamma, seed, device, threads, precision,
-                               channels_last}
+                               channels_last, compile, compile_backend}
     eval:     EvalConfig      {knn: {layers, k, temperature, ...} | null,
                                linear: {layer, recipe, epochs, ...} | null,
                                nonlinear: {layer, epochs, ...} | null,
@@ -81,11 +81,15 @@ __all__ = [
 
 SCHEDULES = ("constant", "cosine", "step")
 PRECISIONS = ("fp32", "bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 #: Keys added after runs were recorded, with the default that reproduces the earlier code bit
 #: for bit: a recorded config without the key is the same run as one with this value.
 NEUTRAL_DEFAULTS: dict[str, Any] = {
-    "train.precision": "fp32", "train.channels_last": False, "data.augment_on_device": False}
+    "train.precision": "fp32", "train.channels_last": False, "data.augment_on_device": False,
+    "train.compile": None, "train.compile_backend": "inductor"}
 
 
 class RunConfigError(SchemaError):
@@ -178,6 +182,15 @@ class TrainConfig(Section):
             the evaluation stay in float32.
         channels_last: Keep the backbone's weights and the training batches in channels-last
             memory format (faster convolutions on recent GPUs; the same numbers up to rounding).
+        compile: None (eager), or a ``torch.compile`` mode (``default``, ``reduce-overhead``,
+            ``max-autotune``, ``max-autotune-no-cudagraphs``) for the training forward: the
+            backbone (in place: parameter names, checkpoints and the objective's hooks are
+            unchanged) and the objective's head and LPIPS network
+            (:meth:`recon_aux.ReconAux.compile`). Evaluation stays eager. The same numbers up
+            to rounding; the first steps pay for the compilation.
+        compile_backend: ``inductor`` (the default; on the CPU it needs a C++ compiler),
+            ``aot_eager`` or ``eager`` (tracing only, for debugging; ``compile`` must then be
+            ``default``, as their modes do not exist).
     """
 
     label: ClassVar[str] = "train"
@@ -194,11 +207,17 @@ class TrainConfig(Section):
     threads: int | None = field(default=None, metadata=at_least(1))
     precision: str = field(default="fp32", metadata=one_of(*PRECISIONS))
     channels_last: bool = False
+    compile: str | None = field(default=None, metadata=one_of(*COMPILE_MODES))
+    compile_backend: str = field(default="inductor", metadata=one_of(*COMPILE_BACKENDS))
 
     def check(self) -> None:
         bad = [m for m in self.milestones if m < 1]
         if bad:
             raise SchemaError(f"train.milestones={list(self.milestones)} must be epochs >= 1.")
+        if self.compile not in (None, "default") and self.compile_backend != "inductor":
+            raise SchemaError(f"train.compile={self.compile} is a mode of the inductor backend; "
+                              f"with train.compile_backend={self.compile_backend} use "
+                              "train.compile=default.")
         if self.device != "auto":
             import torch
 

@@ -36,6 +36,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,7 @@ from . import distributed as D
 from . import files
 from .backbones import Backbone, build_backbone
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import RunConfig, RunConfigError, config_diff
+from .config import CUDA_GRAPH_MODES, RunConfig, RunConfigError, config_diff
 from .data import (
     BatchAugment,
     BatchLoader,
@@ -339,7 +340,9 @@ def check_run(cfg: RunConfig, datasets: dict[tuple, ImageArrays] | None = None) 
     Raises:
         RunConfigError, DatasetError: What is wrong and how to fix it.
     """
-    _precision(cfg.train.precision, train_device(cfg.train.device))
+    device = train_device(cfg.train.device)
+    _precision(cfg.train.precision, device)
+    check_compiler(cfg.train.compile, cfg.train.compile_backend, device)
     setup = prepare_run(cfg, torch.device("cpu"), datasets)
     check_layers(cfg, setup.backbone)
     steps = len(BatchLoader(setup.train_set, cfg.data.batch_size, drop_last=True))
@@ -372,6 +375,7 @@ class Trainer:
         self.seed = cfg.train.seed
         self.out_dir = run_dir(cfg)
         self.precision = _precision(cfg.train.precision, self.device)
+        check_compiler(cfg.train.compile, cfg.train.compile_backend, self.device)
         self._prepare_folder()  # before anything is loaded: a refused folder costs nothing
         method_cls = method_class(cfg.method.name)
         setup = prepare_run(cfg, self.device)  # seeds, then data, then the backbone
@@ -402,6 +406,15 @@ class Trainer:
                 **cfg.recon.tap)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
+        if t.compile is not None:  # in place: names, checkpoints and the hooks stay as they are
+            # torch.compile does not guard on hooks: without a reset, a graph compiled for an
+            # earlier run of this process (a bench's base row) would run this backbone without
+            # the objective's hooks
+            torch.compiler.reset()
+            options = ({"mode": t.compile} if t.compile_backend == "inductor" else {})
+            self.backbone.compile(backend=t.compile_backend, **options)
+            if self.aux is not None:
+                self.aux.compile(backend=t.compile_backend, **options)
         # float16 gradients underflow without loss scaling; bfloat16 has float32's range
         self.scaler = (torch.amp.GradScaler(self.device.type)
                        if cfg.train.precision == "fp16" else None)
@@ -523,6 +536,9 @@ class Trainer:
 
     # -- training --------------------------------------------------------------------------------
     def _step(self, views: list[Tensor], indices: Tensor, ctx: EngineContext) -> dict[str, float]:
+        if self.cfg.train.compile in CUDA_GRAPH_MODES:
+            # CUDA graphs: the previous step's outputs are no longer read; their memory is reused
+            torch.compiler.cudagraph_mark_step_begin()
         self.method.before_step(ctx)
         with _autocast(self.precision, self.device):  # a no-op for fp32
             out: StepOutput = self.step_module(views, indices)
@@ -619,7 +635,8 @@ class Trainer:
             if cfg.run.stop_after_epoch == epoch + 1 and epoch + 1 < epochs:
                 raise StopTraining(f"stopped after epoch {epoch + 1} (run.stop_after_epoch); "
                                    "continue with run.resume=true")
-        metrics = self.evaluate()
+        with self._eager():
+            metrics = self.evaluate()
         plain = cfg.to_dict()
         result = {
             "method": cfg.method.name, "recon": plain["recon"], "seed": self.seed,
@@ -633,8 +650,16 @@ class Trainer:
         if self.rank == 0:
             self._write(RESULT, files.json_text(result, indent=2).encode())
             if self.aux is not None:
-                self.save_reconstructions(self.out_dir / PICTURE)
+                with self._eager():
+                    self.save_reconstructions(self.out_dir / PICTURE)
         return result
+
+    def _eager(self):
+        """With ``train.compile``: run the compiled modules eagerly inside (the evaluation's
+        passes differ from training's, in modes and batch sizes, and would each compile anew)."""
+        if self.cfg.train.compile is None:
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance("force_eager")
 
     # -- evaluation ------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -774,6 +799,19 @@ def _precision(name: str, device: torch.device) -> torch.dtype | None:
                              f"{device}); use bf16 (autocast to bfloat16 works on the CPU) or "
                              "fp32.")
     return torch.bfloat16 if name == "bf16" else torch.float16
+
+
+def check_compiler(mode: str | None, backend: str, device: torch.device) -> None:
+    """``torch.compile`` with inductor on the CPU builds C++ kernels: a :class:`RunConfigError`
+    before any work when no C++ compiler is found (inductor would fail at the first step)."""
+    if mode is None or backend != "inductor" or device.type != "cpu":
+        return
+    names = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+    if not any(shutil.which(n) for n in names if n):
+        raise RunConfigError(
+            f"train.compile={mode} with the inductor backend on the CPU needs a C++ compiler "
+            "(g++, c++ or clang++ on the PATH, or $CXX), and none was found. Install one, set "
+            "train.compile_backend=aot_eager (tracing only, no speed-up), or train.compile=null.")
 
 
 def _autocast(dtype: torch.dtype | None, device: torch.device):

@@ -34,6 +34,14 @@ from .tokens import Layout, as_tensor, check_options, resolve_layout, to_map
 __all__ = ["Capture", "FeatureTap", "PairingError", "conv_layer_names"]
 
 
+#: torch.compile does not guard on nn.Module hooks by default: a graph may run without ours.
+_COMPILED_HINT = (
+    " If the model is compiled (torch.compile), a graph compiled before attach() or for another "
+    "instance of its class without hooks runs without them (torch._dynamo.config."
+    "skip_nnmodule_hook_guards): attach before the first compiled forward, or call "
+    "torch.compiler.reset() after attaching.")
+
+
 class PairingError(RuntimeError):
     """``aux.loss(images)`` found no (or no unambiguous) training forward for ``images``."""
 
@@ -287,7 +295,7 @@ class FeatureTap:
             missing = [n for n in self.layer_names if n not in p.outputs]
             if missing:
                 self._last_miss = self._skip_text(
-                    f"without reaching the tapped layer {'+'.join(missing)!r}")
+                    f"without reaching the tapped layer {'+'.join(missing)!r}") + _COMPILED_HINT
 
     def _skip_text(self, how: str) -> str:
         return f"The last forward of the model was not captured: it ran {how}."
@@ -356,7 +364,7 @@ class FeatureTap:
         missing = [n for n in self.layer_names if n not in p.outputs]
         if p.active and missing and self._probe is None:
             self._last_miss = self._skip_text(
-                f"without reaching the tapped layer {'+'.join(missing)!r}")
+                f"without reaching the tapped layer {'+'.join(missing)!r}") + _COMPILED_HINT
         if p.active and not missing:
             self._file(p)
 
@@ -509,7 +517,7 @@ class FeatureTap:
                     " No forward of the model has been seen yet: recon_aux watches the module "
                     "given to attach() and captures its forward, or any method that runs its "
                     "first conv (the stem) and then the tapped layer (e.g. timm's "
-                    "forward_features)." if self._last_miss is None else "")
+                    "forward_features)." + _COMPILED_HINT if self._last_miss is None else "")
             else:
                 why = self._last_miss or ""
             return (

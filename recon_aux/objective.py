@@ -130,6 +130,7 @@ class ReconAux(nn.Module):
         self._model = weakref.ref(model)
         self._optimizer = optimizer
         self._head_spec: dict | None = None
+        self._compile: tuple[tuple, dict] | None = None  # compile()'s arguments, for a later head
         self._removed = False
         self.last: dict[str, Tensor] = {}
         self.calls = 0
@@ -182,6 +183,29 @@ class ReconAux(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """Same as :meth:`loss`."""
         return self.loss(images)
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``torch.compile`` what :meth:`loss` computes with: the head and the LPIPS network.
+
+        ``nn.Module.compile`` would compile :meth:`forward`, which the documented
+        ``aux.loss(images)`` never calls; this compiles, in place, the two modules ``loss``
+        runs (arguments as ``torch.compile``'s, e.g. ``mode="max-autotune"`` or
+        ``backend="aot_eager"``). The hooks, the input checks and the bookkeeping stay eager;
+        parameter names and the ``state_dict`` are unchanged. A head built later (at the first
+        ``loss``, without ``input_shape``) is compiled as it is built. To compile the encoder
+        too, compile it as usual (``model.compile()`` or ``torch.compile(model)``), before or
+        after :func:`attach`, but attach before its first compiled forward (torch.compile does
+        not notice hooks added to a module whose graph it already made).
+
+        Example:
+            >>> aux = recon_aux.attach(encoder, optimizer)
+            >>> aux.compile(mode="max-autotune-no-cudagraphs")
+        """
+        self._compile = (args, kwargs)
+        if self.head is not None:
+            self.head.compile(*args, **kwargs)
+        if self.perceptual.lpips is not None:
+            self.perceptual.lpips.compile(*args, **kwargs)
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor) -> Tensor:
@@ -282,6 +306,8 @@ class ReconAux(nn.Module):
         # run draws the same data order, augmentations and dropout masks.
         with torch.random.fork_rng(devices=[]):
             self.head = ReconstructionHead(**spec).to(device)
+        if self._compile is not None:
+            self.head.compile(*self._compile[0], **self._compile[1])
         self._head_spec = spec
         if self._optimizer is not None:
             self._add_param_group(self._optimizer)

@@ -31,6 +31,10 @@ Examples::
     python -m benchmarks.studies.overhead --device cuda --precision bf16 --backbone alexnet \\
         --image-size 224 --widths 1.0 --write benchmarks/results/overhead-gpu.txt
 
+``--compile MODE`` times the variants ``torch.compile``d (inductor, that mode): the encoder and
+its linear head in place, and the objective's head and LPIPS network (``aux.compile``), as
+``train.compile`` does in a run; the warm-up rounds (at least one) pay for the compilation.
+
 ``--profile VARIANT`` then runs a few more steps of that variant under ``torch.profiler`` and
 prints its ops by self time (device time on CUDA): where the variant's time goes. The tables are
 printed, not written with ``--write``, and the profiled steps are not in the timings.
@@ -62,6 +66,8 @@ from torch.profiler import ProfilerActivity, profile
 import recon_aux
 from adapters.backbones import build_backbone
 from adapters.backbones.registry import check_backbone_arguments
+from adapters.config import COMPILE_MODES, CUDA_GRAPH_MODES, RunConfigError
+from adapters.engine import check_compiler
 from recon_aux.head import nhwc_by_default
 
 #: The variants and their ``attach`` overrides (None: no auxiliary objective).
@@ -186,6 +192,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "GradScaler)")
     p.add_argument("--channels-last", action="store_true",
                    help="models and images in channels-last memory format")
+    p.add_argument("--compile", default=None, choices=list(COMPILE_MODES), metavar="MODE",
+                   help="torch.compile every variant with this inductor mode (one of "
+                        f"{list(COMPILE_MODES)}); default: eager")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--lpips-weights", default="auto", help="'auto', a path, or 'random'")
     p.add_argument("--head-width", type=int, default=None,
@@ -218,6 +227,15 @@ def check_args(args: argparse.Namespace) -> None:
     if args.precision == "fp16" and args.device != "cuda":
         raise OverheadError("--precision fp16 needs --device cuda (float16 autocast with a "
                             "GradScaler); on CPU use --precision bf16 or fp32")
+    if args.compile is not None:
+        if args.warmup < 1:
+            raise OverheadError(f"--compile {args.compile} compiles in the first step of each "
+                                "variant: give --warmup 1 or more so that no timed round pays "
+                                "for it")
+        try:
+            check_compiler(args.compile, "inductor", torch.device(args.device))
+        except RunConfigError as exc:
+            raise OverheadError(str(exc).replace("train.compile=", "--compile ")) from None
     if args.widths is None:
         args.widths = [1.0, 0.5, 0.25] if _takes_width(args.backbone) else [1.0]
     for width in args.widths:
@@ -349,6 +367,9 @@ def header(args: argparse.Namespace, load: tuple[float, float, float] | None,
            else "; the head decodes " + ("channels-last" if nhwc_by_default(
                True, autocast=args.precision != "fp32") else "NCHW")
            + " (its default on CUDA: channels-last under autocast or TF32)"),
+        "compile: " + ("off (eager)" if args.compile is None else
+                       f"torch.compile mode {args.compile} (inductor): encoder, linear head, "
+                       "the objective's head and LPIPS network"),
         f"protocol: {_count(args.rounds, 'timed round')} after "
         f"{_count(args.warmup, 'warm-up round')}; each round "
         "runs every variant once, in a rotating order; ratio = variant step / base step of the "
@@ -384,6 +405,11 @@ def build_variant(template: nn.Module, recon: dict | None, args: argparse.Namesp
         aux = recon_aux.attach(encoder, opt, input_shape=shape, lpips_weights=args.lpips_weights,
                                head_width=args.head_width, **recon)
         aux.head.to(memory_format=memory)
+    if args.compile is not None:  # in place, after attach: the objective's hooks stay
+        encoder.compile(mode=args.compile)
+        classifier.compile(mode=args.compile)
+        if aux is not None:
+            aux.compile(mode=args.compile)
     scaler = _grad_scaler() if args.precision == "fp16" else None
     return Variant(encoder, classifier, opt, aux, scaler)
 
@@ -405,6 +431,8 @@ def step(v: Variant, images: torch.Tensor, labels: torch.Tensor,
     dtype = PRECISIONS[args.precision]
     _synchronize(args.device)
     t0 = time.perf_counter()
+    if args.compile in CUDA_GRAPH_MODES:  # the previous step's graph outputs are not read again
+        torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast(args.device, dtype=dtype, enabled=dtype is not None):
         loss = F.cross_entropy(v.classifier(v.encoder(images)), labels)
         if v.aux is not None:
@@ -558,8 +586,14 @@ def run_benchmark(args: argparse.Namespace, echo: bool = True) -> Report:
     report = Report(echo=echo)
     report.busy = machine_busy(in_use)
     report.add("\n".join(header(args, load, in_use)))
-    for width in args.widths:
-        report.results[width] = run_width(width, args, report)
+    # The variants are one encoder class with and without the objective's hooks, timed in turn:
+    # compiled, each needs graphs of its own, and torch.compile does not guard on hooks unless
+    # told to.
+    guards = (torch._dynamo.config.patch(skip_nnmodule_hook_guards=False)
+              if args.compile is not None else contextlib.nullcontext())
+    with guards:
+        for width in args.widths:
+            report.results[width] = run_width(width, args, report)
     summary(report, args)
     if args.write is not None:
         args.write.parent.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,17 @@
 """The engine's options for a GPU (``train.precision``, ``train.channels_last``,
-``data.augment_on_device``, ``data.prefetch``) on the tiny data set: off, they leave a run bit for
-bit as it was; prefetching never changes a run; bf16 autocast trains on the CPU; fp16 is refused
-before anything is loaded where there is no CUDA. The CUDA halves are marked ``cuda``."""
+``data.augment_on_device``, ``data.prefetch``, ``train.compile``) on the tiny data set: off, they
+leave a run bit for bit as it was; prefetching never changes a run; bf16 autocast trains on the
+CPU; fp16 is refused before anything is loaded where there is no CUDA; a compiled run trains as
+the eager one and evaluates eagerly. The CUDA halves are marked ``cuda``."""
 
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from adapters import engine
 from adapters.checkpoint import load_checkpoint
@@ -110,12 +114,90 @@ def test_recorded_configs_without_the_new_keys_are_the_same_run(tiny_tree, tmp_p
     new = cfg(tiny_tree, tmp_path)
     old = new.to_dict()
     for section, key in (("train", "precision"), ("train", "channels_last"),
-                         ("data", "augment_on_device"), ("data", "prefetch")):
+                         ("data", "augment_on_device"), ("data", "prefetch"),
+                         ("train", "compile"), ("train", "compile_backend")):
         del old[section][key]
     assert config_diff(old, new) == []
     assert config_diff(old, new.override("data.prefetch=4")) == []
     assert config_diff(old, new.override("train.precision=bf16")) == ["train.precision"]
     assert config_diff(old, new.override("train.channels_last=true")) == ["train.channels_last"]
+    assert config_diff(old, new.override("train.compile=default")) == ["train.compile"]
+
+
+def _graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def _count_evaluation_graphs(monkeypatch) -> list[int]:
+    """Graphs compiled while ``Trainer.evaluate`` ran, one entry per call."""
+    compiled, evaluate = [], Trainer.evaluate
+
+    def spy(self):
+        before = _graphs()
+        out = evaluate(self)
+        compiled.append(_graphs() - before)
+        return out
+
+    monkeypatch.setattr(Trainer, "evaluate", spy)
+    return compiled
+
+
+def test_compiled_run_trains_as_the_eager_one_and_resumes(tiny_tree, tmp_path, monkeypatch):
+    # aot_eager runs dynamo and AOTAutograd (graph capture, the hooks) without a C++ compiler
+    opts = ("train.compile=default", "train.compile_backend=aot_eager")
+    torch._dynamo.reset()
+    plain = train(cfg(tiny_tree, tmp_path / "plain"))
+    # a compiled base run first, as in a bench: its graphs must not serve the hooked backbone
+    train(cfg(tiny_tree, tmp_path / "base", *opts, recon=None))
+    evaluation_graphs = _count_evaluation_graphs(monkeypatch)
+    before = _graphs()
+    full = train(cfg(tiny_tree, tmp_path / "full", *opts))
+    assert _graphs() > before  # the training forward really was compiled
+    assert evaluation_graphs == [0]  # the evaluation ran eagerly
+    for a, b in zip(full["history"], plain["history"], strict=True):
+        for key in ("method_loss", "recon_loss", "recon_l2", "recon_lpips"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    wf, wp = weights(tmp_path / "full"), weights(tmp_path / "plain")
+    assert wf.keys() == wp.keys()  # compiled in place: the checkpoint's names are unchanged
+    for key in wp:
+        torch.testing.assert_close(wf[key], wp[key], rtol=1e-4, atol=1e-5, msg=key)
+    with pytest.raises(engine.StopTraining):
+        train(cfg(tiny_tree, tmp_path / "cut", *opts, "run.stop_after_epoch=1"))
+    resumed = train(cfg(tiny_tree, tmp_path / "cut", *opts, "run.resume=true"))
+    assert resumed["history"] == full["history"]
+    assert_same_weights(tmp_path / "full", tmp_path / "cut")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))),
+                    reason="inductor on the CPU needs a C++ compiler")
+def test_inductor_compiled_run_trains_as_the_eager_one(tiny_tree, tmp_path):
+    torch._dynamo.reset()
+    plain = train(cfg(tiny_tree, tmp_path / "plain"))
+    fast = train(cfg(tiny_tree, tmp_path / "fast", "train.compile=default"))
+    for a, b in zip(fast["history"], plain["history"], strict=True):
+        assert a["method_loss"] == pytest.approx(b["method_loss"], rel=1e-3)
+        assert a["recon_loss"] == pytest.approx(b["recon_loss"], rel=1e-3)
+
+
+def test_compile_settings_are_refused_before_anything(tiny_tree, tmp_path, monkeypatch):
+    with pytest.raises(RunConfigError, match="train.compile=reduce-overhead is a mode of the "
+                                             "inductor backend.*use train.compile=default"):
+        cfg(tiny_tree, tmp_path, "train.compile=reduce-overhead",
+            "train.compile_backend=aot_eager")
+    with pytest.raises(RunConfigError, match="train.compile='fast' must be one of 'default', "
+                                             "'reduce-overhead'"):
+        cfg(tiny_tree, tmp_path, "train.compile=fast")
+    monkeypatch.setattr(engine, "load_dataset",
+                        lambda *a, **k: pytest.fail("loaded data for a refused config"))
+    monkeypatch.setattr(engine.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    bad = cfg(tiny_tree, tmp_path / "nocc", "train.compile=default")
+    for attempt in (lambda: train(bad), lambda: check_run(bad)):
+        with pytest.raises(RunConfigError, match="needs a C\\+\\+ compiler.*train.compile_"
+                                                 "backend=aot_eager"):
+            attempt()
+    assert not (tmp_path / "nocc").exists()
 
 
 def test_prefetch_raises_a_failing_batch_at_its_place():
@@ -187,3 +269,18 @@ def test_fp16_with_a_grad_scaler_trains_and_resumes(tiny_tree, tmp_path):
     # cuDNN may pick non-deterministic kernels: the same run up to their rounding
     for a, b in zip(resumed["history"], full["history"], strict=True):
         assert a["method_loss"] == pytest.approx(b["method_loss"], rel=1e-2)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_run_on_the_gpu_trains_as_the_eager_one(tiny_tree, tmp_path, mode):
+    """Inductor's kernels (and, with reduce-overhead, CUDA graphs) with the objective's hooks."""
+    opts = ("train.device=cuda", "data.augment_on_device=true")
+    torch._dynamo.reset()
+    plain = train(cfg(tiny_tree, tmp_path / "plain", *opts))
+    fast = train(cfg(tiny_tree, tmp_path / "fast", *opts, f"train.compile={mode}"))
+    # TF32 and fused kernels: the same run up to their rounding
+    for a, b in zip(fast["history"], plain["history"], strict=True):
+        assert a["method_loss"] == pytest.approx(b["method_loss"], rel=1e-2)
+        assert a["recon_loss"] == pytest.approx(b["recon_loss"], rel=1e-2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -90,12 +91,36 @@ def test_busy_machine_is_flagged():
     (["--image-size", "224"], "--backbone alexnet_cifar cannot take it"),
     (["--backbone", "alexnet", "--widths", "0.5"], "has no width factor; pass --widths 1.0"),
     (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--compile", "default", "--warmup", "0"], "give --warmup 1 or more"),
     (["--backbone", "alexnet_cifar2"], "unknown backbone 'alexnet_cifar2'; valid names:"),
 ])
 def test_refused_settings(argv, message, capsys):
     assert overhead.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("overhead: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device,mode", [
+    pytest.param("cpu", "default", marks=pytest.mark.skipif(
+        not any(map(shutil.which, ("g++", "c++", "clang++"))),
+        reason="inductor on the CPU needs a C++ compiler")),
+    pytest.param("cuda", "reduce-overhead", marks=pytest.mark.cuda),
+])
+def test_compiled_variants_are_timed_after_their_compilation(device, mode, one_thread):
+    torch.compiler.reset()
+    argv = [*TINY, "--rounds", "1", "--device", device, "--compile", mode]
+    report = overhead.run_benchmark(overhead.parse_args(argv), echo=False)
+    assert f"compile: torch.compile mode {mode} (inductor)" in report.text
+    assert all(s.median > 0 for s in report.results[0.25].ratios.values())
+
+
+def test_compiler_missing_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    assert overhead.main(["--compile", "default"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a C++ compiler" in err and "--compile default" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")

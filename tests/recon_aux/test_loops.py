@@ -138,6 +138,61 @@ def test_torch_compile_inductor():
         torch.testing.assert_close(compiled[name], g, rtol=1e-3, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("input_shape", [(3, 32, 32), None], ids=["head-at-attach", "lazy-head"])
+def test_aux_compile_compiles_what_loss_runs(input_shape):
+    """``aux.compile()`` reaches the head and LPIPS (``aux.loss`` never calls ``forward``), a
+    head built later included; the losses, the gradients and the state_dict stay eager's."""
+    from torch._dynamo.utils import counters
+
+    def run(compiled: bool):
+        torch._dynamo.reset()
+        model = fresh()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        aux = recon_aux.attach(model, opt, input_shape=input_shape, lpips_weights="random")
+        if compiled:
+            aux.compile(backend="aot_eager")
+        x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        before = counters["stats"]["unique_graphs"]
+        losses = []
+        for _ in range(2):
+            loss = model(x).pow(2).mean() + aux.loss(x)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        graphs = counters["stats"]["unique_graphs"] - before
+        return losses, graphs, aux.state_dict(), dict(model.named_parameters())
+
+    with pytest.warns(UserWarning, match="RANDOMLY initialised"):
+        eager = run(False)
+    with pytest.warns(UserWarning, match="RANDOMLY initialised"):
+        compiled = run(True)
+    assert eager[1] == 0 and compiled[1] >= 2  # the head's graph and LPIPS's
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-5)
+    assert compiled[2].keys() == eager[2].keys()
+    for name, p in eager[3].items():
+        torch.testing.assert_close(compiled[3][name], p, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_graph_compiled_without_hooks_is_named_and_reset_mends_it():
+    """torch.compile does not guard on hooks: a graph compiled for a hook-less copy of the class
+    runs the attached one without them. The error says so and how to mend it."""
+    torch._dynamo.reset()
+    model = fresh()
+    twin = copy.deepcopy(model)  # no hooks: compiled first, its graph serves both
+    aux = recon_aux.attach(model, lpips_weight=0.0)
+    net, other = (torch.compile(m, backend="aot_eager") for m in (model, twin))
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    other(x).sum().backward()
+    net(x)
+    with pytest.raises(recon_aux.PairingError, match="No forward of the model has been seen "
+                                                     "yet.*torch.compiler.reset\\(\\) after"):
+        aux.loss(x)
+    torch.compiler.reset()
+    net(x).pow(2).mean().add(aux.loss(x)).backward()
+    assert model.features[0].weight.grad is not None and aux.calls == 1
+
+
 @pytest.mark.cuda
 def test_torch_compile_inductor_cuda(monkeypatch):
     """Inductor's Triton kernels on the GPU keep the hooks and give eager's gradients."""
