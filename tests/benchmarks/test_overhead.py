@@ -196,3 +196,20 @@ def test_first_epoch_profile_reports_per_step_time_and_synchronisations(tiny_tre
     with pytest.raises(SystemExit, match="epoch 1 has 6 steps, fewer than the 8 profiled"):
         first_epoch.profile_epoch("rotation-recon", rc.with_run(out_dir=str(tmp_path / "again")),
                                   wait=2, warmup=1, active=5)
+
+
+@pytest.mark.parametrize("train", [
+    {"device": "cpu", "compile": "default", "compile_backend": "aot_eager"},
+    pytest.param({"device": "cuda", "compile": "reduce-overhead"}, marks=pytest.mark.cuda),
+], ids=["cpu-aot_eager", "cuda-reduce-overhead"])
+def test_first_epoch_profile_of_a_compiled_row(tiny_tree, tmp_path, train):
+    """The profile counts the steps of a compiled row too (its first step compiles, unprofiled)."""
+    from adapters.config import load_run_config
+    from tests.adapters.tiny import tiny_config
+
+    rc = load_run_config(tiny_config(tiny_tree, tmp_path / "run", data={"batch_size": 4},
+                                     train=train), [])
+    line, table = first_epoch.profile_epoch("rotation-recon", rc, wait=1, warmup=1, active=3)
+    assert re.fullmatch(r"profile of rotation-recon, steps 3-5 of epoch 1: [\d.]+ ms per step .*",
+                        line)
+    assert "CompiledFunction" in table  # the compiled graphs ran in the profiled steps
