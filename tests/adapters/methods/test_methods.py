@@ -68,6 +68,19 @@ def test_resume_is_exact(method, tmp_path, shared_data):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
+def test_compiled_run_trains_as_the_eager_one(method, tmp_path, shared_data):
+    """train.compile with each method's own hooks and calls (AET's feature hook, SimCLR's two
+    views, the clustering passes between epochs); aot_eager traces as inductor does."""
+    eager = train(config(method, tmp_path / "eager", shared_data))
+    compiled = train(config(method, tmp_path / "compiled", shared_data, "train.compile=default",
+                            "train.compile_backend=aot_eager"))
+    for a, b in zip(compiled["history"], eager["history"], strict=True):
+        for key in ("method_loss", "recon_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
 def test_two_process_ddp(method, tmp_path, shared_data):
     smoke = REPO / "benchmarks" / "configs" / "smoke" / f"{method}.yaml"
     result = torchrun(smoke, tmp_path, shared_data,
