@@ -49,17 +49,16 @@ demo-recon: venv
 # On a machine with a CUDA GPU: the tests marked `cuda`, the overhead benchmark on the GPU
 # (bf16, 224 px: the ImageNet AlexNet, as AlexNet-CIFAR takes 32 px only;
 # benchmarks/results/overhead-gpu.txt, with the L2+LPIPS step's kernels printed, and at 32 px
-# overhead-gpu-cifar.txt), the head's memory
+# overhead-gpu-cifar.txt, eager and compiled with reduce-overhead), the head's memory
 # formats and norms (gpu-check/head-memory-format.txt), the linear probe's weight-decay search
 # sequential against batched (gpu-check/probe-search.txt), the first epoch of every cifar10-gpu row
 # (gpu-check/first-epoch.txt, with one full evaluation timed and 50 steps of SeLa +recon
 # profiled, eager and with train.compile=reduce-overhead: where a step's time goes, how often
-# it waits for the GPU; the 32-px overhead compiled: overhead-gpu-cifar-compiled.txt) and two
-# epochs of every row, seed 0, evaluated by kNN only (benchmarks/results/gpu-check/; SeLa with
-# one label update per epoch): a pipeline check of about 10 minutes on an H200 (the second
-# session's steps without the first-epoch study's --evaluation took 5.3 minutes; one full
-# evaluation took 106 s on the third; the probe-search study and the compiled rows are new,
-# estimated at a minute each).
+# it waits for the GPU) and two epochs of every row, seed 0, evaluated by kNN only
+# (benchmarks/results/gpu-check/; SeLa with one label update per epoch): a pipeline check of
+# about 10 minutes on an H200 (the second session's steps without the first-epoch study's
+# --evaluation took 5.3 minutes; one full evaluation took 106 s on the third; the probe-search
+# study and the compiled rows are new, estimated at a minute each).
 gpu-check: venv
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check \
 	needs a CUDA GPU; torch.cuda.is_available() is False here (no GPU, or a CPU-only torch).')"
@@ -68,13 +67,11 @@ gpu-check: venv
 		--image-size 224 --widths 1.0 --profile +L2+LPIPS-alex \
 		--write benchmarks/results/overhead-gpu.txt
 	$(PY) -m benchmarks.studies.overhead --device cuda --precision bf16 --widths 1.0 \
-		--write benchmarks/results/overhead-gpu-cifar.txt
+		--compile reduce-overhead --write benchmarks/results/overhead-gpu-cifar.txt
 	$(PY) -m benchmarks.studies.head_memory_format --device cuda \
 		--write benchmarks/results/gpu-check/head-memory-format.txt
 	$(PY) -m benchmarks.studies.probe_search --device cuda \
 		--write benchmarks/results/gpu-check/probe-search.txt
-	$(PY) -m benchmarks.studies.overhead --device cuda --precision bf16 --widths 1.0 \
-		--compile reduce-overhead --write benchmarks/results/overhead-gpu-cifar-compiled.txt
 	$(PY) -m benchmarks.studies.first_epoch benchmarks/configs/cifar10-gpu.yaml --evaluation \
 		--extra sela-recon:train.compile=default --extra sela-recon:train.compile=reduce-overhead \
 		--profile sela-recon --profile "sela-recon + train.compile=reduce-overhead" \

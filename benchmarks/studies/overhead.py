@@ -31,9 +31,11 @@ Examples::
     python -m benchmarks.studies.overhead --device cuda --precision bf16 --backbone alexnet \\
         --image-size 224 --widths 1.0 --write benchmarks/results/overhead-gpu.txt
 
-``--compile MODE`` times the variants ``torch.compile``d (inductor, that mode): the encoder and
-its linear head in place, and the objective's head and LPIPS network (``aux.compile``), as
-``train.compile`` does in a run; the warm-up rounds (at least one) pay for the compilation.
+``--compile MODE`` adds the same three variants ``torch.compile``d (inductor, that mode) to the
+rounds: the encoder and its linear head in place, and the objective's head and LPIPS network
+(``aux.compile``), as ``train.compile`` does in a run. Their ratios are to the eager ``base`` of
+the same round, as every ratio is (what compiling buys), and the summary adds the objective's
+ratio among the compiled variants; the warm-up rounds (at least one) pay for the compilation.
 
 ``--profile VARIANT`` then runs a few more steps of that variant under ``torch.profiler`` and
 prints its ops by self time (device time on CUDA): where the variant's time goes. The tables are
@@ -87,6 +89,11 @@ PROFILE_STEPS = 5
 TARGETS = {"+L2": 1.08, "+L2+LPIPS-alex": 1.15}
 
 
+def compiled(name: str) -> str:
+    """The name of a variant's compiled copy (``--compile``)."""
+    return f"{name} (compiled)"
+
+
 class OverheadError(ValueError):
     """A setting the benchmark refuses (the message says what to change)."""
 
@@ -101,6 +108,7 @@ class Variant:
         optimizer: SGD (momentum 0.9, weight decay 5e-4) over both (and the recon head).
         aux: The attached objective, or None for ``base``.
         scaler: The fp16 gradient scaler (CUDA only), or None.
+        compile: The ``torch.compile`` mode its modules were compiled with, or None (eager).
     """
 
     encoder: nn.Module
@@ -108,6 +116,7 @@ class Variant:
     optimizer: torch.optim.Optimizer
     aux: recon_aux.ReconAux | None
     scaler: torch.amp.GradScaler | None = None
+    compile: str | None = None
 
 
 @dataclass
@@ -193,8 +202,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true",
                    help="models and images in channels-last memory format")
     p.add_argument("--compile", default=None, choices=list(COMPILE_MODES), metavar="MODE",
-                   help="torch.compile every variant with this inductor mode (one of "
-                        f"{list(COMPILE_MODES)}); default: eager")
+                   help="also time each variant torch.compile'd with this inductor mode (one of "
+                        f"{list(COMPILE_MODES)})")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--lpips-weights", default="auto", help="'auto', a path, or 'random'")
     p.add_argument("--head-width", type=int, default=None,
@@ -203,9 +212,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seeds the models, data and bootstrap")
     p.add_argument("--write", type=Path, default=None, metavar="PATH",
                    help="also write the report to PATH (e.g. benchmarks/results/overhead-cpu.txt)")
-    p.add_argument("--profile", action="append", default=[], choices=list(VARIANTS),
+    names = [*VARIANTS, *map(compiled, VARIANTS)]
+    p.add_argument("--profile", action="append", default=[], choices=names,
                    metavar="VARIANT", help="after the timing, profile PROFILE_STEPS steps of "
-                   f"this variant and print its ops by self time (one of {list(VARIANTS)})")
+                   f"this variant and print its ops by self time (one of {names}; a compiled "
+                   "one with --compile)")
     return p.parse_args(argv)
 
 
@@ -227,6 +238,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.precision == "fp16" and args.device != "cuda":
         raise OverheadError("--precision fp16 needs --device cuda (float16 autocast with a "
                             "GradScaler); on CPU use --precision bf16 or fp32")
+    late = [name for name in args.profile if name not in VARIANTS and args.compile is None]
+    if late:
+        raise OverheadError(f"--profile {late[0]!r} is a compiled variant: add --compile MODE")
     if args.compile is not None:
         if args.warmup < 1:
             raise OverheadError(f"--compile {args.compile} compiles in the first step of each "
@@ -368,8 +382,8 @@ def header(args: argparse.Namespace, load: tuple[float, float, float] | None,
                True, autocast=args.precision != "fp32") else "NCHW")
            + " (its default on CUDA: channels-last under autocast or TF32)"),
         "compile: " + ("off (eager)" if args.compile is None else
-                       f"torch.compile mode {args.compile} (inductor): encoder, linear head, "
-                       "the objective's head and LPIPS network"),
+                       f"each variant also torch.compile'd, mode {args.compile} (inductor): "
+                       "encoder, linear head, the objective's head and LPIPS network"),
         f"protocol: {_count(args.rounds, 'timed round')} after "
         f"{_count(args.warmup, 'warm-up round')}; each round "
         "runs every variant once, in a rotating order; ratio = variant step / base step of the "
@@ -391,9 +405,11 @@ def _count(n: int | None, word: str) -> str:
 
 
 # -- one width --------------------------------------------------------------------------------
-def build_variant(template: nn.Module, recon: dict | None, args: argparse.Namespace) -> Variant:
+def build_variant(template: nn.Module, recon: dict | None, args: argparse.Namespace,
+                  mode: str | None = None) -> Variant:
     """A variant on ``args.device``: a copy of ``template``, the linear head, SGD, and the
-    objective (``recon``: its ``attach`` overrides; None: no objective)."""
+    objective (``recon``: its ``attach`` overrides; None: no objective); compiled with
+    ``torch.compile`` mode ``mode`` unless it is None."""
     memory = torch.channels_last if args.channels_last else torch.contiguous_format
     encoder = copy.deepcopy(template).to(args.device, memory_format=memory)
     classifier = nn.Linear(encoder.out_dim, 10).to(args.device)
@@ -405,13 +421,13 @@ def build_variant(template: nn.Module, recon: dict | None, args: argparse.Namesp
         aux = recon_aux.attach(encoder, opt, input_shape=shape, lpips_weights=args.lpips_weights,
                                head_width=args.head_width, **recon)
         aux.head.to(memory_format=memory)
-    if args.compile is not None:  # in place, after attach: the objective's hooks stay
-        encoder.compile(mode=args.compile)
-        classifier.compile(mode=args.compile)
+    if mode is not None:  # in place, after attach: the objective's hooks stay
+        encoder.compile(mode=mode)
+        classifier.compile(mode=mode)
         if aux is not None:
-            aux.compile(mode=args.compile)
+            aux.compile(mode=mode)
     scaler = _grad_scaler() if args.precision == "fp16" else None
-    return Variant(encoder, classifier, opt, aux, scaler)
+    return Variant(encoder, classifier, opt, aux, scaler, mode)
 
 
 def _grad_scaler() -> torch.amp.GradScaler:
@@ -431,7 +447,7 @@ def step(v: Variant, images: torch.Tensor, labels: torch.Tensor,
     dtype = PRECISIONS[args.precision]
     _synchronize(args.device)
     t0 = time.perf_counter()
-    if args.compile in CUDA_GRAPH_MODES:  # the previous step's graph outputs are not read again
+    if v.compile in CUDA_GRAPH_MODES:  # the previous step's graph outputs are not read again
         torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast(args.device, dtype=dtype, enabled=dtype is not None):
         loss = F.cross_entropy(v.classifier(v.encoder(images)), labels)
@@ -478,11 +494,12 @@ def bootstrap_median(values: Sequence[float], resamples: int, seed: int) -> tupl
     return float(low), float(high)
 
 
-def ratio_stats(times: dict[str, list[float]], resamples: int, seed: int) -> dict[str, RatioStats]:
-    """Variant -> the statistics of its per-round ratios to ``base``."""
+def ratio_stats(times: dict[str, list[float]], resamples: int, seed: int,
+                reference: str = "base") -> dict[str, RatioStats]:
+    """Variant -> the statistics of its per-round ratios to ``reference``."""
     stats = {}
     for name, ts in times.items():
-        ratios = [t / b for t, b in zip(ts, times["base"], strict=True)]
+        ratios = [t / b for t, b in zip(ts, times[reference], strict=True)]
         stats[name] = RatioStats(statistics.median(ratios), min(ratios), max(ratios),
                                  bootstrap_median(ratios, resamples, seed))
     return stats
@@ -493,6 +510,9 @@ def run_width(width: float, args: argparse.Namespace, report: Report) -> WidthRe
     torch.manual_seed(args.seed)
     template = build_backbone(args.backbone, **backbone_kwargs(args.backbone, width))
     variants = {name: build_variant(template, recon, args) for name, recon in VARIANTS.items()}
+    if args.compile is not None:
+        variants.update({compiled(name): build_variant(template, recon, args, args.compile)
+                         for name, recon in VARIANTS.items()})
     memory = torch.channels_last if args.channels_last else torch.contiguous_format
     shape = (args.batch_size, 3, args.image_size, args.image_size)
     images = torch.rand(shape, device=args.device).contiguous(memory_format=memory)
@@ -531,17 +551,18 @@ def width_table(result: WidthResult, template: nn.Module, aux: recon_aux.ReconAu
     """One width's lines: the model sizes, then a row per variant."""
     head_params = sum(p.numel() for p in aux.head.parameters())
     enc_params = sum(p.numel() for p in template.parameters())
+    names = max(16, *map(len, result.step))  # the variant column's width
     lines = [
         "",
         f"width {result.width}: encoder {enc_params / 1e6:.2f} M params, head "
         f"{head_params / 1e6:.3f} M params ({aux.head.extra_repr()}), tapped {aux.layer_name}",
-        f"  {'variant':<16} {'median step (s)':>16} {'img/s':>8}   {'ratio: median':>13} "
+        f"  {'variant':<{names}} {'median step (s)':>16} {'img/s':>8}   {'ratio: median':>13} "
         f"{'[95% interval]':>16} {'min':>6} {'max':>6}   (n={args.rounds} rounds)",
     ]
     for name, t in result.step.items():
         r = result.ratios[name]
-        lines.append(f"  {name:<16} {t:>16.4f} {args.batch_size / t:>8.0f}   {r.median:>13.3f} "
-                     f"{_interval(r):>16} {r.low:>6.3f} {r.high:>6.3f}")
+        lines.append(f"  {name:<{names}} {t:>16.4f} {args.batch_size / t:>8.0f}   "
+                     f"{r.median:>13.3f} {_interval(r):>16} {r.low:>6.3f} {r.high:>6.3f}")
     return "\n".join(lines)
 
 
@@ -562,6 +583,13 @@ def summary(report: Report, args: argparse.Namespace) -> None:
     if report.busy:
         report.add("WARNING: the machine was busy before starting: ratios are not overhead "
                    "measurements")
+    if args.compile is not None:
+        result = report.results[width]
+        among = ratio_stats(result.times, args.resamples, args.seed, compiled("base"))
+        base_c, head_c = stats[compiled("base")], among[compiled(HEADLINE)]
+        report.add(f"compiled ({args.compile}, width {width}): base step {base_c.median:.2f} "
+                   f"{_interval(base_c, 2)} of the eager base step; {HEADLINE} / base, both "
+                   f"compiled: {head_c.median:.2f} {_interval(head_c, 2)}")
     head = stats[HEADLINE]
     report.add(f"recon/base step-time ratio: {head.median:.2f} {_interval(head, 2)} "
                f"({HEADLINE.lstrip('+')}, width {width})")

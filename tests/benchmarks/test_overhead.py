@@ -109,10 +109,20 @@ def test_refused_settings(argv, message, capsys):
 ])
 def test_compiled_variants_are_timed_after_their_compilation(device, mode, one_thread):
     torch.compiler.reset()
-    argv = [*TINY, "--rounds", "1", "--device", device, "--compile", mode]
+    argv = [*TINY, "--rounds", "2", "--device", device, "--compile", mode,
+            "--profile", "+L2 (compiled)"]
     report = overhead.run_benchmark(overhead.parse_args(argv), echo=False)
-    assert f"compile: torch.compile mode {mode} (inductor)" in report.text
-    assert all(s.median > 0 for s in report.results[0.25].ratios.values())
+    text = report.text
+    assert f"each variant also torch.compile'd, mode {mode} (inductor)" in text
+    names = [*overhead.VARIANTS, *map(overhead.compiled, overhead.VARIANTS)]
+    ratios = report.results[0.25].ratios
+    assert list(ratios) == names and all(s.median > 0 for s in ratios.values())
+    assert re.search(rf"compiled \({mode}, width 0.25\): base step \d+\.\d\d \[[\d., ]+\] "
+                     r"of the eager base step; \+L2\+LPIPS-alex / base, both compiled: "
+                     r"\d+\.\d\d", text)
+    assert report.lines[-1].startswith("recon/base step-time ratio: ")  # the eager headline
+    with pytest.raises(overhead.OverheadError, match="is a compiled variant: add --compile"):
+        overhead.check_args(overhead.parse_args([*TINY, "--profile", "base (compiled)"]))
 
 
 def test_compiler_missing_is_refused(monkeypatch, capsys):
