@@ -187,7 +187,8 @@ class TrainConfig(Section):
             backbone (in place: parameter names, checkpoints and the objective's hooks are
             unchanged) and the objective's head and LPIPS network
             (:meth:`recon_aux.ReconAux.compile`). Evaluation stays eager. The same numbers up
-            to rounding; the first steps pay for the compilation.
+            to rounding; the first steps pay for the compilation. A run compiles afresh: it
+            clears the process's compiled graphs first (``torch.compiler.reset()``).
         compile_backend: ``inductor`` (the default; on the CPU it needs a C++ compiler),
             ``aot_eager`` or ``eager`` (tracing only, for debugging; ``compile`` must then be
             ``default``, as their modes do not exist).
