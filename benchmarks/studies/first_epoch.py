@@ -127,7 +127,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="append", default=[], metavar="ROW",
                    help="also profile 50 steps of this row's epoch 1 (torch.profiler)")
     p.add_argument("--write", type=Path, default=None, metavar="PATH",
-                   help="also write the timings (not the profile) to PATH")
+                   help="also write the timings and the profiles' summary lines (not their tables) "
+                        "to PATH, rewritten after each line: a run cut short keeps them")
     return p.parse_args(argv)
 
 
@@ -137,30 +138,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(a.profile) - {name for name, _ in todo})
     if unknown:
         raise SystemExit(f"--profile {unknown}: no such row; rows: {[n for n, _ in todo]}.")
-    lines = [f"python -m benchmarks.studies.first_epoch {a.config} {' '.join(a.overrides)}; "
-             f"{engine.machine()}"]
-    print(lines[0], flush=True)
+    lines: list[str] = []
+
+    def add(line: str) -> None:
+        """Print ``line`` and (``--write``) rewrite the file with every line so far: a run cut
+        short (a time limit) keeps what it measured."""
+        lines.append(line)
+        print(line, flush=True)
+        if a.write is not None:
+            a.write.parent.mkdir(parents=True, exist_ok=True)
+            a.write.write_text("\n".join(lines) + "\n")
+
+    add(f"python -m benchmarks.studies.first_epoch {a.config} {' '.join(a.overrides)}; "
+        f"{engine.machine()}")
     d = todo[0][1].data  # decode the data into its cache first, so no row pays for it
     t0 = time.perf_counter()
     for train in (True, False):
         load_dataset(d.dataset, data_root=d.root, train=train, download=d.download)
-    lines.append(f"{'loading the data (both splits)':40s} {time.perf_counter() - t0:7.1f} s")
-    print(lines[-1], flush=True)
+    add(f"{'loading the data (both splits)':40s} {time.perf_counter() - t0:7.1f} s")
     with tempfile.TemporaryDirectory() as tmp:
         for name, rc in todo:
             rc = rc.with_run(out_dir=str(Path(tmp) / name.replace(" ", "_")), progress=False,
                              resume=False)
             t0 = time.perf_counter()
             train_epoch_1(rc)
-            lines.append(f"{name:40s} {time.perf_counter() - t0:7.1f} s  (set-up + epoch 1 + "
-                         "checkpoint)")
-            print(lines[-1], flush=True)
+            add(f"{name:40s} {time.perf_counter() - t0:7.1f} s  (set-up + epoch 1 + checkpoint)")
         for name in a.profile:
             rc = dict(todo)[name].with_run(out_dir=str(Path(tmp) / f"profile-{name}"),
                                            progress=False, resume=False)
             line, table = profile_epoch(name, rc)
-            lines.append(line)
-            print(line, table, sep="\n", flush=True)
+            add(line)
+            print(table, flush=True)
         if a.evaluation:
             rc = todo[0][1].override("train.epochs=0").with_run(
                 out_dir=str(Path(tmp) / "evaluation"), progress=False)
@@ -169,13 +177,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             prof.enable()
             result = engine.train(rc)
             prof.disable()
-            lines.append(f"evaluation of an untrained {todo[0][0]}: "
-                         f"{time.perf_counter() - t0:.1f} s, {result['metrics']}")
-            print(lines[-1], flush=True)
+            add(f"evaluation of an untrained {todo[0][0]}: "
+                f"{time.perf_counter() - t0:.1f} s, {result['metrics']}")
             pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
-    if a.write is not None:
-        a.write.parent.mkdir(parents=True, exist_ok=True)
-        a.write.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -223,3 +223,32 @@ def test_first_epoch_profile_of_a_compiled_row(tiny_tree, tmp_path, train):
     assert re.fullmatch(r"profile of rotation-recon, steps 3-5 of epoch 1: [\d.]+ ms per step .*",
                         line)
     assert "CompiledFunction" in table  # the compiled graphs ran in the profiled steps
+
+
+def test_first_epoch_writes_each_line_as_it_is_measured(tiny_tree, tmp_path, monkeypatch):
+    """--write keeps what was measured when the study is cut short (a device's time limit)."""
+    import yaml
+
+    from tests.adapters.tiny import tiny_config
+
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump(tiny_config(tiny_tree, tmp_path / "unused")))
+    config = tmp_path / "bench.yaml"
+    config.write_text(yaml.safe_dump({
+        "title": "tiny", "seeds": [0], "metrics": ["knn_conv5"], "recon": {"weight": 1.0},
+        "methods": {"rotation": {"config": str(run)}}}))
+    real, done = first_epoch.train_epoch_1, []
+
+    def cut_after_one_row(rc):
+        if done:
+            raise KeyboardInterrupt  # as the time limit would
+        real(rc)
+        done.append(rc)
+
+    monkeypatch.setattr(first_epoch, "train_epoch_1", cut_after_one_row)
+    out = tmp_path / "first-epoch.txt"
+    with pytest.raises(KeyboardInterrupt):
+        first_epoch.main([str(config), "--write", str(out)])
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("python -m benchmarks.studies.first_epoch")
+    assert lines[1].startswith("loading the data") and lines[2].startswith("rotation-base ")
