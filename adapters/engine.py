@@ -801,13 +801,17 @@ def _precision(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if name == "bf16" else torch.float16
 
 
+def has_cxx_compiler() -> bool:
+    """Whether inductor can build its CPU kernels here: ``$CXX``, g++, c++ or clang++ found."""
+    return any(shutil.which(n) for n in (os.environ.get("CXX"), "g++", "c++", "clang++") if n)
+
+
 def check_compiler(mode: str | None, backend: str, device: torch.device) -> None:
     """``torch.compile`` with inductor on the CPU builds C++ kernels: a :class:`RunConfigError`
     before any work when no C++ compiler is found (inductor would fail at the first step)."""
     if mode is None or backend != "inductor" or device.type != "cpu":
         return
-    names = [os.environ.get("CXX"), "g++", "c++", "clang++"]
-    if not any(shutil.which(n) for n in names if n):
+    if not has_cxx_compiler():
         raise RunConfigError(
             f"train.compile={mode} with the inductor backend on the CPU needs a C++ compiler "
             "(g++, c++ or clang++ on the PATH, or $CXX), and none was found. Install one, set "

@@ -6,8 +6,6 @@ the eager one and evaluates eagerly. The CUDA halves are marked ``cuda``."""
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -169,7 +167,7 @@ def test_compiled_run_trains_as_the_eager_one_and_resumes(tiny_tree, tmp_path, m
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))),
+@pytest.mark.skipif(not engine.has_cxx_compiler(),
                     reason="inductor on the CPU needs a C++ compiler")
 def test_inductor_compiled_run_trains_as_the_eager_one(tiny_tree, tmp_path):
     torch._dynamo.reset()

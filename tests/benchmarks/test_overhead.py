@@ -11,6 +11,7 @@ import shutil
 import pytest
 import torch
 
+from adapters.engine import has_cxx_compiler
 from benchmarks.studies import first_epoch, head_memory_format, overhead
 
 TINY = ["--rounds", "2", "--warmup", "1", "--batch-size", "8", "--widths", "0.25",
@@ -103,7 +104,7 @@ def test_refused_settings(argv, message, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("device,mode", [
     pytest.param("cpu", "default", marks=pytest.mark.skipif(
-        not any(map(shutil.which, ("g++", "c++", "clang++"))),
+        not has_cxx_compiler(),
         reason="inductor on the CPU needs a C++ compiler")),
     pytest.param("cuda", "reduce-overhead", marks=pytest.mark.cuda),
 ])
