@@ -206,6 +206,12 @@ def extract_features(
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate layer names in {names}.")
     device = resolve_device(device, model)
+    elsewhere = sorted({str(t.device) for t in [*model.parameters(), *model.buffers()]
+                        if t.device.type != device.type})
+    if elsewhere:
+        raise ValueError(f"extract_features: the model's weights are on {elsewhere}, the forward "
+                         f"pass was asked to run on {device}; move the model first "
+                         f"(model.to({str(device)!r})) or pass device=None.")
     via_forward_features, via_hooks = _route_layers(model, names)
 
     captured: dict[str, Tensor] = {}

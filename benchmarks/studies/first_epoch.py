@@ -56,12 +56,39 @@ def rows(config: str, overrides: Sequence[str],
     return out
 
 
-def train_epoch_1(rc: RunConfig) -> None:
-    """Set up ``rc``'s run and train its epoch 1 (and write its checkpoint), then stop."""
+def train_epoch_1(rc: RunConfig, epochs: int = 1) -> None:
+    """Set up ``rc``'s run and train its epochs 1 to ``epochs`` (each with its checkpoint), then
+    stop (``epochs`` is below the run's ``train.epochs``: the evaluation never runs)."""
     try:
-        engine.train(rc.with_run(stop_after_epoch=1))
+        engine.train(rc.with_run(stop_after_epoch=epochs))
     except engine.StopTraining:
         pass
+
+
+def timed_row(name: str, rc: RunConfig, epochs: int) -> str:
+    """Train ``rc`` for ``epochs`` epochs: the row's line. With more than one epoch, a hook after
+    every optimizer step stamps the host clock, which splits set-up and epoch 1 from the later
+    epochs (their time per epoch, each with its checkpoint and its method's epoch-start work,
+    e.g. a clustering pass, and the median step)."""
+    stamps: list[float] = []
+    handle = register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    t0 = time.perf_counter()
+    try:
+        train_epoch_1(rc, epochs)
+    finally:
+        handle.remove()
+    end = time.perf_counter()
+    if epochs == 1:
+        return f"{name:40s} {end - t0:7.1f} s  (set-up + epoch 1 + checkpoint)"
+    if len(stamps) % epochs:
+        return (f"{name:40s} {end - t0:7.1f} s  (set-up + epochs 1-{epochs} + checkpoints; "
+                f"{len(stamps)} steps, not the same number each epoch: not split)")
+    per = len(stamps) // epochs
+    later = stamps[per - 1:]  # from the end of epoch 1's last step
+    step_ms = 1e3 * statistics.median(b - a for a, b in itertools.pairwise(later))
+    return (f"{name:40s} {stamps[per - 1] - t0:7.1f} s  (set-up + epoch 1), then "
+            f"{(end - stamps[per - 1]) / (epochs - 1):.1f} s per epoch over epochs 2-{epochs} "
+            f"({per} steps each, median step {step_ms:.1f} ms, host clock)")
 
 
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
@@ -123,6 +150,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("config", help="a bench config (benchmarks/configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the bench config")
     p.add_argument("--extra", action="append", default=[], metavar="ROW:OVERRIDES")
+    p.add_argument("--epochs", type=int, default=1, metavar="N",
+                   help="train each row N epochs (fewer than its train.epochs) and time epochs "
+                        "2-N apart from set-up and epoch 1 (a compiled row compiles in epoch 1)")
     p.add_argument("--evaluation", action="store_true", help="also time one evaluation")
     p.add_argument("--profile", action="append", default=[], metavar="ROW",
                    help="also profile 50 steps of this row's epoch 1 (torch.profiler)")
@@ -136,6 +166,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     a = parse_args(argv)
     todo = rows(a.config, a.overrides, a.extra)
     unknown = sorted(set(a.profile) - {name for name, _ in todo})
+    short = sorted(name for name, rc in todo if not 1 <= a.epochs < rc.train.epochs)
+    if short:
+        raise SystemExit(f"--epochs {a.epochs}: choose 1 to one less than each row's "
+                         f"train.epochs (the evaluation would run); too many for {short}.")
     if unknown:
         raise SystemExit(f"--profile {unknown}: no such row; rows: {[n for n, _ in todo]}.")
     lines: list[str] = []
@@ -160,9 +194,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name, rc in todo:
             rc = rc.with_run(out_dir=str(Path(tmp) / name.replace(" ", "_")), progress=False,
                              resume=False)
-            t0 = time.perf_counter()
-            train_epoch_1(rc)
-            add(f"{name:40s} {time.perf_counter() - t0:7.1f} s  (set-up + epoch 1 + checkpoint)")
+            add(timed_row(name, rc, a.epochs))
         for name in a.profile:
             rc = dict(todo)[name].with_run(out_dir=str(Path(tmp) / f"profile-{name}"),
                                            progress=False, resume=False)

@@ -57,7 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def features(args: argparse.Namespace) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(train features, train labels, test features, test labels) of ``args.layer``."""
     torch.manual_seed(args.seed)
-    model = build_backbone("alexnet_cifar", width=args.width).eval()
+    model = build_backbone("alexnet_cifar", width=args.width).eval().to(args.device)
     out = []
     for train, n in ((True, args.train_images), (False, None)):
         arrays = load_dataset("cifar10", train=train)

@@ -248,6 +248,16 @@ def test_extract_features_errors_name_the_fix():
         extract_features(net, [], "1")
 
 
+def test_extract_features_refuses_a_model_on_another_device_before_any_batch():
+    def batches():
+        raise AssertionError("no batch may be drawn")
+        yield
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    with pytest.raises(ValueError, match=r"weights are on \['cpu'\].*model.to\('cuda'\)"):
+        extract_features(net, batches(), "1", "cuda")
+
+
 def test_pool_features_modes():
     x = torch.randn(2, 256, 13, 13)
     assert pool_features(x, "avg").shape == (2, 256)

@@ -238,19 +238,27 @@ def test_augmenting_on_the_gpu_gives_the_cpu_batches():
 @pytest.mark.parametrize("preset", ["simclr", "crop_flip"])
 def test_augmenting_on_the_gpu_never_waits_for_it(preset):
     """The random parameters are drawn on the host and copied over without a synchronisation
-    (a blocking copy waits for all the work queued on the device)."""
+    (a blocking copy waits for all the work queued on the device).
+
+    The profiler synchronises the device once itself as it stops (an H200 run counted that one
+    ``cudaDeviceSynchronize``), so the augmentation's waits are compared with those of a profile
+    around a single kernel."""
     from torch.profiler import ProfilerActivity, profile
 
     from adapters.data.augment import make_augment
 
+    def waits(work) -> dict[str, int]:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            work()
+        return {e.key: e.count for e in prof.key_averages() if e.key in
+                ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")}
+
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda")
     augment = make_augment(preset, size=32)
     augment(images, torch.Generator().manual_seed(0))  # warm-up: pinned blocks, kernels
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        augment(images, torch.Generator().manual_seed(1))
-    waits = {e.key: e.count for e in prof.key_averages() if e.key in
-             ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")}
-    assert waits == {}
+    profiler_own = waits(lambda: images.float())
+    assert sum(profiler_own.values()) <= 1
+    assert waits(lambda: augment(images, torch.Generator().manual_seed(1))) == profiler_own
 
 
 @pytest.mark.cuda

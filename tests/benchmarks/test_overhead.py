@@ -223,7 +223,24 @@ def test_first_epoch_profile_of_a_compiled_row(tiny_tree, tmp_path, train):
     line, table = first_epoch.profile_epoch("rotation-recon", rc, wait=1, warmup=1, active=3)
     assert re.fullmatch(r"profile of rotation-recon, steps 3-5 of epoch 1: [\d.]+ ms per step .*",
                         line)
-    assert "CompiledFunction" in table  # the compiled graphs ran in the profiled steps
+    # the compiled graphs ran in the profiled steps: eagerly launched, they are rows of their
+    # autograd function; replayed as CUDA graphs (an H200 run), rows "## Call CompiledFxGraph …"
+    assert "CompiledFunction" in table or "CompiledFxGraph" in table, table
+
+
+def test_first_epoch_times_later_epochs_apart_from_set_up(tiny_tree, tmp_path):
+    from adapters.config import load_run_config
+    from tests.adapters.tiny import tiny_config
+
+    rc = load_run_config(tiny_config(tiny_tree, tmp_path / "run", data={"batch_size": 4},
+                                     train={"epochs": 4}), [])  # 6 steps an epoch
+    line = first_epoch.timed_row("rotation-recon", rc, 3)
+    assert re.fullmatch(r"rotation-recon +[\d.]+ s  \(set-up \+ epoch 1\), then [\d.]+ s "
+                        r"per epoch over epochs 2-3 \(6 steps each, median step [\d.]+ ms, "
+                        r"host clock\)", line), line
+    with pytest.raises(SystemExit, match=r"--epochs 40: choose 1 to one less than each row's "
+                                         r"train.epochs .*too many for \['aet-base'"):
+        first_epoch.main(["benchmarks/configs/cifar10-gpu.yaml", "--epochs", "40"])
 
 
 def test_first_epoch_writes_each_line_as_it_is_measured(tiny_tree, tmp_path, monkeypatch):
@@ -240,10 +257,10 @@ def test_first_epoch_writes_each_line_as_it_is_measured(tiny_tree, tmp_path, mon
         "methods": {"rotation": {"config": str(run)}}}))
     real, done = first_epoch.train_epoch_1, []
 
-    def cut_after_one_row(rc):
+    def cut_after_one_row(rc, epochs):
         if done:
             raise KeyboardInterrupt  # as the time limit would
-        real(rc)
+        real(rc, epochs)
         done.append(rc)
 
     monkeypatch.setattr(first_epoch, "train_epoch_1", cut_after_one_row)
