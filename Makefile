@@ -51,14 +51,13 @@ demo-recon: venv
 # benchmarks/results/overhead-gpu.txt, with the L2+LPIPS step's kernels printed, and at 32 px
 # overhead-gpu-cifar.txt, eager and compiled with reduce-overhead), the head's memory
 # formats and norms (gpu-check/head-memory-format.txt), the linear probe's weight-decay search
-# sequential against batched (gpu-check/probe-search.txt), the first epoch of every cifar10-gpu row
-# (gpu-check/first-epoch.txt, with one full evaluation timed and 50 steps of SeLa +recon
-# profiled, eager and with train.compile=reduce-overhead: where a step's time goes, how often
-# it waits for the GPU) and two epochs of every row, seed 0, evaluated by kNN only
-# (benchmarks/results/gpu-check/; SeLa with one label update per epoch): a pipeline check of
-# about 10 minutes on an H200 (the second session's steps without the first-epoch study's
-# --evaluation took 5.3 minutes; one full evaluation took 106 s on the third; the probe-search
-# study and the compiled rows are new, estimated at a minute each).
+# sequential against batched (gpu-check/probe-search.txt), three epochs of every cifar10-gpu row
+# (gpu-check/first-epoch.txt: set-up + epoch 1, then the time of each later epoch; with one full
+# evaluation timed and 50 steps of SeLa +recon profiled, eager and with
+# train.compile=reduce-overhead: where a step's time goes, how often it waits for the GPU) and
+# two epochs of every row, seed 0, evaluated by kNN only (benchmarks/results/gpu-check/; SeLa
+# with one label update per epoch): a pipeline check of about 12 minutes on an H200, estimated
+# from its parts, which have each run there (gpu-check/device-run.md) but not yet in one piece.
 gpu-check: venv
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check \
 	needs a CUDA GPU; torch.cuda.is_available() is False here (no GPU, or a CPU-only torch).')"
@@ -72,7 +71,8 @@ gpu-check: venv
 		--write benchmarks/results/gpu-check/head-memory-format.txt
 	$(PY) -m benchmarks.studies.probe_search --device cuda \
 		--write benchmarks/results/gpu-check/probe-search.txt
-	$(PY) -m benchmarks.studies.first_epoch benchmarks/configs/cifar10-gpu.yaml --evaluation \
+	$(PY) -m benchmarks.studies.first_epoch benchmarks/configs/cifar10-gpu.yaml --epochs 3 \
+		--evaluation \
 		--extra sela-recon:train.compile=default --extra sela-recon:train.compile=reduce-overhead \
 		--profile sela-recon --profile "sela-recon + train.compile=reduce-overhead" \
 		--write benchmarks/results/gpu-check/first-epoch.txt

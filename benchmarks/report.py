@@ -308,8 +308,9 @@ Table 3, CIFAR-10, non-linear probe, error rate (and accuracy):
 |---|---|---|
 {aet_rows}
 
-The runs above are CPU-scale (see the setup line): their absolute numbers are far below the
-paper's, and only the base vs +recon comparison within this table is meaningful.
+The runs above are far smaller than the paper's (the setup line gives their images, epochs and
+machine): their absolute numbers are far below the paper's, and only the base vs +recon
+comparison within this table is meaningful.
 
 ## Caveat: LPIPS brings ImageNet supervision
 

@@ -6,6 +6,8 @@ Each row (``<method>-base`` and ``<method>-recon``, seed 0) runs with the config
 method's first clustering or label pass), epoch 1 and the checkpoint, no evaluation; the data
 are loaded (and decoded into their cache) once before the first row, and that time is printed
 on its own. ``--extra`` adds a row with more overrides (e.g. another input pipeline).
+``--epochs N`` trains each row N epochs instead and times epochs 2 to N apart from set-up and
+epoch 1 (which pays for a compiled row's compilation): the time a whole run will take per epoch.
 ``--evaluation`` then times the evaluation alone, on an untrained network of the first method
 (``train.epochs=0``), with the functions it spent its time in (cProfile, cumulative).
 ``--profile ROW`` runs that row's epoch 1 once more under ``torch.profiler`` and says where a
