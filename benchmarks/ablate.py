@@ -38,6 +38,7 @@ from .matrix import (
     MatrixConfig,
     RunSource,
     add_references,
+    check_jobs,
     check_time_budget,
     config_errors,
     dotted,
@@ -125,10 +126,12 @@ def _load_ablate_config(path: str | Path, overrides: Sequence[str]) -> AblateCon
 def run_ablate(cfg: AblateConfig, out: Path | None = None, progress: bool | None = None,
                replace_changed: bool = False, report_only: bool = False,
                merge: Path | None = None, reuse_folder: bool = False,
-               supersede_unplanned: bool = False, time_budget: float | None = None) -> Path:
+               supersede_unplanned: bool = False, time_budget: float | None = None,
+               jobs: int = 1) -> Path:
     """Run (or resume) an ablation config; returns the results folder (the arguments as
     :func:`benchmarks.bench.run_bench`'s)."""
     check_time_budget(time_budget)  # before the results folder is made
+    check_jobs(jobs)
     matrix = Matrix(cfg.name, out, progress, replace_changed, kind="ablate",
                     reuse_folder=reuse_folder, supersede_unplanned=supersede_unplanned)
     common = dotted(cfg.common)
@@ -165,7 +168,7 @@ def run_ablate(cfg: AblateConfig, out: Path | None = None, progress: bool | None
                 matrix.add(run_id, rc, {"method": rc.method.name, "ablation": {axis: value}})
     if merge is not None:
         matrix.merge(merge)
-    runs = matrix.execute(report_only, time_budget)
+    runs = matrix.execute(report_only, time_budget, jobs)
     cfg = mark_partial(cfg, matrix)
     unique = list(runs)  # each trained run once (the setup line sums their run times)
     by_id = {r["id"]: r for r in runs}

@@ -35,6 +35,7 @@ from .matrix import (
     MatrixConfig,
     RunSource,
     add_references,
+    check_jobs,
     check_time_budget,
     config_errors,
     dotted,
@@ -114,7 +115,8 @@ def trained_rows(cfg: BenchConfig, seed: int) -> Iterator[tuple[str, str, RunCon
 def run_bench(cfg: BenchConfig, out: Path | None = None, progress: bool | None = None,
               replace_changed: bool = False, report_only: bool = False,
               merge: Path | None = None, reuse_folder: bool = False,
-              supersede_unplanned: bool = False, time_budget: float | None = None) -> Path:
+              supersede_unplanned: bool = False, time_budget: float | None = None,
+              jobs: int = 1) -> Path:
     """Run (or resume) a bench config; returns the results folder.
 
     Args:
@@ -131,8 +133,11 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, progress: bool | None =
             (see :class:`~benchmarks.matrix.Matrix`).
         time_budget: Seconds: start no run that the longest run so far says would end after
             them (see :meth:`~benchmarks.matrix.Matrix.execute`).
+        jobs: Runs trained at once, each in its own process (see
+            :meth:`~benchmarks.matrix.Matrix.execute`).
     """
     check_time_budget(time_budget)  # before the results folder is made
+    check_jobs(jobs)
     matrix = Matrix(cfg.name, out, progress, replace_changed, kind="bench",
                     reuse_folder=reuse_folder, supersede_unplanned=supersede_unplanned)
     common = dotted(cfg.common)
@@ -145,6 +150,6 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, progress: bool | None =
             matrix.add(f"{method}-{variant}-seed{seed}", rc, {"method": method})
     if merge is not None:
         matrix.merge(merge)
-    runs = matrix.execute(report_only, time_budget)
+    runs = matrix.execute(report_only, time_budget, jobs)
     write_report(matrix.out, mark_partial(cfg, matrix), runs)
     return matrix.out

@@ -143,7 +143,7 @@ def _options(args: argparse.Namespace) -> dict:
     return {"out": args.out_dir, "progress": None, "replace_changed": args.replace_changed,
             "report_only": args.report_only, "merge": args.merge,
             "reuse_folder": args.reuse_folder, "supersede_unplanned": args.supersede_unplanned,
-            "time_budget": args.time_budget}
+            "time_budget": args.time_budget, "jobs": args.jobs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
                        help="start a run only while the time used plus the longest run so far "
                             "fits in SECONDS (the first always starts); the runs left stay "
                             "planned for the next call (the README says PARTIAL)")
+        b.add_argument("--jobs", type=int, default=1, metavar="K",
+                       help="train up to K runs at once, each in its own process with "
+                            "cpu_count/K threads (for a GPU that one small run leaves mostly "
+                            "idle; on a CPU, K runs share its cores); each run's output goes to "
+                            "runs/<id>/console.txt. With --time-budget the first K start")
         b.set_defaults(func=_matrix)
     s = sub.add_parser("summary", help="the verdict table over the bench results folders")
     target = s.add_mutually_exclusive_group()

@@ -27,13 +27,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import multiprocessing
+import os
 import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from adapters.checkpoint import CheckpointError, load_checkpoint
@@ -48,6 +52,7 @@ from adapters.config import (
 )
 from adapters.engine import CHECKPOINT, check_run, train
 from adapters.files import atomic_write, json_text
+from adapters.methods import METHODS
 from adapters.progress import progress
 from adapters.schema import SchemaError, check_value
 
@@ -55,7 +60,7 @@ from . import report
 
 __all__ = ["RESULTS", "MatrixConfig", "RunSource", "Matrix", "REFERENCE_ROWS",
            "load_matrix_config", "add_references", "write_report", "mark_partial", "dotted",
-           "plain_name", "eta_text"]
+           "plain_name", "eta_text", "check_jobs"]
 
 #: Where results go by default: ``benchmarks/results/<config name>/`` of this checkout.
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -251,6 +256,29 @@ def dotted(mapping: Mapping[str, Any] | None) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in (mapping or {}).items()]
 
 
+def check_jobs(jobs: int) -> None:
+    """Refuse a number of parallel runs that is not a positive integer."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise RunConfigError(f"jobs {jobs!r}: give a whole number of runs at once, 1 or more "
+                             "(1: one after another).")
+
+
+def _train_in_process(cfg: RunConfig, console: Path, threads: int | None,
+                      method: type | None) -> dict[str, Any]:
+    """One run in a worker process of :meth:`Matrix._execute_parallel`: its output to
+    ``console``, ``threads`` torch threads (None: torch's default). ``method`` is the parent's
+    registry entry for the run's method: a method registered at run time (not on import) is
+    registered in this fresh process too."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if method is not None:
+        METHODS.setdefault(cfg.method.name, method)
+    console.parent.mkdir(parents=True, exist_ok=True)
+    with open(console, "a", encoding="utf-8") as out, contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(out):
+        return train(cfg)
+
+
 def check_time_budget(time_budget: float | None) -> None:
     """Refuse a time budget that is not a positive number of seconds (None: no budget)."""
     if time_budget is not None and not time_budget > 0:
@@ -439,8 +467,8 @@ class Matrix:
         done = {r["id"] for r in self.runs}
         return [p[0] for p in self.plan if p[0] not in done]
 
-    def execute(self, report_only: bool = False,
-                time_budget: float | None = None) -> list[dict[str, Any]]:
+    def execute(self, report_only: bool = False, time_budget: float | None = None,
+                jobs: int = 1) -> list[dict[str, Any]]:
         """Train the planned runs not done yet (none with ``report_only``); return the planned
         runs that are done.
 
@@ -449,8 +477,12 @@ class Matrix:
         With ``time_budget`` (seconds), a run starts only when the time used so far plus the
         longest run so far fits in it (the first always starts): the runs left stay planned,
         and the same command goes on with them (for a machine lent by the minute).
+
+        With ``jobs`` > 1, up to that many runs train at once, each in a process of its own
+        (:meth:`_execute_parallel`): for a GPU that one small run leaves mostly idle.
         """
         check_time_budget(time_budget)
+        check_jobs(jobs)
         self._backfill_tapped()
         self._check_changed()
         if self.supersede_unplanned:
@@ -469,6 +501,9 @@ class Matrix:
         self._save()  # the folder is this config's from now on
         print(f"{len(self.plan)} runs planned, {len(done & {p[0] for p in self.plan})} already "
               f"done (in {self.results_file}), {len(todo)} to run", flush=True)
+        if jobs > 1 and len(todo) > 1:
+            self._execute_parallel(todo, jobs, time_budget)
+            return self._finish()
         bar = progress(todo, enabled=self.progress, total=len(todo), unit="run")
         t0 = time.perf_counter()
         longest = 0.0
@@ -487,19 +522,84 @@ class Matrix:
             started = time.perf_counter()
             result = train(cfg)
             longest = max(longest, time.perf_counter() - started)
-            entry = {"id": run_id, "method": meta.get("method", cfg.method.name),
-                     "recon": cfg.recon.to_dict() if cfg.recon is not None else False,
-                     "seed": cfg.train.seed, "reference": meta.get("reference"),
-                     **({"ref_from": meta["ref_from"]} if "ref_from" in meta else {}),
-                     "ablation": meta.get("ablation"), "metrics": result["metrics"],
-                     "evaluation": result.get("evaluation"),
-                     "config": result["config"], "tapped": result["tapped"],
-                     "wall_s": result["wall_s"],
-                     "machine": result["machine"], "history": result["history"],
-                     "train_images": result["train_images"], "test_images": result["test_images"]}
-            self.runs.append(entry)
-            self._save()
-            self._keep_picture(Path(cfg.run.out_dir) / "reconstructions.png", run_id)
+            self._record(run_id, cfg, meta, result)
+        return self._finish()
+
+    def _execute_parallel(self, todo: list[tuple[str, RunConfig, dict[str, Any]]], jobs: int,
+                          time_budget: float | None) -> None:
+        """Train ``todo`` with up to ``jobs`` runs at once, each in a fresh process (spawned, as
+        CUDA needs; one run per process, so each starts with a clean device and compiler
+        state). Each run's console output goes to ``runs/<id>/console.txt``; a finished run is
+        recorded as soon as it ends, in the order runs end. Each process gets ``cpu_count //
+        jobs`` torch threads unless ``OMP_NUM_THREADS`` is set. The time budget applies at each
+        start after the first ``jobs``. A failed run stops new starts; the runs under way
+        finish and are recorded, then its error is raised."""
+        pending = list(todo)
+        running: dict[Future, tuple[str, RunConfig, dict[str, Any], float]] = {}
+        threads = None if os.environ.get("OMP_NUM_THREADS") else max(1, (os.cpu_count() or 1)
+                                                                          // jobs)
+        t0, longest, failed, started_n = time.perf_counter(), 0.0, None, 0
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=spawn, max_tasks_per_child=1) as pool:
+            while running or (pending and failed is None):
+                while pending and failed is None and len(running) < jobs:
+                    used = time.perf_counter() - t0
+                    if time_budget is not None and started_n >= jobs and \
+                            used + longest > time_budget:
+                        print(f"time budget: {used / 60:.1f} of {time_budget / 60:.1f} min used "
+                              f"and the longest run took {longest / 60:.1f}; {len(pending)} "
+                              f"run(s) left, from {pending[0][0]}: the same command goes on with "
+                              "them", flush=True)
+                        pending = []
+                        break
+                    run_id, cfg, meta = pending.pop(0)
+                    console = Path(cfg.run.out_dir) / "console.txt"
+                    future = pool.submit(_train_in_process, cfg, console, threads,
+                                         METHODS.get(cfg.method.name))
+                    running[future] = (run_id, cfg, meta, time.perf_counter())
+                    started_n += 1
+                    print(f"run {started_n}/{len(todo)} started: {run_id} ({len(running)} "
+                          f"under way; its output: {console})", flush=True)
+                if not running:
+                    break
+                ended, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in ended:
+                    run_id, cfg, meta, began = running.pop(future)
+                    try:
+                        result = future.result()
+                    except Exception as exc:  # raised once the runs under way have ended
+                        print(f"run {run_id} failed: {exc}", flush=True)
+                        failed = failed or (run_id, exc)
+                        continue
+                    took = time.perf_counter() - began
+                    longest = max(longest, took)
+                    self._record(run_id, cfg, meta, result)
+                    print(f"run {run_id} done in {took / 60:.1f} min", flush=True)
+        if failed is not None:
+            run_id, exc = failed
+            exc.add_note(f"(run {run_id}; its output: "
+                         f"{self.run_root / run_id / 'console.txt'})")
+            raise exc
+
+    def _record(self, run_id: str, cfg: RunConfig, meta: dict[str, Any],
+                result: dict[str, Any]) -> None:
+        """Add a finished run's entry to results.json, and keep its reconstruction picture."""
+        entry = {"id": run_id, "method": meta.get("method", cfg.method.name),
+                 "recon": cfg.recon.to_dict() if cfg.recon is not None else False,
+                 "seed": cfg.train.seed, "reference": meta.get("reference"),
+                 **({"ref_from": meta["ref_from"]} if "ref_from" in meta else {}),
+                 "ablation": meta.get("ablation"), "metrics": result["metrics"],
+                 "evaluation": result.get("evaluation"),
+                 "config": result["config"], "tapped": result["tapped"],
+                 "wall_s": result["wall_s"],
+                 "machine": result["machine"], "history": result["history"],
+                 "train_images": result["train_images"], "test_images": result["test_images"]}
+        self.runs.append(entry)
+        self._save()
+        self._keep_picture(Path(cfg.run.out_dir) / "reconstructions.png", run_id)
+
+    def _finish(self) -> list[dict[str, Any]]:
+        """Backfill what older entries lack; return the planned runs that are done."""
         self._backfill_evaluation()
         planned = {p[0] for p in self.plan}
         return [r for r in self.runs if r["id"] in planned]

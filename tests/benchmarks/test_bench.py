@@ -389,3 +389,93 @@ def test_pieces_run_elsewhere_merge_into_the_report_without_training_here(tmp_pa
     out = bench.run_bench(cfg, out=tmp_path / "main", progress=False, merge=piece,
                           report_only=True)
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 1
+
+
+@pytest.mark.slow
+def test_parallel_runs_give_the_sequential_results(tmp_path, toy_config):
+    """--jobs 2: each run trains in a spawned process of its own (the toy method, registered
+    here at run time, reaches it), with its output in its run folder; the results are those of
+    the runs trained one after another."""
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "title": "tiny", "seeds": [0], "metrics": ["knn_conv5"], "recon": {"weight": 1.0},
+        "methods": {"toy": {"config": str(toy_config)}},
+        "references": {"toy": ["random-init"]}}))
+    cfg = bench.load_bench_config(cfg_file)
+    one = bench.run_bench(cfg, out=tmp_path / "one", progress=False)
+    two = bench.run_bench(cfg, out=tmp_path / "two", progress=False, jobs=2)
+
+    def by_id(out):
+        return {r["id"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+
+    seq, par = by_id(one), by_id(two)
+    assert sorted(par) == sorted(seq) == [
+        "random-init-alexnet_cifar-seed0", "toy-base-seed0", "toy-recon-seed0"]
+    for run_id, r in seq.items():
+        assert par[run_id]["metrics"] == r["metrics"]
+        assert par[run_id]["history"] == r["history"]
+        assert "epoch 1" in (two / "runs" / run_id / "console.txt").read_text() \
+            or r["config"]["train"]["epochs"] == 0
+    assert (two / "pictures" / "toy-recon-seed0.png").is_file()
+
+
+def _threads_for_processes(monkeypatch, train):
+    """Run the parallel path's workers as threads with ``train`` in place of a run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(matrix, "ProcessPoolExecutor",
+                        lambda jobs, **_: ThreadPoolExecutor(jobs))
+    monkeypatch.setattr(matrix, "_train_in_process", lambda c, console, threads, method: train(c))
+
+
+def test_parallel_runs_respect_the_time_budget_after_the_first_ones(tmp_path, monkeypatch,
+                                                                    capsys, no_training):
+    import time
+
+    def a_third_of_a_second(c):
+        time.sleep(0.3)
+        return fake_train(c)
+
+    _threads_for_processes(monkeypatch, a_third_of_a_second)
+    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
+                                  ["seeds=[0]"])  # 4 runs
+    out = tmp_path / "results"
+    bench.run_bench(cfg, out=out, progress=False, time_budget=0.5, jobs=2)
+    # the first two start at once; when one ends, 0.3 s used + 0.3 s longest > 0.5 s
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 2
+    text = capsys.readouterr().out
+    assert "run 2/4 started" in text and "2 run(s) left" in text and "run 3/4" not in text
+    bench.run_bench(cfg, out=out, progress=False, jobs=2)  # the same command goes on
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 4
+
+
+def test_a_failed_parallel_run_stops_new_starts_and_keeps_the_others(tmp_path, monkeypatch,
+                                                                     no_training):
+    import time
+
+    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
+                                  ["seeds=[0]"])
+    calls = []
+
+    def fail_first(c):
+        calls.append(c)
+        if len(calls) == 1:
+            raise ValueError("diverged")
+        time.sleep(0.2)
+        return fake_train(c)
+
+    _threads_for_processes(monkeypatch, fail_first)
+    out = tmp_path / "results"
+    with pytest.raises(ValueError, match="diverged") as info:
+        bench.run_bench(cfg, out=out, progress=False, jobs=2)
+    assert any("console.txt" in note for note in info.value.__notes__)
+    assert len(calls) == 2  # no run started after the failure
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 1
+
+
+@pytest.mark.parametrize("jobs", [0, -1, True, 1.5])
+def test_jobs_must_be_a_positive_whole_number(tmp_path, jobs):
+    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml")
+    with pytest.raises(RunConfigError, match=f"jobs {jobs!r}: give a whole number"):
+        bench.run_bench(cfg, out=tmp_path / "r", progress=False, jobs=jobs)
+    assert not (tmp_path / "r").exists()  # refused before the results folder is made

@@ -119,6 +119,19 @@ def test_errors_are_one_line_with_exit_2(tiny_yaml, tmp_path, capsys, monkeypatc
     assert line.startswith("recon-aux: disk full: could not write ") and "--resume" in line
 
 
+def test_jobs_reaches_the_matrix_and_a_bad_count_is_one_line(tmp_path, capsys, monkeypatch):
+    from benchmarks import bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "run_bench", lambda cfg, **kw: seen.update(kw))
+    assert cli(["bench", "benchmarks/configs/simclr-cpu.yaml", "--jobs", "3"]) == 0
+    assert seen["jobs"] == 3
+    monkeypatch.undo()
+    line = one_line(capsys, cli(["bench", "benchmarks/configs/simclr-cpu.yaml", "--jobs", "0",
+                                 "--out-dir", str(tmp_path / "r")]))
+    assert "jobs 0: give a whole number of runs at once, 1 or more" in line
+
+
 def test_error_lines_of_the_other_known_errors():
     assert error_line(pickle.UnpicklingError("invalid load key, 'x'.")) == \
         "recon-aux: unpickling error: invalid load key, 'x'."
