@@ -25,11 +25,14 @@ path is relative to the folder of the config that names it (an absolute path is 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import multiprocessing
 import os
 import re
+import signal
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -263,12 +266,22 @@ def check_jobs(jobs: int) -> None:
                              "(1: one after another).")
 
 
+def die_with_parent() -> None:
+    """On Linux, have the kernel end this process (SIGTERM) when its parent ends: a worker of a
+    killed ``bench --jobs`` would otherwise train on, unrecorded, beside the next call's runs.
+    Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 def _train_in_process(cfg: RunConfig, console: Path, threads: int | None,
                       method: type | None) -> dict[str, Any]:
     """One run in a worker process of :meth:`Matrix._execute_parallel`: its output to
     ``console``, ``threads`` torch threads (None: torch's default). ``method`` is the parent's
     registry entry for the run's method: a method registered at run time (not on import) is
     registered in this fresh process too."""
+    die_with_parent()
     if threads is not None:
         torch.set_num_threads(threads)
     if method is not None:

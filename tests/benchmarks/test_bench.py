@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -430,8 +434,6 @@ def _threads_for_processes(monkeypatch, train):
 
 def test_parallel_runs_respect_the_time_budget_after_the_first_ones(tmp_path, monkeypatch,
                                                                     capsys, no_training):
-    import time
-
     def a_third_of_a_second(c):
         time.sleep(0.3)
         return fake_train(c)
@@ -451,8 +453,6 @@ def test_parallel_runs_respect_the_time_budget_after_the_first_ones(tmp_path, mo
 
 def test_a_failed_parallel_run_stops_new_starts_and_keeps_the_others(tmp_path, monkeypatch,
                                                                      no_training):
-    import time
-
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
                                   ["seeds=[0]"])
     calls = []
@@ -479,3 +479,45 @@ def test_jobs_must_be_a_positive_whole_number(tmp_path, jobs):
     with pytest.raises(RunConfigError, match=f"jobs {jobs!r}: give a whole number"):
         bench.run_bench(cfg, out=tmp_path / "r", progress=False, jobs=jobs)
     assert not (tmp_path / "r").exists()  # refused before the results folder is made
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
+    from pathlib import Path
+
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_parallel_worker_ends_when_the_bench_process_is_killed(tmp_path):
+    pidfile = tmp_path / "worker.pid"
+    script = tmp_path / "bench_process.py"
+    script.write_text(f"""
+import multiprocessing, os, signal, time
+from concurrent.futures import ProcessPoolExecutor
+from benchmarks.matrix import die_with_parent
+
+def worker(path):
+    die_with_parent()
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)
+
+if __name__ == "__main__":
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    pool.submit(worker, {str(pidfile)!r})
+    while not os.path.exists({str(pidfile)!r}) or not open({str(pidfile)!r}).read():
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)  # as a time limit's kill -9 would
+""")
+    subprocess.run([sys.executable, str(script)], cwd=REPO, timeout=120,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 20
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(pid)
