@@ -48,7 +48,8 @@ demo-recon: venv
 
 # On a machine with a CUDA GPU: the tests marked `cuda`, the overhead benchmark on the GPU
 # (bf16, 224 px: the ImageNet AlexNet, as AlexNet-CIFAR takes 32 px only;
-# benchmarks/results/overhead-gpu.txt, with the L2+LPIPS step's kernels printed, and at 32 px
+# benchmarks/results/overhead-gpu.txt, with the L2+LPIPS step's kernels printed and four of the
+# head's and LPIPS's cost knobs timed in the same rounds, and at 32 px
 # overhead-gpu-cifar.txt, eager and compiled with reduce-overhead), the head's memory
 # formats and norms (gpu-check/head-memory-format.txt), the linear probe's weight-decay search
 # sequential against batched (gpu-check/probe-search.txt), three epochs of every cifar10-gpu row
@@ -63,7 +64,8 @@ gpu-check: venv
 	needs a CUDA GPU; torch.cuda.is_available() is False here (no GPU, or a CPU-only torch).')"
 	$(PY) -m pytest -q -m cuda
 	$(PY) -m benchmarks.studies.overhead --device cuda --precision bf16 --backbone alexnet \
-		--image-size 224 --widths 1.0 --profile +L2+LPIPS-alex \
+		--image-size 224 --widths 1.0 --profile +L2+LPIPS-alex --variant head_out_scale=4 \
+		--variant head_norm=none --variant head_width=32 --variant lpips_fraction=0.25 \
 		--write benchmarks/results/overhead-gpu.txt
 	$(PY) -m benchmarks.studies.overhead --device cuda --precision bf16 --widths 1.0 \
 		--compile reduce-overhead --write benchmarks/results/overhead-gpu-cifar.txt

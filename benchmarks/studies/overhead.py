@@ -37,6 +37,11 @@ rounds: the encoder and its linear head in place, and the objective's head and L
 the same round, as every ratio is (what compiling buys), and the summary adds the objective's
 ratio among the compiled variants; the warm-up rounds (at least one) pay for the compilation.
 
+``--variant KEY=VALUE[,KEY=VALUE]`` adds the headline variant with those ``attach`` settings
+(``recon_aux.ReconAuxConfig`` keys, values read as YAML) to the rounds, e.g. ``--variant
+head_out_scale=4`` or ``--variant lpips_fraction=0.25,head_norm=none``: what a cost knob buys,
+measured in the same rounds as the defaults.
+
 ``--profile VARIANT`` then runs a few more steps of that variant under ``torch.profiler`` and
 prints its ops by self time (device time on CUDA): where the variant's time goes. The tables are
 printed, not written with ``--write``, and the profiled steps are not in the timings.
@@ -62,6 +67,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -212,12 +218,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seeds the models, data and bootstrap")
     p.add_argument("--write", type=Path, default=None, metavar="PATH",
                    help="also write the report to PATH (e.g. benchmarks/results/overhead-cpu.txt)")
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help=f"also time {HEADLINE} with these attach settings (ReconAuxConfig keys, "
+                        "values as YAML), e.g. head_out_scale=4; repeatable")
     names = [*VARIANTS, *map(compiled, VARIANTS)]
-    p.add_argument("--profile", action="append", default=[], choices=names,
-                   metavar="VARIANT", help="after the timing, profile PROFILE_STEPS steps of "
-                   f"this variant and print its ops by self time (one of {names}; a compiled "
-                   "one with --compile)")
+    p.add_argument("--profile", action="append", default=[], metavar="VARIANT",
+                   help="after the timing, profile PROFILE_STEPS steps of this variant and "
+                        f"print its ops by self time (one of {names}, a compiled one with "
+                        "--compile, or a --variant's name)")
     return p.parse_args(argv)
+
+
+def extra_variants(specs: Sequence[str]) -> dict[str, dict]:
+    """``--variant`` specs -> {name: attach overrides}: the headline's settings and the spec's,
+    each checked as ``ReconAuxConfig`` checks them (unknown keys and bad values refused)."""
+    out: dict[str, dict] = {}
+    for spec in specs:
+        pairs = [item.partition("=") for item in spec.split(",")]
+        if not spec or any(not key.strip() or not eq for key, eq, _ in pairs):
+            raise OverheadError(f"--variant {spec!r}: give KEY=VALUE[,KEY=VALUE] with "
+                                f"ReconAuxConfig keys, e.g. head_out_scale=4. "
+                                f"{recon_aux.ReconAuxConfig.valid_keys_text()}")
+        try:
+            settings = {key.strip(): yaml.safe_load(value) for key, _, value in pairs}
+            recon = {**VARIANTS[HEADLINE], **settings}
+            recon_aux.ReconAuxConfig.from_any(recon)
+        except (yaml.YAMLError, recon_aux.ConfigError) as exc:
+            raise OverheadError(f"--variant {spec!r}: {exc}") from None
+        name = f"{HEADLINE}, " + ",".join(f"{k}={settings[k]}" for k in settings)
+        if name in out:
+            raise OverheadError(f"--variant {spec!r} is given twice")
+        out[name] = recon
+    return out
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -238,7 +270,12 @@ def check_args(args: argparse.Namespace) -> None:
     if args.precision == "fp16" and args.device != "cuda":
         raise OverheadError("--precision fp16 needs --device cuda (float16 autocast with a "
                             "GradScaler); on CPU use --precision bf16 or fp32")
-    late = [name for name in args.profile if name not in VARIANTS and args.compile is None]
+    args.variants = {**VARIANTS, **extra_variants(args.variant)}
+    known = [*args.variants, *map(compiled, args.variants)]
+    unknown = [name for name in args.profile if name not in known]
+    if unknown:
+        raise OverheadError(f"--profile {unknown[0]!r}: no such variant; one of {known}")
+    late = [name for name in args.profile if name not in args.variants and args.compile is None]
     if late:
         raise OverheadError(f"--profile {late[0]!r} is a compiled variant: add --compile MODE")
     if args.compile is not None:
@@ -509,10 +546,11 @@ def run_width(width: float, args: argparse.Namespace, report: Report) -> WidthRe
     """Build the variants at ``width``, time them, add the width's table to ``report``."""
     torch.manual_seed(args.seed)
     template = build_backbone(args.backbone, **backbone_kwargs(args.backbone, width))
-    variants = {name: build_variant(template, recon, args) for name, recon in VARIANTS.items()}
+    variants = {name: build_variant(template, recon, args)
+                for name, recon in args.variants.items()}
     if args.compile is not None:
         variants.update({compiled(name): build_variant(template, recon, args, args.compile)
-                         for name, recon in VARIANTS.items()})
+                         for name, recon in args.variants.items()})
     memory = torch.channels_last if args.channels_last else torch.contiguous_format
     shape = (args.batch_size, 3, args.image_size, args.image_size)
     images = torch.rand(shape, device=args.device).contiguous(memory_format=memory)

@@ -52,8 +52,33 @@ def test_profile_prints_the_variants_ops_and_writes_only_the_report(tmp_path, ca
     table = printed.split("profile of +L2")[1]
     assert "aten::convolution" in table and "Self CPU time total" in table
     assert "profile of" not in out.read_text() and out.read_text() == report.text
-    with pytest.raises(SystemExit):
-        overhead.parse_args(["--profile", "+L3"])
+    with pytest.raises(overhead.OverheadError, match=r"--profile '\+L3': no such variant; one of"):
+        overhead.check_args(overhead.parse_args(["--profile", "+L3"]))
+
+
+def test_a_variant_times_a_cost_knob_in_the_same_rounds(one_thread, capsys):
+    name = "+L2+LPIPS-alex, head_out_scale=4,lpips_fraction=0.5"
+    argv = [*TINY, "--rounds", "2", "--variant", "head_out_scale=4,lpips_fraction=0.5",
+            "--profile", name]
+    report = overhead.run_benchmark(overhead.parse_args(argv), echo=False)
+    ratios = report.results[0.25].ratios
+    assert list(ratios) == [*overhead.VARIANTS, name] and ratios[name].median > 0
+    assert f"  {name} " in report.text  # its row in the width's table
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("head_out_scal=4",
+     r"unknown config key\(s\) \['head_out_scal'\]\. Valid keys: .*head_out_scale"),
+    ("head_out_scale=3", r"head_out_scale=3 .*"),
+    ("head_out_scale", r"give KEY=VALUE\[,KEY=VALUE\]"),
+    ("lpips_fraction=[", r"--variant 'lpips_fraction=\['"),
+])
+def test_a_bad_variant_is_refused_before_any_work(spec, message):
+    with pytest.raises(overhead.OverheadError, match=message):
+        overhead.check_args(overhead.parse_args(["--variant", spec]))
+    with pytest.raises(overhead.OverheadError, match="is given twice"):
+        overhead.check_args(overhead.parse_args(["--variant", "head_out_scale=4",
+                                                 "--variant", "head_out_scale=4"]))
 
 
 def test_nothing_written_without_write(tmp_path, monkeypatch, one_thread):
