@@ -38,6 +38,7 @@ import platform
 import random
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -548,10 +549,14 @@ class Trainer:
                 for x in out.recon_inputs:
                     loss = loss + self.aux.loss(x)  # line 2 of 2
                 parts["recon_loss"] = loss - out.loss
-        for name, value in parts.items():
-            if not torch.isfinite(value.detach()).all():
+        logged = {**parts, **out.logs}
+        if self.aux is not None:
+            logged.update(recon_l2=self.aux.last["l2"], recon_lpips=self.aux.last["lpips"])
+        logs = read_scalars(logged)  # one read of the device a step, before backward
+        for name in parts:
+            if not math.isfinite(logs[name]):
                 raise NonFiniteLossError(
-                    f"non-finite {name} ({float(value.detach())}) at epoch {ctx.epoch + 1}, step "
+                    f"non-finite {name} ({logs[name]}) at epoch {ctx.epoch + 1}, step "
                     f"{self.global_step + 1}; the last good checkpoint is "
                     f"{self.out_dir / CHECKPOINT} (written at the end of the previous epoch). "
                     "Lower train.lr or recon.weight.")
@@ -564,12 +569,6 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.global_step += 1
-        logs = {k: float(v.detach()) for k, v in parts.items()}
-        logs.update({k: float(v.detach()) if torch.is_tensor(v) else float(v)
-                     for k, v in out.logs.items()})
-        if self.aux is not None:
-            logs.update({"recon_l2": float(self.aux.last["l2"]),
-                         "recon_lpips": float(self.aux.last["lpips"])})
         return logs
 
     def _check_ranks_agree(self) -> None:
@@ -788,6 +787,22 @@ class Trainer:
         if self.rank == 0:
             self._write_log()  # the log holds exactly the checkpoint's epochs
             print(f"resumed from {path} after epoch {self.start_epoch}", flush=True)
+
+
+def read_scalars(values: Mapping[str, Any]) -> dict[str, float]:
+    """``values`` (one-element tensors or numbers) as Python floats, in their order. The tensors
+    of each device are read in one copy: a read waits for the work queued on the device, so one
+    read a step instead of one per value lets the host run ahead of a GPU. The floats are those
+    ``float(value)`` gives (through float64, which holds every float32, bfloat16 and float16)."""
+    by_device: dict[torch.device, list[str]] = {}
+    for name, value in values.items():
+        if torch.is_tensor(value):
+            by_device.setdefault(value.device, []).append(name)
+    read: dict[str, float] = {}
+    for names in by_device.values():
+        stacked = torch.stack([values[n].detach().reshape(()).double() for n in names])
+        read.update(zip(names, stacked.tolist(), strict=True))
+    return {name: read[name] if name in read else float(value) for name, value in values.items()}
 
 
 def _precision(name: str, device: torch.device) -> torch.dtype | None:

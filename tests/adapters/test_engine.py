@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -124,3 +125,22 @@ def test_deepcluster_reassign_clusters_on_schedule_and_resumes_exactly(tmp_path,
         train(toy(tmp_path / "cut", *dc, "run.stop_after_epoch=2", data=shared_data))
     resumed = train(toy(tmp_path / "cut", *dc, "run.resume=true", data=shared_data))
     assert resumed["metrics"] == full["metrics"]
+
+
+def test_read_scalars_reads_once_and_gives_what_float_gives(monkeypatch):
+    from adapters.engine import read_scalars
+
+    values = {"a": torch.tensor(0.1), "b": 3, "c": torch.tensor([2.5], dtype=torch.bfloat16),
+              "d": torch.tensor(1 / 3, dtype=torch.float64), "e": torch.tensor(7),
+              "f": torch.tensor(float("nan"), dtype=torch.float16), "g": 0.25}
+    copies = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: copies.append(t.shape) or real(t))
+    read = read_scalars(values)
+    assert list(read) == list(values) and copies == [torch.Size([5])]  # one read, 5 tensors
+    for name, value in values.items():
+        want = float(value)
+        assert read[name] == want or (math.isnan(want) and math.isnan(read[name]))
+        assert type(read[name]) is float
+    with pytest.raises(RuntimeError):  # as float() refuses a tensor of two values
+        read_scalars({"x": torch.zeros(2)})
