@@ -195,9 +195,10 @@ def main(argv: list[str] | None = None) -> int:
                             "planned for the next call (the README says PARTIAL)")
         b.add_argument("--jobs", type=int, default=1, metavar="K",
                        help="train up to K runs at once, each in its own process with "
-                            "cpu_count/K threads (for a GPU that one small run leaves mostly "
-                            "idle; on a CPU, K runs share its cores); each run's output goes to "
-                            "runs/<id>/console.txt. With --time-budget the first K start")
+                            "cpu_count/K threads unless OMP_NUM_THREADS is set (for a GPU that "
+                            "one small run leaves mostly idle; on a 2-core CPU it was slower "
+                            "than one run at a time with both threads); each run's output goes "
+                            "to runs/<id>/console.txt. With --time-budget the first K start")
         b.set_defaults(func=_matrix)
     s = sub.add_parser("summary", help="the verdict table over the bench results folders")
     target = s.add_mutually_exclusive_group()
