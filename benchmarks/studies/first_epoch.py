@@ -27,7 +27,9 @@ import argparse
 import cProfile
 import itertools
 import pstats
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -185,8 +187,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             a.write.parent.mkdir(parents=True, exist_ok=True)
             a.write.write_text("\n".join(lines) + "\n")
 
-    add(f"python -m benchmarks.studies.first_epoch {a.config} {' '.join(a.overrides)}; "
-        f"{engine.machine()}")
+    command = sys.argv[1:] if argv is None else argv
+    add(f"python -m benchmarks.studies.first_epoch {shlex.join(command)}; {engine.machine()}")
     d = todo[0][1].data  # decode the data into its cache first, so no row pays for it
     t0 = time.perf_counter()
     for train in (True, False):

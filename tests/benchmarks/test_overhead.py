@@ -293,5 +293,7 @@ def test_first_epoch_writes_each_line_as_it_is_measured(tiny_tree, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         first_epoch.main([str(config), "--write", str(out)])
     lines = out.read_text().splitlines()
-    assert len(lines) == 3 and lines[0].startswith("python -m benchmarks.studies.first_epoch")
+    # the header gives the whole command, flags too, so the file says how it was measured
+    assert len(lines) == 3 and lines[0].startswith(
+        f"python -m benchmarks.studies.first_epoch {config} --write {out}; ")
     assert lines[1].startswith("loading the data") and lines[2].startswith("rotation-base ")
