@@ -514,7 +514,7 @@ class Matrix:
         self._save()  # the folder is this config's from now on
         print(f"{len(self.plan)} runs planned, {len(done & {p[0] for p in self.plan})} already "
               f"done (in {self.results_file}), {len(todo)} to run", flush=True)
-        if jobs > 1 and len(todo) > 1:
+        if jobs > 1 and todo:  # even one run: its thread count as its siblings'
             self._execute_parallel(todo, jobs, time_budget)
             return self._finish()
         bar = progress(todo, enabled=self.progress, total=len(todo), unit="run")

@@ -451,6 +451,30 @@ def test_parallel_runs_respect_the_time_budget_after_the_first_ones(tmp_path, mo
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 4
 
 
+def test_the_last_run_left_trains_as_its_parallel_siblings_did(tmp_path, monkeypatch,
+                                                              no_training):
+    """With --jobs, one run left also trains in a process of its own (its thread count, which
+    changes a CPU run's last bits, is the one its siblings had)."""
+    clock = [0.0]
+    monkeypatch.setattr(matrix.time, "perf_counter", lambda: clock[0])
+
+    def hundred_seconds(c):
+        clock[0] += 100.0
+        return fake_train(c)
+
+    monkeypatch.setattr(matrix, "train", hundred_seconds)
+    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
+                                  ["seeds=[0]"])  # 4 runs
+    out = tmp_path / "results"
+    bench.run_bench(cfg, out=out, progress=False, time_budget=350)  # 3 fit, 1 is left
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 3
+    in_workers = []
+    _threads_for_processes(monkeypatch, lambda c: in_workers.append(c) or fake_train(c))
+    monkeypatch.setattr(matrix, "train", lambda c: pytest.fail("trained in the bench process"))
+    bench.run_bench(cfg, out=out, progress=False, jobs=2)
+    assert len(in_workers) == 1 and len(json.loads((out / "results.json").read_text())["runs"]) == 4
+
+
 def test_a_failed_parallel_run_stops_new_starts_and_keeps_the_others(tmp_path, monkeypatch,
                                                                      no_training):
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
