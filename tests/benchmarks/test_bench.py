@@ -356,8 +356,8 @@ def test_runs_recorded_without_the_tapped_layer_take_it_from_their_checkpoint(tm
     assert "tapped" not in m.runs[0]
 
 
-def test_time_budget_starts_only_the_runs_that_fit_and_the_next_call_goes_on(
-        tmp_path, monkeypatch, capsys, no_training):
+def hundred_second_runs(monkeypatch) -> None:
+    """Each run trained in the bench process takes 100 s of the matrix's clock (faked)."""
     clock = [0.0]
     monkeypatch.setattr(matrix.time, "perf_counter", lambda: clock[0])
 
@@ -366,6 +366,11 @@ def test_time_budget_starts_only_the_runs_that_fit_and_the_next_call_goes_on(
         return fake_train(c)
 
     monkeypatch.setattr(matrix, "train", hundred_seconds)
+
+
+def test_time_budget_starts_only_the_runs_that_fit_and_the_next_call_goes_on(
+        tmp_path, monkeypatch, capsys, no_training):
+    hundred_second_runs(monkeypatch)
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
                                   ["seeds=[0]"])
     out = tmp_path / "results"
@@ -455,14 +460,7 @@ def test_the_last_run_left_trains_as_its_parallel_siblings_did(tmp_path, monkeyp
                                                               no_training):
     """With --jobs, one run left also trains in a process of its own (its thread count, which
     changes a CPU run's last bits, is the one its siblings had)."""
-    clock = [0.0]
-    monkeypatch.setattr(matrix.time, "perf_counter", lambda: clock[0])
-
-    def hundred_seconds(c):
-        clock[0] += 100.0
-        return fake_train(c)
-
-    monkeypatch.setattr(matrix, "train", hundred_seconds)
+    hundred_second_runs(monkeypatch)
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
                                   ["seeds=[0]"])  # 4 runs
     out = tmp_path / "results"
