@@ -292,6 +292,18 @@ def _train_in_process(cfg: RunConfig, console: Path, threads: int | None,
         return train(cfg)
 
 
+def budget_spent(time_budget: float | None, used: float, longest: float,
+                 left: Sequence[tuple[str, Any, Any]]) -> bool:
+    """Whether the next run of ``left`` would end past ``time_budget``, by the longest run so
+    far (seconds; None: no budget). When it would, says so and how to go on."""
+    if time_budget is None or used + longest <= time_budget:
+        return False
+    print(f"time budget: {used / 60:.1f} of {time_budget / 60:.1f} min used and the longest run "
+          f"took {longest / 60:.1f}; {len(left)} run(s) left, from {left[0][0]}: the same command "
+          "goes on with them", flush=True)
+    return True
+
+
 def check_time_budget(time_budget: float | None) -> None:
     """Refuse a time budget that is not a positive number of seconds (None: no budget)."""
     if time_budget is not None and not time_budget > 0:
@@ -522,10 +534,7 @@ class Matrix:
         longest = 0.0
         for i, (run_id, cfg, meta) in enumerate(bar):
             used = time.perf_counter() - t0
-            if time_budget is not None and i > 0 and used + longest > time_budget:
-                print(f"time budget: {used / 60:.1f} of {time_budget / 60:.1f} min used and the "
-                      f"longest run took {longest / 60:.1f}; {len(todo) - i} run(s) left, from "
-                      f"{run_id}: the same command goes on with them", flush=True)
+            if i > 0 and budget_spent(time_budget, used, longest, todo[i:]):
                 break
             if bar is todo:  # no bar: one line per run
                 eta = eta_text(used, i, len(todo) - i)
@@ -557,12 +566,7 @@ class Matrix:
             while running or (pending and failed is None):
                 while pending and failed is None and len(running) < jobs:
                     used = time.perf_counter() - t0
-                    if time_budget is not None and started_n >= jobs and \
-                            used + longest > time_budget:
-                        print(f"time budget: {used / 60:.1f} of {time_budget / 60:.1f} min used "
-                              f"and the longest run took {longest / 60:.1f}; {len(pending)} "
-                              f"run(s) left, from {pending[0][0]}: the same command goes on with "
-                              "them", flush=True)
+                    if started_n >= jobs and budget_spent(time_budget, used, longest, pending):
                         pending = []
                         break
                     run_id, cfg, meta = pending.pop(0)
