@@ -24,6 +24,7 @@ the config still built batches on the CPU and the extra row moved them to the GP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import itertools
 import pstats
@@ -32,7 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from torch.autograd import DeviceType
@@ -60,7 +61,7 @@ def rows(config: str, overrides: Sequence[str],
     return out
 
 
-def train_epoch_1(rc: RunConfig, epochs: int = 1) -> None:
+def train_epochs(rc: RunConfig, epochs: int = 1) -> None:
     """Set up ``rc``'s run and train its epochs 1 to ``epochs`` (each with its checkpoint), then
     stop (``epochs`` is below the run's ``train.epochs``: the evaluation never runs)."""
     try:
@@ -69,18 +70,37 @@ def train_epoch_1(rc: RunConfig, epochs: int = 1) -> None:
         pass
 
 
-def timed_row(name: str, rc: RunConfig, epochs: int) -> str:
-    """Train ``rc`` for ``epochs`` epochs: the row's line. With more than one epoch, a hook after
-    every optimizer step stamps the host clock, which splits set-up and epoch 1 from the later
-    epochs (their time per epoch, each with its checkpoint and its method's epoch-start work,
-    e.g. a clustering pass, and the median step)."""
+@contextlib.contextmanager
+def step_stamps(then: Callable[[], None] | None = None) -> Iterator[list[float]]:
+    """The host clock at the end of every optimizer step inside (``torch.optim``'s global
+    post-hook; ``stamps[i]`` ends step ``i + 1``), each stamp followed by ``then()``."""
     stamps: list[float] = []
-    handle = register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
-    t0 = time.perf_counter()
+
+    def stamp(*_args) -> None:
+        stamps.append(time.perf_counter())
+        if then is not None:
+            then()
+
+    handle = register_optimizer_step_post_hook(stamp)
     try:
-        train_epoch_1(rc, epochs)
+        yield stamps
     finally:
         handle.remove()
+
+
+def median_gap_ms(stamps: Sequence[float]) -> float:
+    """The median time between consecutive stamps, in ms (NaN with fewer than two)."""
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    return 1e3 * statistics.median(gaps) if gaps else float("nan")
+
+
+def timed_row(name: str, rc: RunConfig, epochs: int) -> str:
+    """Train ``rc`` for ``epochs`` epochs: the row's line. With more than one epoch, the step
+    stamps split set-up and epoch 1 from the later epochs (their time per epoch, each with its
+    checkpoint and its method's epoch-start work, e.g. a clustering pass, and the median step)."""
+    t0 = time.perf_counter()
+    with step_stamps() as stamps:
+        train_epochs(rc, epochs)
     end = time.perf_counter()
     if epochs == 1:
         return f"{name:40s} {end - t0:7.1f} s  (set-up + epoch 1 + checkpoint)"
@@ -88,8 +108,7 @@ def timed_row(name: str, rc: RunConfig, epochs: int) -> str:
         return (f"{name:40s} {end - t0:7.1f} s  (set-up + epochs 1-{epochs} + checkpoints; "
                 f"{len(stamps)} steps, not the same number each epoch: not split)")
     per = len(stamps) // epochs
-    later = stamps[per - 1:]  # from the end of epoch 1's last step
-    step_ms = 1e3 * statistics.median(b - a for a, b in itertools.pairwise(later))
+    step_ms = median_gap_ms(stamps[per - 1:])  # from the end of epoch 1's last step
     return (f"{name:40s} {stamps[per - 1] - t0:7.1f} s  (set-up + epoch 1), then "
             f"{(end - stamps[per - 1]) / (epochs - 1):.1f} s per epoch over epochs 2-{epochs} "
             f"({per} steps each, median step {step_ms:.1f} ms, host clock)")
@@ -102,28 +121,17 @@ def profile_epoch(name: str, rc: RunConfig, *, wait: int = 20, warmup: int = 5,
                   active: int = 50) -> tuple[str, str]:
     """Profile ``active`` training steps of ``rc``'s epoch 1, after ``wait + warmup`` steps.
 
-    Steps are counted by a hook after every optimizer step (``torch.optim``'s global post-hook),
-    which also stamps the host clock. Returns the summary line (median wall time per step, the
-    device kernels' time per step, host-device synchronisations per step) and the profiler's
-    table of ops by self time. Times are measured under the profiler, which adds a few
-    microseconds of host time per op.
+    Steps are counted by :func:`step_stamps`, which also stamps the host clock. Returns the
+    summary line (median wall time per step, the device kernels' time per step, host-device
+    synchronisations per step) and the profiler's table of ops by self time. Times are measured
+    under the profiler, which adds a few microseconds of host time per op.
     """
     on_cuda = engine.train_device(rc.train.device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    stamps: list[float] = []
     prof = profile(activities=activities,
                    schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=1))
-
-    def count_step(*_args) -> None:
-        stamps.append(time.perf_counter())
-        prof.step()
-
-    handle = register_optimizer_step_post_hook(count_step)
-    try:
-        with prof:
-            train_epoch_1(rc)
-    finally:
-        handle.remove()
+    with step_stamps(then=prof.step) as stamps, prof:
+        train_epochs(rc)
     first = wait + warmup
     if len(stamps) < first + active:
         raise SystemExit(f"--profile {name}: epoch 1 has {len(stamps)} steps, fewer than the "
@@ -131,9 +139,7 @@ def profile_epoch(name: str, rc: RunConfig, *, wait: int = 20, warmup: int = 5,
                          f"{active}); use a bigger training set or fewer steps.")
     # stamps[i] ends step i + 1: the profiled steps' durations end at stamps[first:first + active]
     # (the first has no start stamp when no step precedes it)
-    ends = stamps[max(first - 1, 0):first + active]
-    gaps = [b - a for a, b in itertools.pairwise(ends)]
-    wall_ms = 1e3 * statistics.median(gaps) if gaps else float("nan")
+    wall_ms = median_gap_ms(stamps[max(first - 1, 0):first + active])
     events = prof.key_averages()
     # kernels only, as the table's "Self CUDA time total": the ops' rows repeat their kernels'
     # time, and the profiler's own step ranges (ProfilerStep*) are user annotations spanning it

@@ -280,7 +280,7 @@ def test_first_epoch_writes_each_line_as_it_is_measured(tiny_tree, tmp_path, mon
     config.write_text(yaml.safe_dump({
         "title": "tiny", "seeds": [0], "metrics": ["knn_conv5"], "recon": {"weight": 1.0},
         "methods": {"rotation": {"config": str(run)}}}))
-    real, done = first_epoch.train_epoch_1, []
+    real, done = first_epoch.train_epochs, []
 
     def cut_after_one_row(rc, epochs):
         if done:
@@ -288,7 +288,7 @@ def test_first_epoch_writes_each_line_as_it_is_measured(tiny_tree, tmp_path, mon
         real(rc, epochs)
         done.append(rc)
 
-    monkeypatch.setattr(first_epoch, "train_epoch_1", cut_after_one_row)
+    monkeypatch.setattr(first_epoch, "train_epochs", cut_after_one_row)
     out = tmp_path / "first-epoch.txt"
     with pytest.raises(KeyboardInterrupt):
         first_epoch.main([str(config), "--write", str(out)])
