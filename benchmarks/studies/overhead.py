@@ -455,8 +455,9 @@ def build_variant(template: nn.Module, recon: dict | None, args: argparse.Namesp
     aux = None
     if recon is not None:
         shape = (3, args.image_size, args.image_size)
-        aux = recon_aux.attach(encoder, opt, input_shape=shape, lpips_weights=args.lpips_weights,
-                               head_width=args.head_width, **recon)
+        # the flags --lpips-weights / --head-width, then the variant's own settings over them
+        knobs = {"lpips_weights": args.lpips_weights, "head_width": args.head_width, **recon}
+        aux = recon_aux.attach(encoder, opt, input_shape=shape, **knobs)
         aux.head.to(memory_format=memory)
     if mode is not None:  # in place, after attach: the objective's hooks stay
         encoder.compile(mode=mode)

@@ -66,6 +66,19 @@ def test_a_variant_times_a_cost_knob_in_the_same_rounds(one_thread, capsys):
     assert f"  {name} " in report.text  # its row in the width's table
 
 
+def test_a_variant_may_set_a_knob_that_a_flag_also_sets(one_thread):
+    # --variant head_width=32 (with or without --head-width) once raised "attach() got
+    # multiple values for keyword argument 'head_width'" on a GPU; the variant's value wins.
+    args = overhead.parse_args([*TINY, "--head-width", "16", "--variant", "head_width=8"])
+    overhead.check_args(args)
+    template = overhead.build_backbone(args.backbone,
+                                       **overhead.backbone_kwargs(args.backbone, 0.25))
+    variant = overhead.build_variant(template, args.variants["+L2+LPIPS-alex, head_width=8"], args)
+    assert variant.aux.config.head_width == 8
+    plain = overhead.build_variant(template, overhead.VARIANTS["+L2"], args)
+    assert plain.aux.config.head_width == 16
+
+
 @pytest.mark.parametrize("spec,message", [
     ("head_out_scal=4",
      r"unknown config key\(s\) \['head_out_scal'\]\. Valid keys: .*head_out_scale"),
