@@ -190,9 +190,11 @@ def main(argv: list[str] | None = None) -> int:
                             "version had) to 'superseded' in results.json; use with the whole "
                             "config, not with seeds= or methods.<row>=null overrides")
         b.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                       help="start a run only while the time used plus the longest run so far "
-                            "fits in SECONDS (the first always starts); the runs left stay "
-                            "planned for the next call (the README says PARTIAL)")
+                       help="start a run only while the time used plus the time it is "
+                            "expected to take (its row's longest recorded run with another "
+                            "seed, else the longest run so far) fits in SECONDS (the first "
+                            "always starts); the runs left stay planned for the next call (the "
+                            "README says PARTIAL)")
         b.add_argument("--jobs", type=int, default=1, metavar="K",
                        help="train up to K runs at once, each in its own process with "
                             "cpu_count/K threads unless OMP_NUM_THREADS is set (for a GPU that "

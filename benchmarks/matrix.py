@@ -292,15 +292,22 @@ def _train_in_process(cfg: RunConfig, console: Path, threads: int | None,
         return train(cfg)
 
 
-def budget_spent(time_budget: float | None, used: float, longest: float,
+def row_of(run_id: str) -> str:
+    """A run's row: its id without the seed (``sela-recon-seed2`` -> ``sela-recon``)."""
+    return re.sub(r"-seed\d+$", "", run_id)
+
+
+def budget_spent(time_budget: float | None, used: float, expected: tuple[float, str],
                  left: Sequence[tuple[str, Any, Any]]) -> bool:
-    """Whether the next run of ``left`` would end past ``time_budget``, by the longest run so
-    far (seconds; None: no budget). When it would, says so and how to go on."""
-    if time_budget is None or used + longest <= time_budget:
+    """Whether the next run of ``left`` would end past ``time_budget`` (seconds; None: no
+    budget), by ``expected``: its expected seconds and where that comes from
+    (:meth:`Matrix.expected`). When it would, says so and how to go on."""
+    seconds, why = expected
+    if time_budget is None or used + seconds <= time_budget:
         return False
-    print(f"time budget: {used / 60:.1f} of {time_budget / 60:.1f} min used and the longest run "
-          f"took {longest / 60:.1f}; {len(left)} run(s) left, from {left[0][0]}: the same command "
-          "goes on with them", flush=True)
+    print(f"time budget: {used / 60:.1f} of {time_budget / 60:.1f} min used and the next run, "
+          f"{left[0][0]}, would take {seconds / 60:.1f} ({why}); {len(left)} run(s) left: the "
+          "same command goes on with them", flush=True)
     return True
 
 
@@ -500,8 +507,9 @@ class Matrix:
         Before the first run trains, every run to train is checked as the engine would before
         its first step (:func:`adapters.engine.check_run`: data, layers, batch size, ``k``).
         With ``time_budget`` (seconds), a run starts only when the time used so far plus the
-        longest run so far fits in it (the first always starts): the runs left stay planned,
-        and the same command goes on with them (for a machine lent by the minute).
+        time it is expected to take (:meth:`expected`) fits in it (the first always starts):
+        the runs left stay planned, and the same command goes on with them (for a machine lent
+        by the minute).
 
         With ``jobs`` > 1, up to that many runs train at once, each in a process of its own
         (:meth:`_execute_parallel`): for a GPU that one small run leaves mostly idle.
@@ -534,7 +542,8 @@ class Matrix:
         longest = 0.0
         for i, (run_id, cfg, meta) in enumerate(bar):
             used = time.perf_counter() - t0
-            if i > 0 and budget_spent(time_budget, used, longest, todo[i:]):
+            if i > 0 and budget_spent(time_budget, used, self.expected(run_id, longest),
+                                      todo[i:]):
                 break
             if bar is todo:  # no bar: one line per run
                 eta = eta_text(used, i, len(todo) - i)
@@ -546,6 +555,20 @@ class Matrix:
             longest = max(longest, time.perf_counter() - started)
             self._record(run_id, cfg, meta, result)
         return self._finish()
+
+    def expected(self, run_id: str, longest: float) -> tuple[float, str]:
+        """How long ``run_id`` is expected to take (seconds), and where that comes from: the
+        longest recorded run of its row (another seed's ``wall_s`` in results.json, merged
+        pieces included) when there is one, else ``longest``, the longest run of this call.
+        Rows differ more than seeds do: on an H200 a +recon run took ~1.35x its base, and a run
+        started on the longest base run's time overran a call's hard limit. A record from
+        another machine misleads; the budget's message names the estimate used."""
+        row = row_of(run_id)
+        same = [r["wall_s"] for r in self.runs
+                if r.get("wall_s") is not None and r["id"] != run_id and row_of(r["id"]) == row]
+        if same:
+            return max(same), f"{row} took {max(same) / 60:.1f} min with another seed"
+        return longest, f"the longest run so far took {longest / 60:.1f} min"
 
     def _execute_parallel(self, todo: list[tuple[str, RunConfig, dict[str, Any]]], jobs: int,
                           time_budget: float | None) -> None:
@@ -566,7 +589,8 @@ class Matrix:
             while running or (pending and failed is None):
                 while pending and failed is None and len(running) < jobs:
                     used = time.perf_counter() - t0
-                    if started_n >= jobs and budget_spent(time_budget, used, longest, pending):
+                    if started_n >= jobs and budget_spent(
+                            time_budget, used, self.expected(pending[0][0], longest), pending):
                         pending = []
                         break
                     run_id, cfg, meta = pending.pop(0)

@@ -377,12 +377,40 @@ def test_time_budget_starts_only_the_runs_that_fit_and_the_next_call_goes_on(
     bench.run_bench(cfg, out=out, progress=False, time_budget=250)
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert len(runs) == 2  # 0 + 100 and 100 + 100 fit in 250 s; 200 + 100 does not
-    assert ("time budget: 3.3 of 4.2 min used and the longest run took 1.7; 2 run(s) left"
-            in capsys.readouterr().out)
+    assert ("time budget: 3.3 of 4.2 min used and the next run, simclr-base-seed0, would take "
+            "1.7 (the longest run so far took 1.7 min); 2 run(s) left" in capsys.readouterr().out)
     bench.run_bench(cfg, out=out, progress=False, time_budget=250)
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 4
     with pytest.raises(RunConfigError, match="time budget 0: give a positive number of seconds"):
         bench.run_bench(cfg, out=tmp_path / "other", progress=False, time_budget=0)
+
+
+def test_time_budget_expects_a_run_to_take_what_its_row_took_with_another_seed(
+        tmp_path, monkeypatch, capsys, no_training):
+    """A +recon run is not as short as the base run before it: the budget takes a row's time
+    from its recorded seeds, where there are any, not from the longest run of this call."""
+    clock = [0.0]
+    monkeypatch.setattr(matrix.time, "perf_counter", lambda: clock[0])
+
+    def row_seconds(c):  # runs with the objective take 300 s, the others 100 s
+        seconds = 100.0 if c.recon is None else 300.0
+        clock[0] += seconds
+        return {**fake_train(c), "wall_s": seconds}
+
+    monkeypatch.setattr(matrix, "train", row_seconds)
+    path = REPO / "benchmarks" / "configs" / "simclr-cpu.yaml"
+    out = tmp_path / "results"
+    bench.run_bench(bench.load_bench_config(path, ["seeds=[0]"]), out=out, progress=False)
+    capsys.readouterr()
+    # seed 1: random init (100 s) first; recon-only would fit 250 s by the longest run of this
+    # call (100 + 100) but not by its own row's 300 s with seed 0
+    bench.run_bench(bench.load_bench_config(path, ["seeds=[1]"]), out=out, progress=False,
+                    time_budget=250)
+    ids = [r["id"] for r in json.loads((out / "results.json").read_text())["runs"]]
+    assert ids[4:] == ["random-init-resnet18_cifar-seed1"]
+    assert ("the next run, recon-only-resnet18_cifar-seed1, would take 5.0 (recon-only-resnet18_"
+            "cifar took 5.0 min with another seed)" in capsys.readouterr().out)
+    assert matrix.row_of("lpips_fraction=0.25-seed12") == "lpips_fraction=0.25"
 
 
 def test_pieces_run_elsewhere_merge_into_the_report_without_training_here(tmp_path, monkeypatch,
