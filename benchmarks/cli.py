@@ -192,15 +192,16 @@ def main(argv: list[str] | None = None) -> int:
         b.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                        help="start a run only while the time used plus the time it is "
                             "expected to take (its row's longest recorded run with another "
-                            "seed, else the longest run so far) fits in SECONDS (the first "
-                            "always starts); the runs left stay planned for the next call (the "
-                            "README says PARTIAL)")
+                            "seed, else the longest run so far) fits in SECONDS; a run that "
+                            "does not fit is passed over for a later one that does, and a run "
+                            "with nothing to go by starts; the runs left stay planned for the "
+                            "next call (the README says PARTIAL)")
         b.add_argument("--jobs", type=int, default=1, metavar="K",
                        help="train up to K runs at once, each in its own process with "
                             "cpu_count/K threads unless OMP_NUM_THREADS is set (for a GPU that "
                             "one small run leaves mostly idle; on a 2-core CPU it was slower "
                             "than one run at a time with both threads); each run's output goes "
-                            "to runs/<id>/console.txt. With --time-budget the first K start")
+                            "to runs/<id>/console.txt")
         b.set_defaults(func=_matrix)
     s = sub.add_parser("summary", help="the verdict table over the bench results folders")
     target = s.add_mutually_exclusive_group()

@@ -297,20 +297,6 @@ def row_of(run_id: str) -> str:
     return re.sub(r"-seed\d+$", "", run_id)
 
 
-def budget_spent(time_budget: float | None, used: float, expected: tuple[float, str],
-                 left: Sequence[tuple[str, Any, Any]]) -> bool:
-    """Whether the next run of ``left`` would end past ``time_budget`` (seconds; None: no
-    budget), by ``expected``: its expected seconds and where that comes from
-    (:meth:`Matrix.expected`). When it would, says so and how to go on."""
-    seconds, why = expected
-    if time_budget is None or used + seconds <= time_budget:
-        return False
-    print(f"time budget: {used / 60:.1f} of {time_budget / 60:.1f} min used and the next run, "
-          f"{left[0][0]}, would take {seconds / 60:.1f} ({why}); {len(left)} run(s) left: the "
-          "same command goes on with them", flush=True)
-    return True
-
-
 def check_time_budget(time_budget: float | None) -> None:
     """Refuse a time budget that is not a positive number of seconds (None: no budget)."""
     if time_budget is not None and not time_budget > 0:
@@ -507,9 +493,9 @@ class Matrix:
         Before the first run trains, every run to train is checked as the engine would before
         its first step (:func:`adapters.engine.check_run`: data, layers, batch size, ``k``).
         With ``time_budget`` (seconds), a run starts only when the time used so far plus the
-        time it is expected to take (:meth:`expected`) fits in it (the first always starts):
-        the runs left stay planned, and the same command goes on with them (for a machine lent
-        by the minute).
+        time it is expected to take (:meth:`expected`) fits in it; a longer run is passed over
+        for a later one that fits, and a run with nothing to go by starts. The runs left stay
+        planned, and the same command goes on with them (for a machine lent by the minute).
 
         With ``jobs`` > 1, up to that many runs train at once, each in a process of its own
         (:meth:`_execute_parallel`): for a GPU that one small run leaves mostly idle.
@@ -537,16 +523,20 @@ class Matrix:
         if jobs > 1 and todo:  # even one run: its thread count as its siblings'
             self._execute_parallel(todo, jobs, time_budget)
             return self._finish()
-        bar = progress(todo, enabled=self.progress, total=len(todo), unit="run")
-        t0 = time.perf_counter()
-        longest = 0.0
+        t0, longest, pending = time.perf_counter(), 0.0, list(todo)
+
+        def starts() -> Iterator[tuple[str, RunConfig, dict[str, Any]]]:
+            while pending:  # longest is read at each start, after the run before has ended
+                run = self._take_next(pending, time.perf_counter() - t0, longest, time_budget)
+                if run is None:
+                    return
+                yield run
+
+        runs = starts()
+        bar = progress(runs, enabled=self.progress, total=len(todo), unit="run")
         for i, (run_id, cfg, meta) in enumerate(bar):
-            used = time.perf_counter() - t0
-            if i > 0 and budget_spent(time_budget, used, self.expected(run_id, longest),
-                                      todo[i:]):
-                break
-            if bar is todo:  # no bar: one line per run
-                eta = eta_text(used, i, len(todo) - i)
+            if bar is runs:  # no bar: one line per run
+                eta = eta_text(time.perf_counter() - t0, i, len(todo) - i)
                 print(f"run {i + 1}/{len(todo)}: {run_id} ({eta})", flush=True)
             else:
                 bar.set_description(f"run {i + 1}/{len(todo)} {run_id}")
@@ -556,19 +546,46 @@ class Matrix:
             self._record(run_id, cfg, meta, result)
         return self._finish()
 
-    def expected(self, run_id: str, longest: float) -> tuple[float, str]:
+    def expected(self, run_id: str, longest: float) -> tuple[float, str] | None:
         """How long ``run_id`` is expected to take (seconds), and where that comes from: the
         longest recorded run of its row (another seed's ``wall_s`` in results.json, merged
-        pieces included) when there is one, else ``longest``, the longest run of this call.
+        pieces included) when there is one, else ``longest``, the longest run of this call;
+        None when neither tells (no run of its row recorded, none finished in this call).
         Rows differ more than seeds do: on an H200 a +recon run took ~1.35x its base, and a run
         started on the longest base run's time overran a call's hard limit. A record from
-        another machine misleads; the budget's message names the estimate used."""
+        another machine misleads; the budget's messages name the estimate used."""
         row = row_of(run_id)
         same = [r["wall_s"] for r in self.runs
                 if r.get("wall_s") is not None and r["id"] != run_id and row_of(r["id"]) == row]
         if same:
             return max(same), f"{row} took {max(same) / 60:.1f} min with another seed"
-        return longest, f"the longest run so far took {longest / 60:.1f} min"
+        if longest > 0:
+            return longest, f"the longest run so far took {longest / 60:.1f} min"
+        return None
+
+    def _take_next(self, pending: list[tuple[str, RunConfig, dict[str, Any]]], used: float,
+                   longest: float, time_budget: float | None
+                   ) -> tuple[str, RunConfig, dict[str, Any]] | None:
+        """Remove from ``pending`` and return the first run expected to end within
+        ``time_budget`` (seconds, ``used`` of them spent; None: no budget), skipping the
+        longer ones before it, which stay planned; a run with nothing to go by
+        (:meth:`expected` None) starts. None, after saying so, when no run left fits."""
+        guesses = []
+        for i, (run_id, _, _) in enumerate(pending):
+            guess = None if time_budget is None else self.expected(run_id, longest)
+            if guess is None or used + guess[0] <= time_budget:
+                if i > 0:
+                    how = ("nothing to go by" if guess is None else
+                           f"expected to take {guess[0] / 60:.1f} min, {guess[1]}")
+                    print(f"time budget: {run_id} starts ({how}); the {i} run(s) before it "
+                          "would end past the budget and stay planned", flush=True)
+                return pending.pop(i)
+            guesses.append(guess)
+        seconds, why = min(guesses)
+        print(f"time budget: {used / 60:.1f} of {time_budget / 60:.1f} min used and no run left "
+              f"fits: the shortest would take {seconds / 60:.1f} ({why}); {len(pending)} "
+              "run(s) left: the same command goes on with them", flush=True)
+        return None
 
     def _execute_parallel(self, todo: list[tuple[str, RunConfig, dict[str, Any]]], jobs: int,
                           time_budget: float | None) -> None:
@@ -577,7 +594,7 @@ class Matrix:
         state). Each run's console output goes to ``runs/<id>/console.txt``; a finished run is
         recorded as soon as it ends, in the order runs end. Each process gets ``cpu_count //
         jobs`` torch threads unless ``OMP_NUM_THREADS`` is set. The time budget applies at each
-        start after the first ``jobs``. A failed run stops new starts; the runs under way
+        start (:meth:`_take_next`). A failed run stops new starts; the runs under way
         finish and are recorded, then its error is raised."""
         pending = list(todo)
         running: dict[Future, tuple[str, RunConfig, dict[str, Any], float]] = {}
@@ -588,12 +605,12 @@ class Matrix:
         with ProcessPoolExecutor(jobs, mp_context=spawn, max_tasks_per_child=1) as pool:
             while running or (pending and failed is None):
                 while pending and failed is None and len(running) < jobs:
-                    used = time.perf_counter() - t0
-                    if started_n >= jobs and budget_spent(
-                            time_budget, used, self.expected(pending[0][0], longest), pending):
+                    run = self._take_next(pending, time.perf_counter() - t0, longest,
+                                          time_budget)
+                    if run is None:
                         pending = []
                         break
-                    run_id, cfg, meta = pending.pop(0)
+                    run_id, cfg, meta = run
                     console = Path(cfg.run.out_dir) / "console.txt"
                     future = pool.submit(_train_in_process, cfg, console, threads,
                                          METHODS.get(cfg.method.name))

@@ -377,7 +377,7 @@ def test_time_budget_starts_only_the_runs_that_fit_and_the_next_call_goes_on(
     bench.run_bench(cfg, out=out, progress=False, time_budget=250)
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert len(runs) == 2  # 0 + 100 and 100 + 100 fit in 250 s; 200 + 100 does not
-    assert ("time budget: 3.3 of 4.2 min used and the next run, simclr-base-seed0, would take "
+    assert ("time budget: 3.3 of 4.2 min used and no run left fits: the shortest would take "
             "1.7 (the longest run so far took 1.7 min); 2 run(s) left" in capsys.readouterr().out)
     bench.run_bench(cfg, out=out, progress=False, time_budget=250)
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 4
@@ -388,7 +388,9 @@ def test_time_budget_starts_only_the_runs_that_fit_and_the_next_call_goes_on(
 def test_time_budget_expects_a_run_to_take_what_its_row_took_with_another_seed(
         tmp_path, monkeypatch, capsys, no_training):
     """A +recon run is not as short as the base run before it: the budget takes a row's time
-    from its recorded seeds, where there are any, not from the longest run of this call."""
+    from its recorded seeds, where there are any, not from the longest run of this call; a
+    run that does not fit is passed over for a later one that does, and with a record even
+    the first run must fit."""
     clock = [0.0]
     monkeypatch.setattr(matrix.time, "perf_counter", lambda: clock[0])
 
@@ -400,16 +402,26 @@ def test_time_budget_expects_a_run_to_take_what_its_row_took_with_another_seed(
     monkeypatch.setattr(matrix, "train", row_seconds)
     path = REPO / "benchmarks" / "configs" / "simclr-cpu.yaml"
     out = tmp_path / "results"
-    bench.run_bench(bench.load_bench_config(path, ["seeds=[0]"]), out=out, progress=False)
+
+    def run_seed(seed, budget):
+        bench.run_bench(bench.load_bench_config(path, [f"seeds=[{seed}]"]), out=out,
+                        progress=False, time_budget=budget)
+        runs = json.loads((out / "results.json").read_text())["runs"]
+        return [r["id"].removeprefix("simclr-").removesuffix(f"-seed{seed}")
+                for r in runs if r["seed"] == seed]
+
+    assert run_seed(0, None) == ["random-init-resnet18_cifar", "recon-only-resnet18_cifar",
+                                 "base", "recon"]
     capsys.readouterr()
-    # seed 1: random init (100 s) first; recon-only would fit 250 s by the longest run of this
-    # call (100 + 100) but not by its own row's 300 s with seed 0
-    bench.run_bench(bench.load_bench_config(path, ["seeds=[1]"]), out=out, progress=False,
-                    time_budget=250)
-    ids = [r["id"] for r in json.loads((out / "results.json").read_text())["runs"]]
-    assert ids[4:] == ["random-init-resnet18_cifar-seed1"]
-    assert ("the next run, recon-only-resnet18_cifar-seed1, would take 5.0 (recon-only-resnet18_"
-            "cifar took 5.0 min with another seed)" in capsys.readouterr().out)
+    # seed 1 in 250 s: random init (100 s with seed 0); recon-only would fit by the longest
+    # run of this call (100 + 100) but not by its row's 300 s; the base run after it fits
+    assert run_seed(1, 250) == ["random-init-resnet18_cifar", "base"]
+    text = capsys.readouterr().out
+    assert ("time budget: simclr-base-seed1 starts (expected to take 1.7 min, simclr-base took "
+            "1.7 min with another seed); the 1 run(s) before it would end past the budget" in text)
+    assert ("3.3 of 4.2 min used and no run left fits: the shortest would take 5.0 "
+            "(recon-only-resnet18_cifar took 5.0 min with another seed); 2 run(s) left" in text)
+    assert run_seed(2, 50) == []  # every row has a record, and none fits
     assert matrix.row_of("lpips_fraction=0.25-seed12") == "lpips_fraction=0.25"
 
 
