@@ -49,7 +49,9 @@ demo-recon: venv
 # On a machine with a CUDA GPU: the tests marked `cuda`, the overhead benchmark on the GPU
 # (bf16, 224 px: the ImageNet AlexNet, as AlexNet-CIFAR takes 32 px only;
 # benchmarks/results/overhead-gpu.txt, with the L2+LPIPS step's kernels printed and four of the
-# head's and LPIPS's cost knobs timed in the same rounds, and at 32 px
+# head's and LPIPS's cost knobs timed in the same rounds; the same for torchvision's ResNet-50
+# and ViT-S/16, where the FLOP table sets its 224-px targets, overhead-gpu-resnet50.txt and
+# overhead-gpu-vit_s16.txt; and at 32 px
 # overhead-gpu-cifar.txt, eager and compiled with reduce-overhead), the head's memory
 # formats and norms (gpu-check/head-memory-format.txt), the linear probe's weight-decay search
 # sequential against batched (gpu-check/probe-search.txt), three epochs of every cifar10-gpu row
@@ -67,6 +69,12 @@ gpu-check: venv
 		--image-size 224 --widths 1.0 --profile +L2+LPIPS-alex --variant head_out_scale=4 \
 		--variant head_norm=none --variant head_width=32 --variant lpips_fraction=0.25 \
 		--write benchmarks/results/overhead-gpu.txt
+	$(PY) -m benchmarks.studies.overhead --device cuda --precision bf16 --backbone resnet50 \
+		--variant head_out_scale=4 --variant head_norm=none --variant head_width=32 \
+		--variant lpips_fraction=0.25 --write benchmarks/results/overhead-gpu-resnet50.txt
+	$(PY) -m benchmarks.studies.overhead --device cuda --precision bf16 --backbone vit_s16 \
+		--variant head_out_scale=4 --variant head_norm=none --variant head_width=32 \
+		--variant lpips_fraction=0.25 --write benchmarks/results/overhead-gpu-vit_s16.txt
 	$(PY) -m benchmarks.studies.overhead --device cuda --precision bf16 --widths 1.0 \
 		--compile reduce-overhead --write benchmarks/results/overhead-gpu-cifar.txt
 	$(PY) -m benchmarks.studies.head_memory_format --device cuda \

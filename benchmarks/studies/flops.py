@@ -21,62 +21,17 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import recon_aux
 
+from .encoders import MODELS, Model
 
-@dataclass(frozen=True)
-class Model:
-    """An encoder to count: how to build it, its input size and its output width."""
-
-    build: Callable[[], nn.Module]
-    size: int
-    note: str
-
-
-def _torchvision(name: str, **kwargs) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        model = getattr(torchvision.models, name)(weights=None, **kwargs)
-        for attr in ("fc", "heads", "classifier"):
-            if hasattr(model, attr):
-                setattr(model, attr, nn.Identity())  # the encoder's representation as output
-        return model
-
-    return build
-
-
-def _vit_small() -> nn.Module:
-    # ViT-S/16 (Touvron et al., DeiT-S; timm ``vit_small_patch16_224``): 12 blocks, width 384.
-    from torchvision.models.vision_transformer import VisionTransformer
-
-    model = VisionTransformer(image_size=224, patch_size=16, num_layers=12, num_heads=6,
-                              hidden_dim=384, mlp_dim=1536)
-    model.heads = nn.Identity()
-    return model
-
-
-def _alexnet_cifar() -> nn.Module:
-    from adapters.backbones import AlexNetCIFAR
-
-    return AlexNetCIFAR(width=1.0)
-
-
-MODELS: dict[str, Model] = {
-    "resnet18": Model(_torchvision("resnet18"), 224, "torchvision resnet18"),
-    "resnet50": Model(_torchvision("resnet50"), 224, "torchvision resnet50"),
-    "vit_s16": Model(_vit_small, 224, "ViT-S/16 (torchvision VisionTransformer, DeiT-S dims)"),
-    "alexnet": Model(_torchvision("alexnet"), 224, "torchvision alexnet (no BatchNorm)"),
-    "alexnet_cifar": Model(_alexnet_cifar, 32, "AlexNet-CIFAR width 1.0 (this repo)"),
-}
 VARIANTS: dict[str, dict | None] = {
     "base": None,
     "+L2": {"lpips_weight": 0.0},

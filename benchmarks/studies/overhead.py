@@ -30,6 +30,7 @@ Examples::
     python -m benchmarks.studies.overhead --write benchmarks/results/overhead-cpu.txt
     python -m benchmarks.studies.overhead --device cuda --precision bf16 --backbone alexnet \\
         --image-size 224 --widths 1.0 --write benchmarks/results/overhead-gpu.txt
+    python -m benchmarks.studies.overhead --device cuda --precision bf16 --backbone resnet50
 
 ``--compile MODE`` adds the same three variants ``torch.compile``d (inductor, that mode) to the
 rounds: the encoder and its linear head in place, and the objective's head and LPIPS network
@@ -47,7 +48,9 @@ prints its ops by self time (device time on CUDA): where the variant's time goes
 printed, not written with ``--write``, and the profiled steps are not in the timings.
 
 AlexNet-CIFAR takes 32x32 images only; at 224 px use ``--backbone alexnet`` (the ImageNet
-AlexNet, SeLa's CIFAR setting on upsampled images; no width multiplier) or ``resnet18_cifar``.
+AlexNet, SeLa's CIFAR setting on upsampled images; no width multiplier), ``resnet18_cifar``, or
+torchvision's ``resnet18``, ``resnet50`` and ``vit_s16`` (``benchmarks.studies.encoders``, the
+encoders of the FLOP table; 224 px by default), where the FLOP table's targets are set.
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ from adapters.backbones.registry import check_backbone_arguments
 from adapters.config import COMPILE_MODES, CUDA_GRAPH_MODES
 from adapters.engine import has_cxx_compiler
 from recon_aux.head import nhwc_by_default
+
+from .encoders import TORCHVISION
 
 #: The variants and their ``attach`` overrides (None: no auxiliary objective).
 VARIANTS: dict[str, dict | None] = {
@@ -192,7 +197,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 description=__doc__.split("\n")[0])
     p.add_argument("--backbone", default="alexnet_cifar",
                    help="alexnet_cifar (the paper's CIFAR encoders), alexnet (224 px), "
-                        "resnet18_cifar, ... (adapters.backbones)")
+                        "resnet18_cifar, ... (adapters.backbones), or torchvision's "
+                        f"{', '.join(TORCHVISION)} at 224 px (benchmarks.studies.encoders)")
     p.add_argument("--widths", type=float, nargs="+", default=None,
                    help="width factors (default 1.0 0.5 0.25; 1.0 for a backbone without one)")
     p.add_argument("--batch-size", "--batch", type=int, default=256)
@@ -291,13 +297,24 @@ def check_args(args: argparse.Namespace) -> None:
         args.widths = [1.0, 0.5, 0.25] if _takes_width(args.backbone) else [1.0]
     for width in args.widths:
         backbone_kwargs(args.backbone, width)
-    template = build_backbone(args.backbone, **backbone_kwargs(args.backbone, args.widths[0]))
+    template = build_template(args.backbone, args.widths[0])
     if args.image_size is None:
         args.image_size = template.input_size
     check_image_size(template, args.backbone, args.image_size)
 
 
+def build_template(backbone: str, width: float) -> nn.Module:
+    """The untrained encoder every variant copies: a backbone of ``adapters.backbones`` at
+    ``width``, or one of torchvision's (:data:`~benchmarks.studies.encoders.TORCHVISION`)."""
+    if backbone in TORCHVISION:
+        backbone_kwargs(backbone, width)  # refuses a width other than 1.0
+        return TORCHVISION[backbone].encoder()
+    return build_backbone(backbone, **backbone_kwargs(backbone, width))
+
+
 def _takes_width(backbone: str) -> bool:
+    if backbone in TORCHVISION:
+        return False
     try:
         check_backbone_arguments(backbone, {"width": 1.0})
     except TypeError:
@@ -329,12 +346,18 @@ def check_image_size(template: nn.Module, backbone: str, size: int) -> None:
         OverheadError: The size and the backbones to use for it.
     """
     try:
-        template.feature_shape("out", input_size=size)
-    except ValueError as exc:
+        if hasattr(template, "feature_shape"):
+            template.feature_shape("out", input_size=size)
+        else:  # a torchvision encoder: one image through it
+            with torch.no_grad():
+                template.eval()(torch.zeros(1, 3, size, size))
+            template.train()
+    except (ValueError, RuntimeError, AssertionError) as exc:
         raise OverheadError(
             f"--image-size {size}: --backbone {backbone} cannot take it ({exc}); at 224 px use "
-            "--backbone alexnet (224 only, the ImageNet AlexNet) or resnet18_cifar (any size "
-            "from 8)") from None
+            "--backbone alexnet (224 only, the ImageNet AlexNet), resnet18_cifar (any size "
+            "from 8), or torchvision's resnet18 / resnet50 (any size from 32) or vit_s16 (224 "
+            "only)") from None
 
 
 # -- the machine ------------------------------------------------------------------------------
@@ -546,7 +569,7 @@ def ratio_stats(times: dict[str, list[float]], resamples: int, seed: int,
 def run_width(width: float, args: argparse.Namespace, report: Report) -> WidthResult:
     """Build the variants at ``width``, time them, add the width's table to ``report``."""
     torch.manual_seed(args.seed)
-    template = build_backbone(args.backbone, **backbone_kwargs(args.backbone, width))
+    template = build_template(args.backbone, width)
     variants = {name: build_variant(template, recon, args)
                 for name, recon in args.variants.items()}
     if args.compile is not None:

@@ -79,6 +79,27 @@ def test_a_variant_may_set_a_knob_that_a_flag_also_sets(one_thread):
     assert plain.aux.config.head_width == 16
 
 
+def test_a_torchvision_encoder_is_timed_as_the_repo_backbones_are(one_thread):
+    # resnet50 and vit_s16 at 224 px are where the FLOP table sets its targets; resnet18 at
+    # 32 px stands for them here (the same path: benchmarks.studies.encoders)
+    args = overhead.parse_args(["--rounds", "1", "--warmup", "0", "--batch-size", "2",
+                                "--threads", "1", "--backbone", "resnet18", "--image-size", "32"])
+    report = overhead.run_benchmark(args, echo=False)
+    assert "model: resnet18, widths 1.0, batch 2, image 32x32" in report.text
+    assert "tapped layer4." in report.text and report.results[1.0].ratios["+L2"].median > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--backbone", "vit_s16", "--image-size", "64"],
+     r"--image-size 64: --backbone vit_s16 cannot take it \(Wrong image height"),
+    (["--backbone", "resnet50", "--widths", "0.5"],
+     r"--backbone resnet50 has no width factor; pass --widths 1\.0"),
+])
+def test_a_torchvision_encoder_refuses_what_it_cannot_take(argv, message):
+    with pytest.raises(overhead.OverheadError, match=message):
+        overhead.check_args(overhead.parse_args(argv))
+
+
 @pytest.mark.parametrize("spec,message", [
     ("head_out_scal=4",
      r"unknown config key\(s\) \['head_out_scal'\]\. Valid keys: .*head_out_scale"),
