@@ -553,7 +553,9 @@ class Matrix:
         None when neither tells (no run of its row recorded, none finished in this call).
         Rows differ more than seeds do: on an H200 a +recon run took ~1.35x its base, and a run
         started on the longest base run's time overran a call's hard limit. A record from
-        another machine misleads; the budget's messages name the estimate used."""
+        another machine misleads; the budget's messages name the estimate used. ``wall_s`` is
+        the run's training and evaluation, not its process start and data loading (about 10 s
+        on an H200 with ``--jobs``): leave that much below a hard limit."""
         row = row_of(run_id)
         same = [r["wall_s"] for r in self.runs
                 if r.get("wall_s") is not None and r["id"] != run_id and row_of(r["id"]) == row]
