@@ -97,6 +97,16 @@ def test_no_parameters_no_state_and_grad_flows():
     assert all(p.grad is None for p in loss.lpips.parameters())
 
 
+def test_the_targets_lpips_features_record_no_graph():
+    # Nothing to cache between calls: the target's features cost one forward and no backward.
+    loss, needs_grad = PerceptualLoss(), []
+    hook = loss.lpips.net.slice1.register_forward_hook(
+        lambda module, args, out: needs_grad.append(out.requires_grad))
+    loss(torch.rand(2, 3, 32, 32, requires_grad=True), torch.rand(2, 3, 32, 32))
+    hook.remove()
+    assert needs_grad == [True, False]  # the reconstruction's features, then the target's
+
+
 PERCEPTUAL_ARGS = {"l2_weight", "lpips_weight", "net", "input_range", "mean", "std", "resize_to",
                    "range_tolerance"}
 
