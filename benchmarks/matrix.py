@@ -557,10 +557,10 @@ class Matrix:
         the run's training and evaluation, not its process start and data loading (about 10 s
         on an H200 with ``--jobs``): leave that much below a hard limit."""
         row = row_of(run_id)
-        same = [r["wall_s"] for r in self.runs
-                if r.get("wall_s") is not None and r["id"] != run_id and row_of(r["id"]) == row]
-        if same:
-            return max(same), f"{row} took {max(same) / 60:.1f} min with another seed"
+        recorded = max((r["wall_s"] for r in self.runs
+                        if r.get("wall_s") is not None and row_of(r["id"]) == row), default=None)
+        if recorded is not None:
+            return recorded, f"{row} took {recorded / 60:.1f} min with another seed"
         if longest > 0:
             return longest, f"the longest run so far took {longest / 60:.1f} min"
         return None

@@ -46,12 +46,9 @@ VARIANTS: dict[str, dict | None] = {
 def step_flops(model: Model, recon: dict | None, batch: int) -> int:
     """FLOPs of one forward + backward of (encoder + linear CE head [+ aux.loss])."""
     torch.manual_seed(0)
-    encoder = model.build()
+    encoder = model.encoder()
     images = torch.rand(batch, 3, model.size, model.size)
-    with torch.no_grad():
-        width = encoder.eval()(images[:2]).flatten(1).shape[1]
-    encoder.train()
-    classifier = nn.Linear(width, 10)
+    classifier = nn.Linear(encoder.out_dim, 10)
     opt = torch.optim.SGD([*encoder.parameters(), *classifier.parameters()], lr=0.01)
     aux = None
     if recon is not None:

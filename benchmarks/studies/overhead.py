@@ -306,10 +306,10 @@ def check_args(args: argparse.Namespace) -> None:
 def build_template(backbone: str, width: float) -> nn.Module:
     """The untrained encoder every variant copies: a backbone of ``adapters.backbones`` at
     ``width``, or one of torchvision's (:data:`~benchmarks.studies.encoders.TORCHVISION`)."""
+    kwargs = backbone_kwargs(backbone, width)  # refuses a width the backbone has not
     if backbone in TORCHVISION:
-        backbone_kwargs(backbone, width)  # refuses a width other than 1.0
         return TORCHVISION[backbone].encoder()
-    return build_backbone(backbone, **backbone_kwargs(backbone, width))
+    return build_backbone(backbone, **kwargs)
 
 
 def _takes_width(backbone: str) -> bool:

@@ -356,21 +356,22 @@ def test_runs_recorded_without_the_tapped_layer_take_it_from_their_checkpoint(tm
     assert "tapped" not in m.runs[0]
 
 
-def hundred_second_runs(monkeypatch) -> None:
-    """Each run trained in the bench process takes 100 s of the matrix's clock (faked)."""
+def clocked_runs(monkeypatch, seconds=lambda c: 100.0) -> None:
+    """Each run trained in the bench process takes ``seconds(its config)`` of the matrix's
+    clock (faked), and records that as its ``wall_s``."""
     clock = [0.0]
     monkeypatch.setattr(matrix.time, "perf_counter", lambda: clock[0])
 
-    def hundred_seconds(c):
-        clock[0] += 100.0
-        return fake_train(c)
+    def clocked(c):
+        clock[0] += seconds(c)
+        return {**fake_train(c), "wall_s": seconds(c)}
 
-    monkeypatch.setattr(matrix, "train", hundred_seconds)
+    monkeypatch.setattr(matrix, "train", clocked)
 
 
 def test_time_budget_starts_only_the_runs_that_fit_and_the_next_call_goes_on(
         tmp_path, monkeypatch, capsys, no_training):
-    hundred_second_runs(monkeypatch)
+    clocked_runs(monkeypatch)
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
                                   ["seeds=[0]"])
     out = tmp_path / "results"
@@ -391,15 +392,8 @@ def test_time_budget_expects_a_run_to_take_what_its_row_took_with_another_seed(
     from its recorded seeds, where there are any, not from the longest run of this call; a
     run that does not fit is passed over for a later one that does, and with a record even
     the first run must fit."""
-    clock = [0.0]
-    monkeypatch.setattr(matrix.time, "perf_counter", lambda: clock[0])
-
-    def row_seconds(c):  # runs with the objective take 300 s, the others 100 s
-        seconds = 100.0 if c.recon is None else 300.0
-        clock[0] += seconds
-        return {**fake_train(c), "wall_s": seconds}
-
-    monkeypatch.setattr(matrix, "train", row_seconds)
+    # runs with the objective take 300 s, the others 100 s
+    clocked_runs(monkeypatch, lambda c: 100.0 if c.recon is None else 300.0)
     path = REPO / "benchmarks" / "configs" / "simclr-cpu.yaml"
     out = tmp_path / "results"
 
@@ -500,7 +494,7 @@ def test_the_last_run_left_trains_as_its_parallel_siblings_did(tmp_path, monkeyp
                                                               no_training):
     """With --jobs, one run left also trains in a process of its own (its thread count, which
     changes a CPU run's last bits, is the one its siblings had)."""
-    hundred_second_runs(monkeypatch)
+    clocked_runs(monkeypatch)
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
                                   ["seeds=[0]"])  # 4 runs
     out = tmp_path / "results"

@@ -71,8 +71,7 @@ def test_a_variant_may_set_a_knob_that_a_flag_also_sets(one_thread):
     # multiple values for keyword argument 'head_width'" on a GPU; the variant's value wins.
     args = overhead.parse_args([*TINY, "--head-width", "16", "--variant", "head_width=8"])
     overhead.check_args(args)
-    template = overhead.build_backbone(args.backbone,
-                                       **overhead.backbone_kwargs(args.backbone, 0.25))
+    template = overhead.build_template(args.backbone, 0.25)
     variant = overhead.build_variant(template, args.variants["+L2+LPIPS-alex, head_width=8"], args)
     assert variant.aux.config.head_width == 8
     plain = overhead.build_variant(template, overhead.VARIANTS["+L2"], args)
