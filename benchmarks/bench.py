@@ -132,7 +132,8 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, progress: bool | None =
         supersede_unplanned: Move finished runs this config does not plan to ``superseded``
             (see :class:`~benchmarks.matrix.Matrix`).
         time_budget: Seconds: start no run expected to end after them (its row's recorded
-            time, else the longest run so far; see :meth:`~benchmarks.matrix.Matrix.expected`).
+            time, lengthened as much as this call's runs overran theirs, else the longest run
+            so far; see :meth:`~benchmarks.matrix.Matrix.expected`).
         jobs: Runs trained at once, each in its own process (see
             :meth:`~benchmarks.matrix.Matrix.execute`).
     """

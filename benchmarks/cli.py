@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         b.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                        help="start a run only while the time used plus the time it is "
                             "expected to take (its row's longest recorded run with another "
-                            "seed, else the longest run so far) fits in SECONDS; a run that "
+                            "seed, lengthened as much as this call's runs overran their "
+                            "records; else the longest run so far) fits in SECONDS; a run that "
                             "does not fit is passed over for a later one that does, and a run "
                             "with nothing to go by starts; the runs left stay planned for the "
                             "next call (the README says PARTIAL)")

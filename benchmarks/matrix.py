@@ -359,6 +359,7 @@ class Matrix:
         self.replace_changed = replace_changed
         self.plan: list[tuple[str, RunConfig, dict[str, Any]]] = []
         self.progress = progress
+        self.slower = 1.0  # this call's runs against their rows' records (:meth:`expected`)
         self.run_root = self.out / "runs"
         try:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -555,15 +556,26 @@ class Matrix:
         started on the longest base run's time overran a call's hard limit. A record from
         another machine misleads; the budget's messages name the estimate used. ``wall_s`` is
         the run's training and evaluation, not its process start and data loading (about 10 s
-        on an H200 with ``--jobs``): leave that much below a hard limit."""
+        on an H200 with ``--jobs``): leave that much below a hard limit.
+
+        A record is scaled by :attr:`slower`, the most a run of this call has taken over its
+        row's record (at least 1): a slower host, or more runs sharing a GPU than when the
+        record was made, shows in the first runs to end and lengthens every later estimate."""
         row = row_of(run_id)
-        recorded = max((r["wall_s"] for r in self.runs
-                        if r.get("wall_s") is not None and row_of(r["id"]) == row), default=None)
+        recorded = self.row_record(row)
         if recorded is not None:
-            return recorded, f"{row} took {recorded / 60:.1f} min with another seed"
+            why = f"{row} took {recorded / 60:.1f} min with another seed"
+            if self.slower > 1.0:
+                why += f", x{self.slower:.2f} as this call's runs are slower than their records"
+            return recorded * self.slower, why
         if longest > 0:
             return longest, f"the longest run so far took {longest / 60:.1f} min"
         return None
+
+    def row_record(self, row: str) -> float | None:
+        """The longest ``wall_s`` recorded for a run of ``row`` (seconds), None when none is."""
+        return max((r["wall_s"] for r in self.runs
+                    if r.get("wall_s") is not None and row_of(r["id"]) == row), default=None)
 
     def _take_next(self, pending: list[tuple[str, RunConfig, dict[str, Any]]], used: float,
                    longest: float, time_budget: float | None
@@ -643,7 +655,11 @@ class Matrix:
 
     def _record(self, run_id: str, cfg: RunConfig, meta: dict[str, Any],
                 result: dict[str, Any]) -> None:
-        """Add a finished run's entry to results.json, and keep its reconstruction picture."""
+        """Add a finished run's entry to results.json, and keep its reconstruction picture;
+        a run slower than its row's record raises :attr:`slower`."""
+        recorded = self.row_record(row_of(run_id))
+        if recorded and result.get("wall_s") is not None:
+            self.slower = max(self.slower, result["wall_s"] / recorded)
         entry = {"id": run_id, "method": meta.get("method", cfg.method.name),
                  "recon": cfg.recon.to_dict() if cfg.recon is not None else False,
                  "seed": cfg.train.seed, "reference": meta.get("reference"),

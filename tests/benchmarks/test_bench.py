@@ -419,6 +419,26 @@ def test_time_budget_expects_a_run_to_take_what_its_row_took_with_another_seed(
     assert matrix.row_of("lpips_fraction=0.25-seed12") == "lpips_fraction=0.25"
 
 
+def test_time_budget_lengthens_its_estimates_when_this_calls_runs_are_slower(
+        tmp_path, monkeypatch, capsys, no_training):
+    """Records made on a faster host, or with fewer runs sharing a GPU, mislead: once a run of
+    this call has taken 1.5x its row's record, every later estimate is 1.5x its record."""
+    clocked_runs(monkeypatch, lambda c: 100.0 if c.train.seed == 0 else 150.0)
+    path = REPO / "benchmarks" / "configs" / "simclr-cpu.yaml"
+    out = tmp_path / "results"
+    bench.run_bench(bench.load_bench_config(path, ["seeds=[0]"]), out=out, progress=False)
+    capsys.readouterr()
+    # seed 1 in 260 s: the first run ends at 150 s; the next would be expected to take its
+    # record's 100 s (and end at 250 s, but take 150 s), and is expected to take 150 s instead
+    bench.run_bench(bench.load_bench_config(path, ["seeds=[1]"]), out=out, progress=False,
+                    time_budget=260)
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["id"] for r in runs if r["seed"] == 1] == ["random-init-resnet18_cifar-seed1"]
+    assert ("2.5 of 4.3 min used and no run left fits: the shortest would take 2.5 "
+            "(recon-only-resnet18_cifar took 1.7 min with another seed, x1.50 as this call's runs "
+            "are slower than their records)" in capsys.readouterr().out)
+
+
 def test_pieces_run_elsewhere_merge_into_the_report_without_training_here(tmp_path, monkeypatch,
                                                                           no_training):
     """A matrix run in pieces on a lent machine (--time-budget, --out-dir there), merged here
