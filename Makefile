@@ -61,20 +61,20 @@ demo-recon: venv
 # two epochs of every row, seed 0, evaluated by kNN only (benchmarks/results/gpu-check/; SeLa
 # with one label update per epoch): a pipeline check of about 12 minutes on an H200, estimated
 # from its parts, which have each run there (gpu-check/device-run.md) but not yet in one piece.
+# The head's and LPIPS's cost knobs, each timed in the same rounds as the defaults.
+KNOBS := --variant head_out_scale=4 --variant head_norm=none --variant head_width=32 \
+	--variant lpips_fraction=0.25
 gpu-check: venv
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check \
 	needs a CUDA GPU; torch.cuda.is_available() is False here (no GPU, or a CPU-only torch).')"
 	$(PY) -m pytest -q -m cuda
 	$(PY) -m benchmarks.studies.overhead --device cuda --precision bf16 --backbone alexnet \
-		--image-size 224 --widths 1.0 --profile +L2+LPIPS-alex --variant head_out_scale=4 \
-		--variant head_norm=none --variant head_width=32 --variant lpips_fraction=0.25 \
+		--image-size 224 --widths 1.0 --profile +L2+LPIPS-alex $(KNOBS) \
 		--write benchmarks/results/overhead-gpu.txt
 	$(PY) -m benchmarks.studies.overhead --device cuda --precision bf16 --backbone resnet50 \
-		--variant head_out_scale=4 --variant head_norm=none --variant head_width=32 \
-		--variant lpips_fraction=0.25 --write benchmarks/results/overhead-gpu-resnet50.txt
+		$(KNOBS) --write benchmarks/results/overhead-gpu-resnet50.txt
 	$(PY) -m benchmarks.studies.overhead --device cuda --precision bf16 --backbone vit_s16 \
-		--variant head_out_scale=4 --variant head_norm=none --variant head_width=32 \
-		--variant lpips_fraction=0.25 --write benchmarks/results/overhead-gpu-vit_s16.txt
+		$(KNOBS) --write benchmarks/results/overhead-gpu-vit_s16.txt
 	$(PY) -m benchmarks.studies.overhead --device cuda --precision bf16 --widths 1.0 \
 		--compile reduce-overhead --write benchmarks/results/overhead-gpu-cifar.txt
 	$(PY) -m benchmarks.studies.head_memory_format --device cuda \
