@@ -38,8 +38,6 @@ from .matrix import (
     MatrixConfig,
     RunSource,
     add_references,
-    check_jobs,
-    check_time_budget,
     config_errors,
     dotted,
     load_matrix_config,
@@ -47,6 +45,7 @@ from .matrix import (
     plain_name,
     write_report,
 )
+from .schedule import check_jobs, check_time_budget
 
 __all__ = ["AblateConfig", "AXES", "MIXES", "load_ablate_config", "run_ablate"]
 

@@ -35,8 +35,6 @@ from .matrix import (
     MatrixConfig,
     RunSource,
     add_references,
-    check_jobs,
-    check_time_budget,
     config_errors,
     dotted,
     load_matrix_config,
@@ -44,6 +42,7 @@ from .matrix import (
     plain_name,
     write_report,
 )
+from .schedule import check_jobs, check_time_budget
 
 __all__ = ["BenchConfig", "load_bench_config", "run_bench"]
 
@@ -133,7 +132,7 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, progress: bool | None =
             (see :class:`~benchmarks.matrix.Matrix`).
         time_budget: Seconds: start no run expected to end after them (its row's recorded
             time, lengthened as much as this call's runs overran theirs, else the longest run
-            so far; see :meth:`~benchmarks.matrix.Matrix.expected`).
+            so far; see :meth:`~benchmarks.schedule.Budget.expected`).
         jobs: Runs trained at once, each in its own process (see
             :meth:`~benchmarks.matrix.Matrix.execute`).
     """

@@ -2,7 +2,8 @@
 results file, and the README.
 
 A :class:`Matrix` is a list of planned runs (id, run config, row metadata), a results folder
-(``benchmarks/results/<name>/`` by default) and the loop that trains the runs not finished yet.
+(``benchmarks/results/<name>/`` by default) and the checks before the runs not finished yet
+train (one after another or K at once, within a time budget: :mod:`benchmarks.schedule`).
 Everything a matrix writes goes under that folder: ``results.json`` (one entry per finished
 run), ``runs/<id>/`` (each run's checkpoint, log and pictures), ``pictures/<id>.png`` (the
 reconstructions beside their inputs: git-ignored, as they show the data set's images), the
@@ -25,22 +26,14 @@ path is relative to the folder of the config that names it (an absolute path is 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import json
-import multiprocessing
-import os
 import re
-import signal
-import sys
-import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from adapters.checkpoint import CheckpointError, load_checkpoint
@@ -53,17 +46,16 @@ from adapters.config import (
     read_yaml,
     yaml_problem,
 )
-from adapters.engine import CHECKPOINT, check_run, train
+from adapters.engine import CHECKPOINT, check_run
 from adapters.files import atomic_write, json_text
-from adapters.methods import METHODS
-from adapters.progress import progress
 from adapters.schema import SchemaError, check_value
 
 from . import report
+from .schedule import Budget, check_jobs, row_of, run_in_processes, run_in_turn
 
 __all__ = ["RESULTS", "MatrixConfig", "RunSource", "Matrix", "REFERENCE_ROWS",
            "load_matrix_config", "add_references", "write_report", "mark_partial", "dotted",
-           "plain_name", "eta_text", "check_jobs"]
+           "plain_name"]
 
 #: Where results go by default: ``benchmarks/results/<config name>/`` of this checkout.
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -84,13 +76,6 @@ def plain_name(value: Any, key: str) -> str:
             "with a letter or digit, no '/' or '..'); it names a folder or file inside the "
             "results folder.")
     return value
-
-
-def eta_text(elapsed: float, done: int, left: int) -> str:
-    """``ETA 12.3 min`` from the mean time of the runs done; ``ETA unknown`` before the first."""
-    if done <= 0:
-        return "ETA unknown"
-    return f"ETA {elapsed / done * left / 60:.1f} min"
 
 
 @dataclass(frozen=True)
@@ -259,51 +244,6 @@ def dotted(mapping: Mapping[str, Any] | None) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in (mapping or {}).items()]
 
 
-def check_jobs(jobs: int) -> None:
-    """Refuse a number of parallel runs that is not a positive integer."""
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise RunConfigError(f"jobs {jobs!r}: give a whole number of runs at once, 1 or more "
-                             "(1: one after another).")
-
-
-def die_with_parent() -> None:
-    """On Linux, have the kernel end this process (SIGTERM) when its parent ends: a worker of a
-    killed ``bench --jobs`` would otherwise train on, unrecorded, beside the next call's runs.
-    Elsewhere a no-op."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-
-
-def _train_in_process(cfg: RunConfig, console: Path, threads: int | None,
-                      method: type | None) -> dict[str, Any]:
-    """One run in a worker process of :meth:`Matrix._execute_parallel`: its output to
-    ``console``, ``threads`` torch threads (None: torch's default). ``method`` is the parent's
-    registry entry for the run's method: a method registered at run time (not on import) is
-    registered in this fresh process too."""
-    die_with_parent()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if method is not None:
-        METHODS.setdefault(cfg.method.name, method)
-    console.parent.mkdir(parents=True, exist_ok=True)
-    with open(console, "a", encoding="utf-8") as out, contextlib.redirect_stdout(out), \
-            contextlib.redirect_stderr(out):
-        return train(cfg)
-
-
-def row_of(run_id: str) -> str:
-    """A run's row: its id without the seed (``sela-recon-seed2`` -> ``sela-recon``)."""
-    return re.sub(r"-seed\d+$", "", run_id)
-
-
-def check_time_budget(time_budget: float | None) -> None:
-    """Refuse a time budget that is not a positive number of seconds (None: no budget)."""
-    if time_budget is not None and not time_budget > 0:
-        raise RunConfigError(f"time budget {time_budget!r}: give a positive number of seconds, "
-                             "or none to run every planned run.")
-
-
 class Matrix:
     """A list of planned runs, a results file, and the loop that fills it.
 
@@ -359,7 +299,6 @@ class Matrix:
         self.replace_changed = replace_changed
         self.plan: list[tuple[str, RunConfig, dict[str, Any]]] = []
         self.progress = progress
-        self.slower = 1.0  # this call's runs against their rows' records (:meth:`expected`)
         self.run_root = self.out / "runs"
         try:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -494,14 +433,15 @@ class Matrix:
         Before the first run trains, every run to train is checked as the engine would before
         its first step (:func:`adapters.engine.check_run`: data, layers, batch size, ``k``).
         With ``time_budget`` (seconds), a run starts only when the time used so far plus the
-        time it is expected to take (:meth:`expected`) fits in it; a longer run is passed over
+        time it is expected to take (:meth:`.schedule.Budget.expected`) fits in it; a longer
+        run is passed over
         for a later one that fits, and a run with nothing to go by starts. The runs left stay
         planned, and the same command goes on with them (for a machine lent by the minute).
 
         With ``jobs`` > 1, up to that many runs train at once, each in a process of its own
-        (:meth:`_execute_parallel`): for a GPU that one small run leaves mostly idle.
+        (:func:`.schedule.run_in_processes`): for a GPU that one small run leaves mostly idle.
         """
-        check_time_budget(time_budget)
+        budget = Budget(time_budget, self.row_record)  # refuses a bad budget before any work
         check_jobs(jobs)
         self._backfill_tapped()
         self._check_changed()
@@ -522,144 +462,19 @@ class Matrix:
         print(f"{len(self.plan)} runs planned, {len(done & {p[0] for p in self.plan})} already "
               f"done (in {self.results_file}), {len(todo)} to run", flush=True)
         if jobs > 1 and todo:  # even one run: its thread count as its siblings'
-            self._execute_parallel(todo, jobs, time_budget)
-            return self._finish()
-        t0, longest, pending = time.perf_counter(), 0.0, list(todo)
-
-        def starts() -> Iterator[tuple[str, RunConfig, dict[str, Any]]]:
-            while pending:  # longest is read at each start, after the run before has ended
-                run = self._take_next(pending, time.perf_counter() - t0, longest, time_budget)
-                if run is None:
-                    return
-                yield run
-
-        runs = starts()
-        bar = progress(runs, enabled=self.progress, total=len(todo), unit="run")
-        for i, (run_id, cfg, meta) in enumerate(bar):
-            if bar is runs:  # no bar: one line per run
-                eta = eta_text(time.perf_counter() - t0, i, len(todo) - i)
-                print(f"run {i + 1}/{len(todo)}: {run_id} ({eta})", flush=True)
-            else:
-                bar.set_description(f"run {i + 1}/{len(todo)} {run_id}")
-            started = time.perf_counter()
-            result = train(cfg)
-            longest = max(longest, time.perf_counter() - started)
-            self._record(run_id, cfg, meta, result)
+            run_in_processes(todo, jobs, budget, self._record)
+        else:
+            run_in_turn(todo, budget, self._record, self.progress)
         return self._finish()
-
-    def expected(self, run_id: str, longest: float) -> tuple[float, str] | None:
-        """How long ``run_id`` is expected to take (seconds), and where that comes from: the
-        longest recorded run of its row (another seed's ``wall_s`` in results.json, merged
-        pieces included) when there is one, else ``longest``, the longest run of this call;
-        None when neither tells (no run of its row recorded, none finished in this call).
-        Rows differ more than seeds do: on an H200 a +recon run took ~1.35x its base, and a run
-        started on the longest base run's time overran a call's hard limit. A record from
-        another machine misleads; the budget's messages name the estimate used. ``wall_s`` is
-        the run's training and evaluation, not its process start and data loading (about 10 s
-        on an H200 with ``--jobs``): leave that much below a hard limit.
-
-        A record is scaled by :attr:`slower`, the most a run of this call has taken over its
-        row's record (at least 1): a slower host, or more runs sharing a GPU than when the
-        record was made, shows in the first runs to end and lengthens every later estimate."""
-        row = row_of(run_id)
-        recorded = self.row_record(row)
-        if recorded is not None:
-            why = f"{row} took {recorded / 60:.1f} min with another seed"
-            if self.slower > 1.0:
-                why += f", x{self.slower:.2f} as this call's runs are slower than their records"
-            return recorded * self.slower, why
-        if longest > 0:
-            return longest, f"the longest run so far took {longest / 60:.1f} min"
-        return None
 
     def row_record(self, row: str) -> float | None:
         """The longest ``wall_s`` recorded for a run of ``row`` (seconds), None when none is."""
         return max((r["wall_s"] for r in self.runs
                     if r.get("wall_s") is not None and row_of(r["id"]) == row), default=None)
 
-    def _take_next(self, pending: list[tuple[str, RunConfig, dict[str, Any]]], used: float,
-                   longest: float, time_budget: float | None
-                   ) -> tuple[str, RunConfig, dict[str, Any]] | None:
-        """Remove from ``pending`` and return the first run expected to end within
-        ``time_budget`` (seconds, ``used`` of them spent; None: no budget), skipping the
-        longer ones before it, which stay planned; a run with nothing to go by
-        (:meth:`expected` None) starts. None, after saying so, when no run left fits."""
-        guesses = []
-        for i, (run_id, _, _) in enumerate(pending):
-            guess = None if time_budget is None else self.expected(run_id, longest)
-            if guess is None or used + guess[0] <= time_budget:
-                if i > 0:
-                    how = ("nothing to go by" if guess is None else
-                           f"expected to take {guess[0] / 60:.1f} min, {guess[1]}")
-                    print(f"time budget: {run_id} starts ({how}); the {i} run(s) before it "
-                          "would end past the budget and stay planned", flush=True)
-                return pending.pop(i)
-            guesses.append(guess)
-        seconds, why = min(guesses)
-        print(f"time budget: {used / 60:.1f} of {time_budget / 60:.1f} min used and no run left "
-              f"fits: the shortest would take {seconds / 60:.1f} ({why}); {len(pending)} "
-              "run(s) left: the same command goes on with them", flush=True)
-        return None
-
-    def _execute_parallel(self, todo: list[tuple[str, RunConfig, dict[str, Any]]], jobs: int,
-                          time_budget: float | None) -> None:
-        """Train ``todo`` with up to ``jobs`` runs at once, each in a fresh process (spawned, as
-        CUDA needs; one run per process, so each starts with a clean device and compiler
-        state). Each run's console output goes to ``runs/<id>/console.txt``; a finished run is
-        recorded as soon as it ends, in the order runs end. Each process gets ``cpu_count //
-        jobs`` torch threads unless ``OMP_NUM_THREADS`` is set. The time budget applies at each
-        start (:meth:`_take_next`). A failed run stops new starts; the runs under way
-        finish and are recorded, then its error is raised."""
-        pending = list(todo)
-        running: dict[Future, tuple[str, RunConfig, dict[str, Any], float]] = {}
-        threads = None if os.environ.get("OMP_NUM_THREADS") else max(1, (os.cpu_count() or 1)
-                                                                          // jobs)
-        t0, longest, failed, started_n = time.perf_counter(), 0.0, None, 0
-        spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=spawn, max_tasks_per_child=1) as pool:
-            while running or (pending and failed is None):
-                while pending and failed is None and len(running) < jobs:
-                    run = self._take_next(pending, time.perf_counter() - t0, longest,
-                                          time_budget)
-                    if run is None:
-                        pending = []
-                        break
-                    run_id, cfg, meta = run
-                    console = Path(cfg.run.out_dir) / "console.txt"
-                    future = pool.submit(_train_in_process, cfg, console, threads,
-                                         METHODS.get(cfg.method.name))
-                    running[future] = (run_id, cfg, meta, time.perf_counter())
-                    started_n += 1
-                    print(f"run {started_n}/{len(todo)} started: {run_id} ({len(running)} "
-                          f"under way; its output: {console})", flush=True)
-                if not running:
-                    break
-                ended, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in ended:
-                    run_id, cfg, meta, began = running.pop(future)
-                    try:
-                        result = future.result()
-                    except Exception as exc:  # raised once the runs under way have ended
-                        print(f"run {run_id} failed: {exc}", flush=True)
-                        failed = failed or (run_id, exc)
-                        continue
-                    took = time.perf_counter() - began
-                    longest = max(longest, took)
-                    self._record(run_id, cfg, meta, result)
-                    print(f"run {run_id} done in {took / 60:.1f} min", flush=True)
-        if failed is not None:
-            run_id, exc = failed
-            exc.add_note(f"(run {run_id}; its output: "
-                         f"{self.run_root / run_id / 'console.txt'})")
-            raise exc
-
     def _record(self, run_id: str, cfg: RunConfig, meta: dict[str, Any],
                 result: dict[str, Any]) -> None:
-        """Add a finished run's entry to results.json, and keep its reconstruction picture;
-        a run slower than its row's record raises :attr:`slower`."""
-        recorded = self.row_record(row_of(run_id))
-        if recorded and result.get("wall_s") is not None:
-            self.slower = max(self.slower, result["wall_s"] / recorded)
+        """Add a finished run's entry to results.json, and keep its reconstruction picture."""
         entry = {"id": run_id, "method": meta.get("method", cfg.method.name),
                  "recon": cfg.recon.to_dict() if cfg.recon is not None else False,
                  "seed": cfg.train.seed, "reference": meta.get("reference"),

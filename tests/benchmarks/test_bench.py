@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from adapters.config import RunConfigError, load_run_config
-from benchmarks import ablate, bench, matrix
+from benchmarks import ablate, bench, matrix, schedule
 from benchmarks.matrix import dotted
 from tests.adapters.tiny import tiny_config
 from tests.benchmarks.fakes import fake_train
@@ -76,7 +76,7 @@ def test_bench_end_to_end_and_resume(tmp_path, toy_config, monkeypatch):
     def boom(cfg):  # a resumed matrix must not train finished runs again
         raise AssertionError("re-ran a finished run")
 
-    monkeypatch.setattr(matrix, "train", boom)
+    monkeypatch.setattr(schedule, "train", boom)
     bench.run_bench(cfg, out=tmp_path / "results", progress=False)
 
     # a changed config is never served from the old results: an error naming the keys, or,
@@ -86,7 +86,7 @@ def test_bench_end_to_end_and_resume(tmp_path, toy_config, monkeypatch):
     with pytest.raises(bench.RunConfigError, match="toy-base-seed0: train.lr"):
         bench.run_bench(changed, out=tmp_path / "results", progress=False)
     trained = []
-    monkeypatch.setattr(matrix, "train", lambda c: trained.append(c) or dict(
+    monkeypatch.setattr(schedule, "train", lambda c: trained.append(c) or dict(
         runs[0], metrics={"knn_conv5": 1.0}, config=c.to_dict(), train_images=1,
         test_images=1, tapped="conv5.0"))
     bench.run_bench(changed, out=tmp_path / "results", progress=False, replace_changed=True)
@@ -161,7 +161,7 @@ def test_second_reference_on_one_backbone_gets_its_own_row(tmp_path, monkeypatch
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "cifar10-cpu.yaml",
                                   ["seeds=[0]", "references.aet=[random-init]"])
     seen = []
-    monkeypatch.setattr(matrix, "train", lambda c: seen.append(c) or fake_train(c))
+    monkeypatch.setattr(schedule, "train", lambda c: seen.append(c) or fake_train(c))
     bench.run_bench(cfg, out=tmp_path, progress=False)
     ids = [r["id"] for r in json.loads((tmp_path / "results.json").read_text())["runs"]]
     assert "random-init-alexnet_cifar-seed0" in ids
@@ -197,7 +197,7 @@ def _one_finished_sela_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "cifar10-cpu.yaml",
                                   ["seeds=[0]"])
-    monkeypatch.setattr(matrix, "train", lambda c: pytest.fail("report_only trained a run"))
+    monkeypatch.setattr(schedule, "train", lambda c: pytest.fail("report_only trained a run"))
     rc = cfg.methods["sela"].run_config([*dotted(cfg.common), "train.seed=0"], cfg.name,
                                         ["recon=null"])
     done = {"id": "sela-base-seed0", "method": "sela", "recon": False, "seed": 0,
@@ -233,7 +233,7 @@ def test_supersede_unplanned_moves_rows_the_config_dropped(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "cifar10-cpu.yaml",
                                   ["seeds=[0]"])
-    monkeypatch.setattr(matrix, "train", lambda c: pytest.fail("report_only trained a run"))
+    monkeypatch.setattr(schedule, "train", lambda c: pytest.fail("report_only trained a run"))
     old = {"id": "random-init-nin-seed0", "method": "random-init", "recon": False, "seed": 0,
            "reference": "random-init (nin)", "metrics": {"knn_conv2": 31.3}, "config": {},
            "wall_s": 1.0, "machine": "m", "history": [], "train_images": 1, "test_images": 1}
@@ -253,7 +253,7 @@ def test_supersede_unplanned_moves_rows_the_config_dropped(tmp_path, monkeypatch
 def no_training(tmp_path, monkeypatch):
     """Matrices plan and record runs here, but nothing trains, loads data or draws plots."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(matrix, "train", fake_train)
+    monkeypatch.setattr(schedule, "train", fake_train)
     monkeypatch.setattr(matrix, "check_run", lambda c, d=None: None)  # no data needed
     monkeypatch.setattr(bench, "write_report", lambda *a, **k: None)
 
@@ -264,7 +264,7 @@ def test_merge_takes_runs_of_a_parallel_seed(tmp_path, monkeypatch, no_training)
     side = tmp_path / "seed1"
     bench.run_bench(bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
                                             ["seeds=[1]"]), out=side, progress=False)
-    monkeypatch.setattr(matrix, "train", lambda c: fake_train(c) if c.train.seed == 0
+    monkeypatch.setattr(schedule, "train", lambda c: fake_train(c) if c.train.seed == 0
                         else pytest.fail("re-trained a merged run"))
     out = bench.run_bench(cfg, out=tmp_path / "main", progress=False, merge=side)
     runs = json.loads((out / "results.json").read_text())["runs"]
@@ -280,7 +280,7 @@ def test_merge_leaves_a_run_of_the_same_id_made_with_another_config(tmp_path, mo
     bench.run_bench(bench.load_bench_config(configs / "simclr-cpu.yaml", ["seeds=[0]"]),
                     out=side, progress=False)
     trained = []
-    monkeypatch.setattr(matrix, "train", lambda c: trained.append(c) or fake_train(c))
+    monkeypatch.setattr(schedule, "train", lambda c: trained.append(c) or fake_train(c))
     out = bench.run_bench(bench.load_bench_config(configs / "simclr-cpu-layer.yaml",
                                                   ["seeds=[0]"]),
                           out=tmp_path / "layer", progress=False, merge=side)
@@ -333,7 +333,7 @@ def test_a_config_pinning_the_layer_a_default_run_tapped_keeps_that_run(tmp_path
     assert {r["id"]: r["tapped"] for r in runs} == {
         "random-init-resnet18_cifar-seed0": None, "recon-only-resnet18_cifar-seed0": "layer4",
         "simclr-base-seed0": None, "simclr-recon-seed0": "layer4"}
-    monkeypatch.setattr(matrix, "train", lambda c: pytest.fail(f"re-trained {c.run.out_dir}"))
+    monkeypatch.setattr(schedule, "train", lambda c: pytest.fail(f"re-trained {c.run.out_dir}"))
     bench.run_bench(bench.load_bench_config(path, ["seeds=[0]", "recon.layer=layer4"]),
                     out=out, progress=False)
     with pytest.raises(RunConfigError, match=r"simclr-recon-seed0: recon\.layer"):
@@ -344,7 +344,7 @@ def test_a_config_pinning_the_layer_a_default_run_tapped_keeps_that_run(tmp_path
 def test_runs_recorded_without_the_tapped_layer_take_it_from_their_checkpoint(tmp_path,
                                                                              tiny_tree):
     m = matrix.Matrix("t", tmp_path / "m", progress=False)
-    result = matrix.train(load_run_config(tiny_config(tiny_tree, m.run_root / "r"), []))
+    result = schedule.train(load_run_config(tiny_config(tiny_tree, m.run_root / "r"), []))
     (m.run_root / "r" / "result.json").unlink()  # a run folder older than "tapped"
     m.runs = [{"id": "r", "config": result["config"]},  # as recorded before "tapped"
               {"id": "gone", "config": result["config"]}]  # its folder deleted: unknown
@@ -360,13 +360,13 @@ def clocked_runs(monkeypatch, seconds=lambda c: 100.0) -> None:
     """Each run trained in the bench process takes ``seconds(its config)`` of the matrix's
     clock (faked), and records that as its ``wall_s``."""
     clock = [0.0]
-    monkeypatch.setattr(matrix.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(schedule.time, "perf_counter", lambda: clock[0])
 
     def clocked(c):
         clock[0] += seconds(c)
         return {**fake_train(c), "wall_s": seconds(c)}
 
-    monkeypatch.setattr(matrix, "train", clocked)
+    monkeypatch.setattr(schedule, "train", clocked)
 
 
 def test_time_budget_starts_only_the_runs_that_fit_and_the_next_call_goes_on(
@@ -416,7 +416,7 @@ def test_time_budget_expects_a_run_to_take_what_its_row_took_with_another_seed(
     assert ("3.3 of 4.2 min used and no run left fits: the shortest would take 5.0 "
             "(recon-only-resnet18_cifar took 5.0 min with another seed); 2 run(s) left" in text)
     assert run_seed(2, 50) == []  # every row has a record, and none fits
-    assert matrix.row_of("lpips_fraction=0.25-seed12") == "lpips_fraction=0.25"
+    assert schedule.row_of("lpips_fraction=0.25-seed12") == "lpips_fraction=0.25"
 
 
 def test_time_budget_lengthens_its_estimates_when_this_calls_runs_are_slower(
@@ -448,7 +448,7 @@ def test_pieces_run_elsewhere_merge_into_the_report_without_training_here(tmp_pa
     piece = tmp_path / "piece"
     bench.run_bench(cfg, out=piece, progress=False, time_budget=1e-9)  # the first run only
     assert len(json.loads((piece / "results.json").read_text())["runs"]) == 1
-    monkeypatch.setattr(matrix, "train", lambda c: pytest.fail("trained here"))
+    monkeypatch.setattr(schedule, "train", lambda c: pytest.fail("trained here"))
     out = bench.run_bench(cfg, out=tmp_path / "main", progress=False, merge=piece,
                           report_only=True)
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 1
@@ -486,9 +486,9 @@ def _threads_for_processes(monkeypatch, train):
     """Run the parallel path's workers as threads with ``train`` in place of a run."""
     from concurrent.futures import ThreadPoolExecutor
 
-    monkeypatch.setattr(matrix, "ProcessPoolExecutor",
+    monkeypatch.setattr(schedule, "ProcessPoolExecutor",
                         lambda jobs, **_: ThreadPoolExecutor(jobs))
-    monkeypatch.setattr(matrix, "_train_in_process", lambda c, console, threads, method: train(c))
+    monkeypatch.setattr(schedule, "_train_in_process", lambda c, console, threads, method: train(c))
 
 
 def test_parallel_runs_respect_the_time_budget_after_the_first_ones(tmp_path, monkeypatch,
@@ -522,7 +522,7 @@ def test_the_last_run_left_trains_as_its_parallel_siblings_did(tmp_path, monkeyp
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 3
     in_workers = []
     _threads_for_processes(monkeypatch, lambda c: in_workers.append(c) or fake_train(c))
-    monkeypatch.setattr(matrix, "train", lambda c: pytest.fail("trained in the bench process"))
+    monkeypatch.setattr(schedule, "train", lambda c: pytest.fail("trained in the bench process"))
     bench.run_bench(cfg, out=out, progress=False, jobs=2)
     assert len(in_workers) == 1 and len(json.loads((out / "results.json").read_text())["runs"]) == 4
 
@@ -575,7 +575,7 @@ def test_a_parallel_worker_ends_when_the_bench_process_is_killed(tmp_path):
     script.write_text(f"""
 import multiprocessing, os, signal, time
 from concurrent.futures import ProcessPoolExecutor
-from benchmarks.matrix import die_with_parent
+from benchmarks.schedule import die_with_parent
 
 def worker(path):
     die_with_parent()

@@ -12,8 +12,9 @@ import yaml
 
 from adapters.config import RunConfigError, load_run_config
 from adapters.engine import StopTraining
-from benchmarks import ablate, bench, matrix
-from benchmarks.matrix import Matrix, eta_text
+from benchmarks import ablate, bench, schedule
+from benchmarks.matrix import Matrix
+from benchmarks.schedule import eta_text
 from tests.adapters.tiny import tiny_config
 from tests.benchmarks.fakes import fake_train
 
@@ -137,7 +138,7 @@ def _fake_train(c):
 
 
 def test_results_folder_of_another_config_is_refused(run_yaml, tmp_path, monkeypatch):
-    monkeypatch.setattr(matrix, "train", _fake_train)
+    monkeypatch.setattr(schedule, "train", _fake_train)
     monkeypatch.setattr(bench, "write_report", lambda *a, **k: None)
     out = tmp_path / "out"
     first = bench.load_bench_config(write(tmp_path, "first.yaml", BENCH))
@@ -166,7 +167,7 @@ def test_results_folder_of_another_config_is_refused(run_yaml, tmp_path, monkeyp
 
 
 def test_every_planned_run_is_checked_before_the_first_trains(run_yaml, tmp_path, monkeypatch):
-    monkeypatch.setattr(matrix, "train", lambda c: pytest.fail("trained before every check"))
+    monkeypatch.setattr(schedule, "train", lambda c: pytest.fail("trained before every check"))
     path = write(tmp_path, "b.yaml", {**BENCH, "methods": {
         "toy": {"config": "tiny_run.yaml"},
         "big": {"config": "tiny_run.yaml", "set": {"eval.knn.k": 100}}}})
