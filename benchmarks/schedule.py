@@ -181,15 +181,19 @@ def run_in_processes(todo: list[Run], jobs: int, budget: Budget, record: Record)
     recorded as soon as it ends, in the order runs end. Each process gets ``cpu_count // jobs``
     torch threads unless ``OMP_NUM_THREADS`` is set. The budget applies at each start. A failed
     run stops new starts; the runs under way finish and are recorded, then its error is raised,
-    naming the run and its console."""
+    naming the run and its console.
+
+    Each run has an executor of its own: a worker that dies outright (a segfault, the OOM
+    killer) breaks its own executor only, where one shared pool would fail every run under
+    way with it."""
     check_jobs(jobs)
     pending = list(todo)
-    running: dict[Future, tuple[str, RunConfig, dict[str, Any], float]] = {}
+    running: dict[Future, tuple[str, RunConfig, dict[str, Any], float, ProcessPoolExecutor]] = {}
     threads = None if os.environ.get("OMP_NUM_THREADS") else max(1, (os.cpu_count() or 1)
                                                                       // jobs)
     t0, failed, started_n = time.perf_counter(), None, 0
     spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=spawn, max_tasks_per_child=1) as pool:
+    try:
         while running or (pending and failed is None):
             while pending and failed is None and len(running) < jobs:
                 run = budget.take_next(pending, time.perf_counter() - t0)
@@ -198,9 +202,10 @@ def run_in_processes(todo: list[Run], jobs: int, budget: Budget, record: Record)
                     break
                 run_id, cfg, meta = run
                 console = Path(cfg.run.out_dir) / "console.txt"
-                future = pool.submit(_train_in_process, cfg, console, threads,
-                                     METHODS.get(cfg.method.name))
-                running[future] = (run_id, cfg, meta, time.perf_counter())
+                worker = ProcessPoolExecutor(1, mp_context=spawn, max_tasks_per_child=1)
+                future = worker.submit(_train_in_process, cfg, console, threads,
+                                       METHODS.get(cfg.method.name))
+                running[future] = (run_id, cfg, meta, time.perf_counter(), worker)
                 started_n += 1
                 print(f"run {started_n}/{len(todo)} started: {run_id} ({len(running)} "
                       f"under way; its output: {console})", flush=True)
@@ -208,7 +213,8 @@ def run_in_processes(todo: list[Run], jobs: int, budget: Budget, record: Record)
                 break
             ended, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in ended:
-                run_id, cfg, meta, began = running.pop(future)
+                run_id, cfg, meta, began, worker = running.pop(future)
+                worker.shutdown()
                 try:
                     result = future.result()
                 except Exception as exc:  # raised once the runs under way have ended
@@ -219,6 +225,9 @@ def run_in_processes(todo: list[Run], jobs: int, budget: Budget, record: Record)
                 budget.ended(run_id, took, result.get("wall_s"))
                 record(run_id, cfg, meta, result)
                 print(f"run {run_id} done in {took / 60:.1f} min", flush=True)
+    finally:  # an interrupt here: the workers under way are waited for, as a pool's exit did
+        for *_, worker in running.values():
+            worker.shutdown()
     if failed is not None:
         run_id, cfg, exc = failed
         exc.add_note(f"(run {run_id}; its output: {Path(cfg.run.out_dir) / 'console.txt'})")

@@ -16,3 +16,17 @@ def fake_train(c: RunConfig, metric: str = "knn_pool", default_tap: str = "layer
     return {"metrics": {metric: float(c.train.seed)}, "config": c.to_dict(), "wall_s": 0.0,
             "machine": "test", "history": [], "train_images": 1, "test_images": 1,
             "tapped": tapped}
+
+
+def crash_or_fake(c: RunConfig, console: Any, threads: Any, method: Any) -> dict[str, Any]:
+    """A worker of ``bench --jobs`` (in place of ``schedule._train_in_process``; importable, so
+    a spawned process finds it) whose seed-0 random-init run dies abruptly, as a segfault or
+    the kernel's OOM killer would end it; the others finish after a second."""
+    import os
+    import time
+
+    if c.train.seed == 0 and c.train.epochs == 0:
+        time.sleep(0.3)
+        os._exit(1)
+    time.sleep(1.0)
+    return fake_train(c)

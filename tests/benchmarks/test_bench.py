@@ -527,6 +527,24 @@ def test_the_last_run_left_trains_as_its_parallel_siblings_did(tmp_path, monkeyp
     assert len(in_workers) == 1 and len(json.loads((out / "results.json").read_text())["runs"]) == 4
 
 
+@pytest.mark.slow
+def test_a_worker_that_dies_abruptly_loses_only_its_own_run(tmp_path, monkeypatch, no_training):
+    """A worker killed outright (a segfault, the OOM killer) ends its own run only: the runs
+    under way beside it finish and are recorded, and the error names the lost run."""
+    from tests.benchmarks.fakes import crash_or_fake
+
+    monkeypatch.setattr(schedule, "_train_in_process", crash_or_fake)
+    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
+                                  ["seeds=[0]"])  # 4 runs, random init first
+    out = tmp_path / "results"
+    with pytest.raises(Exception, match="terminated abruptly") as info:
+        bench.run_bench(cfg, out=out, progress=False, jobs=3)
+    assert "random-init-resnet18_cifar-seed0" in "".join(getattr(info.value, "__notes__", []))
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert sorted(r["id"] for r in runs) == ["recon-only-resnet18_cifar-seed0",
+                                             "simclr-base-seed0"]
+
+
 def test_a_failed_parallel_run_stops_new_starts_and_keeps_the_others(tmp_path, monkeypatch,
                                                                      no_training):
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
