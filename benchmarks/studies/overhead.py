@@ -18,6 +18,11 @@ torch threads, torch version, device), the settings (batch, image size, precisio
 and the load average before and after; a line warns when other work kept the CPU busy just
 before starting.
 
+On CUDA each variant's table row also gives its step memory: one more step after the timed
+rounds, untimed, and the peak of allocated memory in it minus what was allocated before it (the
+activations kept for the backward, the new gradients, workspaces), to read beside the
+activation table of ``benchmarks.studies.flops``.
+
 The last line is the headline, for the first width given (1.0 by default)::
 
     recon/base step-time ratio: X.XX [lo, hi] (L2+LPIPS-alex, width W)
@@ -154,12 +159,15 @@ class WidthResult:
         times: Variant -> its step times (seconds), one per timed round.
         step: Variant -> its median step time (seconds).
         ratios: Variant -> its :class:`RatioStats` (``base`` included: all ones).
+        memory: On CUDA, variant -> what one step adds to the memory allocated before it, at
+            its peak (bytes; :func:`step_memory`); None elsewhere.
     """
 
     width: float
     times: dict[str, list[float]]
     step: dict[str, float]
     ratios: dict[str, RatioStats]
+    memory: dict[str, int] | None = None
 
 
 @dataclass
@@ -545,6 +553,25 @@ def time_rounds(variants: dict[str, Variant], images: torch.Tensor, labels: torc
     return times
 
 
+def step_memory(variants: dict[str, Variant], images: torch.Tensor, labels: torch.Tensor,
+                args: argparse.Namespace) -> dict[str, int] | None:
+    """On CUDA, one more step of each variant, untimed, after the timed rounds: its peak of
+    allocated memory minus what was allocated before it (bytes; the activations kept for the
+    backward, the new gradients, workspaces). A variant replayed as CUDA graphs keeps its
+    memory in the graphs' pool, taken when they were captured, so it reads near 0 here. None on
+    the CPU, whose allocator torch does not count."""
+    if args.device != "cuda":
+        return None
+    out = {}
+    for name, v in variants.items():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(v, images, labels, args)
+        out[name] = torch.cuda.max_memory_allocated() - before
+    return out
+
+
 def bootstrap_median(values: Sequence[float], resamples: int, seed: int) -> tuple[float, float]:
     """The 2.5% and 97.5% percentiles of the median over ``resamples`` resamples of
     ``values`` drawn with replacement (seeded)."""
@@ -581,7 +608,8 @@ def run_width(width: float, args: argparse.Namespace, report: Report) -> WidthRe
     labels = torch.randint(0, 10, (args.batch_size,), device=args.device)
     times = time_rounds(variants, images, labels, args)
     result = WidthResult(width, times, {n: statistics.median(ts) for n, ts in times.items()},
-                         ratio_stats(times, args.resamples, args.seed))
+                         ratio_stats(times, args.resamples, args.seed),
+                         step_memory(variants, images, labels, args))
     report.add(width_table(result, template, variants[HEADLINE].aux, args))
     for name in args.profile:
         table = profile_variant(variants[name], images, labels, args)
@@ -619,12 +647,15 @@ def width_table(result: WidthResult, template: nn.Module, aux: recon_aux.ReconAu
         f"width {result.width}: encoder {enc_params / 1e6:.2f} M params, head "
         f"{head_params / 1e6:.3f} M params ({aux.head.extra_repr()}), tapped {aux.layer_name}",
         f"  {'variant':<{names}} {'median step (s)':>16} {'img/s':>8}   {'ratio: median':>13} "
-        f"{'[95% interval]':>16} {'min':>6} {'max':>6}   (n={args.rounds} rounds)",
+        f"{'[95% interval]':>16} {'min':>6} {'max':>6}   (n={args.rounds} rounds)"
+        + ("" if result.memory is None else f"   {'step memory (MiB)':>17}"),
     ]
     for name, t in result.step.items():
         r = result.ratios[name]
         lines.append(f"  {name:<{names}} {t:>16.4f} {args.batch_size / t:>8.0f}   "
-                     f"{r.median:>13.3f} {_interval(r):>16} {r.low:>6.3f} {r.high:>6.3f}")
+                     f"{r.median:>13.3f} {_interval(r):>16} {r.low:>6.3f} {r.high:>6.3f}"
+                     + ("" if result.memory is None
+                        else f"   {result.memory[name] / 2**20:>17.0f}"))
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ beside it. Tiny sizes: the timings themselves mean nothing here."""
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ import shutil
 import pytest
 import torch
 
+import recon_aux
 from adapters.engine import has_cxx_compiler
 from benchmarks.studies import first_epoch, head_memory_format, overhead
 
@@ -36,6 +38,7 @@ def test_report_structure_and_write(tmp_path, one_thread):
         assert 0 < stats.low <= stats.median <= stats.high
         assert stats.low <= stats.ci[0] <= stats.ci[1] <= stats.high
     assert result.ratios["base"].median == 1.0
+    assert result.memory is None and "step memory" not in text  # CUDA's allocator only
     head = result.ratios[overhead.HEADLINE]
     assert re.fullmatch(r"recon/base step-time ratio: \d+\.\d\d \[\d+\.\d\d, \d+\.\d\d\] "
                         r"\(L2\+LPIPS-alex, width 0\.25\)", report.lines[-1])
@@ -206,6 +209,8 @@ def test_cuda_precisions(precision, one_thread):
     report = overhead.run_benchmark(overhead.parse_args(argv), echo=False)
     assert "device: CUDA " in report.text and f"precision: {precision}" in report.text
     assert all(s.median > 0 for s in report.results[0.25].ratios.values())
+    memory = report.results[0.25].memory  # a step's activations at least, more with the head
+    assert "step memory (MiB)" in report.text and 0 < memory["base"] < memory["+L2"]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
@@ -330,3 +335,34 @@ def test_first_epoch_writes_each_line_as_it_is_measured(tiny_tree, tmp_path, mon
     assert len(lines) == 3 and lines[0].startswith(
         f"python -m benchmarks.studies.first_epoch {config} --write {out}; ")
     assert lines[1].startswith("loading the data") and lines[2].startswith("rotation-base ")
+
+
+def test_step_memory_is_the_peak_over_what_was_allocated_before(monkeypatch, one_thread):
+    """The CUDA-only column, its arithmetic and its table on a CPU machine: torch.cuda's
+    counters faked, each step allocating 100 MiB more per variant than the one before."""
+    allocated, peak = [0], [0]
+
+    def fake_step(v, images, labels, args):
+        peak[0] = allocated[0] + (len(seen) + 1) * 100 * 2**20
+        allocated[0] += 2**20  # the gradients it leaves
+        seen.append(v)
+        return 0.01
+
+    seen: list = []
+    monkeypatch.setattr(overhead, "step", fake_step)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: allocated[0])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: peak.__setitem__(0, 0))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak[0])
+    args = overhead.parse_args([*TINY, "--rounds", "1"])
+    args.device = "cuda"
+    memory = overhead.step_memory({"base": "b", "+L2": "l"}, None, None, args)
+    assert memory == {"base": 100 * 2**20, "+L2": 200 * 2**20} and seen == ["b", "l"]
+    result = overhead.WidthResult(0.25, {}, {"base": 0.01, "+L2": 0.02},
+                                  {n: overhead.RatioStats(1.0, 1.0, 1.0, (1.0, 1.0))
+                                   for n in ("base", "+L2")}, memory)
+    template = overhead.build_template("alexnet_cifar", 0.25)
+    aux = recon_aux.attach(copy.deepcopy(template), input_shape=(3, 32, 32), lpips_weight=0.0)
+    lines = overhead.width_table(result, template, aux, args).splitlines()
+    assert lines[2].endswith("step memory (MiB)")
+    assert lines[3].split()[-1] == "100" and lines[4].split()[-1] == "200"
