@@ -2,9 +2,10 @@
 
 ``ablate CONFIG`` varies the knobs around a default +recon block (overall weight including 0,
 the L2/LPIPS mix, LPIPS net, resize_to, tapped layer, and the cost knobs lpips_fraction,
-lpips_crop and head_max_width, or several keys at once with ``set``) for one method, with the
-outputs of ``bench`` (see :mod:`benchmarks.matrix`) plus a plot of metric vs weight and the
-paper's Figure 2 (reconstructions trained with L2 only, LPIPS only and L2 + LPIPS, side by side).
+lpips_crop, head_max_width, head_out_scale and head_norm, or several keys at once with ``set``)
+for one method, with the outputs of ``bench`` (see :mod:`benchmarks.matrix`) plus a plot of
+metric vs weight and the paper's Figure 2 (reconstructions trained with L2 only, LPIPS only and
+L2 + LPIPS, side by side).
 
 Ablate config (YAML; the run config path is relative to this file's folder)::
 
@@ -55,7 +56,7 @@ MIXES = {"l2": (1.0, 0.0), "lpips": (0.0, 1.0), "l2+lpips": (1.0, 1.0)}
 #: (the cost knobs too, to measure what they do to the representation before one becomes a
 #: default; each value is checked by the recon block's rules before any run starts).
 AXES = ("weight", "mix", "net", "resize_to", "layer", "lpips_fraction", "lpips_crop",
-        "head_max_width", "set")
+        "head_max_width", "head_out_scale", "head_norm", "set")
 #: ``set``'s values change several keys of the block at once (``{resize_to: 64, lpips_crop: 36}``:
 #: a knob that acts only in combination with another).
 
