@@ -1,4 +1,4 @@
-"""One row of two results folders, seed by seed: which variant of a run is better?
+"""Two rows of results, seed by seed: which variant of a run is better?
 
 Two matrices that differ in one setting and share everything else (seeds, data, schedule,
 evaluation) have rows of the same id, e.g. ``simclr-recon-seed<k>`` in simclr-cpu (ResNet tap
@@ -8,10 +8,15 @@ judged by the tables' rule (:func:`benchmarks.report.paired`: clear when two see
 the mean larger than its std), the config keys in which the two rows differ and the layers
 their runs tapped, so the output says what it compares. Nothing is trained.
 
+``--row-b`` compares another row, of B or of the same folder: an ablation's point against its
+default point, say (``head_out_scale=4`` against ``weight=1.0``, both of ablation-head-cpu).
+
 Usage::
 
     python -m benchmarks.studies.compare_runs benchmarks/results/simclr-cpu \\
         benchmarks/results/simclr-cpu-layer --row simclr-recon
+    python -m benchmarks.studies.compare_runs benchmarks/results/ablation-head-cpu \
+        benchmarks/results/ablation-head-cpu --row head_out_scale=4 --row-b weight=1.0
 """
 
 from __future__ import annotations
@@ -45,13 +50,15 @@ def _runs(folder: Path, row: str) -> dict[int, dict[str, Any]]:
     return found
 
 
-def compare(a: Path, b: Path, row: str) -> str:
-    """The comparison as text (a header, the differing config keys and a markdown table)."""
-    runs_a, runs_b = _runs(a, row), _runs(b, row)
+def compare(a: Path, b: Path, row: str, row_b: str | None = None) -> str:
+    """The comparison as text (a header, the differing config keys and a markdown table): row
+    ``row`` of folder ``a`` against row ``row_b`` (None: the same row) of folder ``b``."""
+    row_b = row if row_b is None else row_b
+    runs_a, runs_b = _runs(a, row), _runs(b, row_b)
     seeds = sorted(set(runs_a) & set(runs_b))
     if not seeds:
-        raise SystemExit(f"compare_runs: no seed has {row} in both folders (A: seeds "
-                         f"{sorted(runs_a)}, B: seeds {sorted(runs_b)}).")
+        raise SystemExit(f"compare_runs: no seed has both rows (A: {row}, seeds "
+                         f"{sorted(runs_a)}; B: {row_b}, seeds {sorted(runs_b)}).")
     first_a, first_b = runs_a[seeds[0]]["config"], runs_b[seeds[0]]["config"]
     fa, fb = flatten(first_a), flatten(first_b)
     unset = "not set (the default)"
@@ -60,7 +67,8 @@ def compare(a: Path, b: Path, row: str) -> str:
     metrics = [m for m in runs_a[seeds[0]]["metrics"] if not m.startswith("final_")
                and all(m in runs_a[s]["metrics"] and m in runs_b[s]["metrics"] for s in seeds)]
     tapped = [", ".join(tapped_layers([runs[s] for s in seeds])) for runs in (runs_a, runs_b)]
-    lines = [f"{row}, seeds {', '.join(map(str, seeds))}: A = {a}, B = {b}",
+    rows = row if row_b == row else f"A: {row}, B: {row_b}"
+    lines = [f"{rows}, seeds {', '.join(map(str, seeds))}: A = {a}, B = {b}",
              "configs differ in: " + ("; ".join(diff) if diff else "nothing (same config)"),
              f"tapped layer: A: {tapped[0]}, B: {tapped[1]}", "",
              "| metric | A | B | A − B (paired) |", "|---|---|---|---|"]
@@ -79,13 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("b", type=Path, help="results folder B")
     parser.add_argument("--row", required=True,
                         help="run id without its seed, e.g. simclr-recon or simclr-base")
+    parser.add_argument("--row-b", default=None,
+                        help="B's row, when it is not --row (e.g. an ablation's default point)")
     parser.add_argument("--write", type=Path, default=None, help="also write the text here")
     args = parser.parse_args(argv)
-    text = compare(args.a, args.b, args.row)
+    text = compare(args.a, args.b, args.row, args.row_b)
     sys.stdout.write(text)
     if args.write is not None:
+        row_b = "" if args.row_b is None else f" --row-b {args.row_b}"
         args.write.write_text(f"$ python -m benchmarks.studies.compare_runs {args.a} {args.b} "
-                              f"--row {args.row}\n{text}")
+                              f"--row {args.row}{row_b}\n{text}")
     return 0
 
 

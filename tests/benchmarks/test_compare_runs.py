@@ -60,6 +60,21 @@ def test_no_common_seed_is_an_error(tmp_path):
     b.mkdir()
     runs = [{"id": "simclr-recon-seed3", "seed": 3, "metrics": {"knn_pool": 1.0}, "config": {}}]
     (b / "results.json").write_text(json.dumps({"runs": runs}))
-    with pytest.raises(SystemExit, match=r"no seed has simclr-recon in both folders \(A: seeds "
-                                         r"\[0\], B: seeds \[3\]\)"):
+    with pytest.raises(SystemExit, match=r"no seed has both rows \(A: simclr-recon, seeds "
+                                         r"\[0\]; B: simclr-recon, seeds \[3\]\)"):
         compare_runs.main([str(a), str(b), "--row", "simclr-recon"])
+
+
+def test_another_row_of_the_same_folder(tmp_path, capsys):
+    """An ablation's point against its default point: two rows of one folder."""
+    a = _folder(tmp_path / "a", "layer4", [45.0, 46.0], extra=())
+    runs = json.loads((a / "results.json").read_text())["runs"]
+    runs += [{**r, "id": r["id"].replace("simclr-recon", "point"),
+              "metrics": {"knn_pool": r["metrics"]["knn_pool"] + 2.0}} for r in runs]
+    (a / "results.json").write_text(json.dumps({"runs": runs}))
+    assert compare_runs.main([str(a), str(a), "--row", "point", "--row-b", "simclr-recon"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("A: point, B: simclr-recon, seeds 0, 1: ")
+    assert "| knn_pool | 47.5 ± 0.7 | 45.5 ± 0.7 | +2.0 ± 0.0 (2/2 seeds up; A better) |" in text
+    with pytest.raises(SystemExit, match="has no finished run nope-seed<k>; its rows are point"):
+        compare_runs.main([str(a), str(a), "--row", "point", "--row-b", "nope"])
