@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters.config import ReconSection, RunConfigError
+from adapters.config import ReconSection, RunConfig, RunConfigError
 from adapters.schema import check_value
 
 from . import report
@@ -142,6 +142,8 @@ def run_ablate(cfg: AblateConfig, out: Path | None = None, progress: bool | None
     for seed in cfg.seeds:
         if cfg.references:
             add_references(matrix, cfg, cfg.method, "method", cfg.references, common, seed)
+        default_key = _point_key(cfg.method.run_config(
+            [*common, f"train.seed={seed}"], cfg.name, [f"recon={json.dumps(default)}"]), seed)
         for axis, values in cfg.axes.items():
             for value in values:
                 recon = copy.deepcopy(default)
@@ -155,11 +157,10 @@ def run_ablate(cfg: AblateConfig, out: Path | None = None, progress: bool | None
                     recon[axis] = value
                 rc = cfg.method.run_config([*common, f"train.seed={seed}"], cfg.name,
                                            [f"recon={json.dumps(recon)}"])
-                key = hashlib.sha256(json.dumps([_recon_key(rc.recon), seed],
-                                                sort_keys=True).encode()).hexdigest()
+                key = _point_key(rc, seed)
                 run_id = plain_name(f"{axis}={_shown(value)}-seed{seed}".replace("/", "_")
                                     .replace(" ", ""), f"axes.{axis} value {value!r}")
-                if recon is None or recon == default:
+                if recon is None or key == default_key:  # head_out_scale=2 is the default too
                     main_keys.add(key)
                 if key in first_id:  # the default point appears on every axis: run it once
                     aliases[run_id] = (first_id[key], {axis: value})
@@ -182,6 +183,13 @@ def run_ablate(cfg: AblateConfig, out: Path | None = None, progress: bool | None
     table = [r for r in runs if r.get("reference") or r["id"] in main_ids]
     _write_ablation_report(matrix.out, cfg, runs, table, unique)
     return matrix.out
+
+
+def _point_key(rc: RunConfig, seed: int) -> str:
+    """What makes two points of the grid the same run: their recon blocks with every default
+    filled in (:func:`_recon_key`), and the seed."""
+    return hashlib.sha256(json.dumps([_recon_key(rc.recon), seed],
+                                     sort_keys=True).encode()).hexdigest()
 
 
 def _recon_key(recon: ReconSection | None) -> dict[str, Any] | None:

@@ -19,7 +19,8 @@ from adapters.engine import machine
 
 __all__ = ["PAPER", "summarise", "render_table", "render_readme", "render_setup", "verdicts",
            "render_verdicts", "evaluation_lines", "plot_curves", "plot_ablation", "label_of",
-           "mean_std", "paired", "format_cell", "format_paired", "tapped_layers", "NO_PAIR"]
+           "mean_std", "paired", "format_cell", "format_paired", "tapped_layers", "NO_PAIR",
+           "no_pair_reason"]
 
 # The paper's numbers (Hizioglu 2020), AlexNet, full data, paper-scale training.
 PAPER = {
@@ -222,8 +223,22 @@ def verdicts(runs: list[dict[str, Any]], metrics: Sequence[str],
     return out
 
 
-#: The reason given for a method whose base and +recon runs share no seed yet.
+#: The reason given for a method whose base and +recon runs share no seed yet (see
+#: :func:`no_pair_reason` for the other two cases).
 NO_PAIR = "no +recon row yet"
+
+
+def no_pair_reason(runs: list[dict[str, Any]], method: str) -> str:
+    """Why ``method`` has no verdict: no +recon row yet (:data:`NO_PAIR`), no base row (a
+    matrix that varies the objective only, such as an ablation of one knob), or base and
+    +recon rows that share no seed yet."""
+    own = [r for r in runs if not r.get("reference") and r["method"] == method]
+    has_base, has_recon = any(not r["recon"] for r in own), any(r["recon"] for r in own)
+    if has_recon and not has_base:
+        return "no base row: this matrix varies the objective only"
+    if has_recon and has_base:
+        return "its base and +recon rows share no seed yet"
+    return NO_PAIR
 
 
 def render_verdicts(runs: list[dict[str, Any]], metrics: Sequence[str]) -> str:
@@ -241,7 +256,7 @@ def render_verdicts(runs: list[dict[str, Any]], metrics: Sequence[str]) -> str:
             f"  +recon − recon-only: {cells(v['vs_recon_only'])}.\n"
             f"  The paper: {v['paper']}.")
     for method in sorted({r["method"] for r in runs if not r.get("reference")} - set(found)):
-        lines.append(f"- **{method}: unclear** ({NO_PAIR}).")
+        lines.append(f"- **{method}: unclear** ({no_pair_reason(runs, method)}).")
     return "\n".join(lines)
 
 

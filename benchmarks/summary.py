@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .report import NO_PAIR, PAPER_CLAIMS, summarise, tapped_layers, verdicts
+from .report import PAPER_CLAIMS, no_pair_reason, summarise, tapped_layers, verdicts
 
 __all__ = ["MARK_BEGIN", "MARK_END", "MATRICES", "RESULTS", "SummaryError", "folders_of",
            "render_summary", "replace_block", "summary_rows"]
@@ -86,7 +86,8 @@ def summary_rows(folder: Path) -> list[dict[str, Any]]:
                                and r["method"] == method and bool(r["recon"]) == recon)
                  for recon in (False, True)}
         v = found.get(method)
-        answer, reason = (v["answer"], v["reason"]) if v else ("unclear", NO_PAIR)
+        answer, reason = ((v["answer"], v["reason"]) if v
+                          else ("unclear", no_pair_reason(runs, method)))
         tapped = tapped_layers([r for r in runs if not r.get("reference")
                                 and r["method"] == method and r["recon"]])
         rows.append({"method": method, "matrix": folder.name, "tapped": tapped,

@@ -155,6 +155,22 @@ def test_ablate_end_to_end(tmp_path, toy_config):
                          " | 1 |")
 
 
+def test_an_axis_value_equal_to_the_default_is_the_default_point(tmp_path, monkeypatch,
+                                                                  no_training):
+    """A grid of one knob, with no weight axis: the point whose value is the default
+    (head_out_scale=2) is the default +recon point of the main table and its verdict."""
+    written = {}
+    monkeypatch.setattr(ablate, "write_report",
+                        lambda out, cfg, table, **k: written.update(table=table))
+    cfg_file = tmp_path / "abl.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "title": "one knob", "seeds": [0], "metrics": ["knn_pool"],
+        "method": {"config": str(REPO / "benchmarks" / "configs" / "smoke" / "simclr.yaml")},
+        "recon": {"weight": 1.0}, "axes": {"head_out_scale": [2, 4]}}))
+    ablate.run_ablate(ablate.load_ablate_config(cfg_file), out=tmp_path / "abl", progress=False)
+    assert [r["id"] for r in written["table"]] == ["head_out_scale=2-seed0"]
+
+
 def test_second_reference_on_one_backbone_gets_its_own_row(tmp_path, monkeypatch, no_training):
     # AET and DeepCluster share the backbone; AET's random-init row carries AET's config, so it
     # must be its own run, not a silent duplicate of DeepCluster's.

@@ -89,6 +89,12 @@ def test_verdicts_follow_the_paired_rule():
 def test_a_method_without_a_recon_run_yet_gets_a_verdict_line():
     runs = [_run("m", False, 0, 40.0), _run("random-init", False, 0, 30.0, "random-init")]
     assert report.render_verdicts(runs, ["knn"]) == "- **m: unclear** (no +recon row yet)."
+    recon_only = [_run("m", True, 0, 42.0), runs[1]]  # an ablation of one knob: no base row
+    assert report.render_verdicts(recon_only, ["knn"]) == (
+        "- **m: unclear** (no base row: this matrix varies the objective only).")
+    apart = [_run("m", False, 0, 40.0), _run("m", True, 1, 42.0)]
+    assert report.render_verdicts(apart, ["knn"]) == (
+        "- **m: unclear** (its base and +recon rows share no seed yet).")
 
 
 def test_a_method_pairs_with_the_recon_only_run_on_its_own_recipe():
