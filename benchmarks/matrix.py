@@ -434,9 +434,9 @@ class Matrix:
         its first step (:func:`adapters.engine.check_run`: data, layers, batch size, ``k``).
         With ``time_budget`` (seconds), a run starts only when the time used so far plus the
         time it is expected to take (:meth:`.schedule.Budget.expected`) fits in it; a longer
-        run is passed over
-        for a later one that fits, and a run with nothing to go by starts. The runs left stay
-        planned, and the same command goes on with them (for a machine lent by the minute).
+        run is passed over for a later one that fits, and a run with nothing to go by starts.
+        The runs left stay planned, and the same command goes on with them (for a machine lent
+        by the minute).
 
         With ``jobs`` > 1, up to that many runs train at once, each in a process of its own
         (:func:`.schedule.run_in_processes`): for a GPU that one small run leaves mostly idle.

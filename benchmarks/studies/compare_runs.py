@@ -15,7 +15,7 @@ Usage::
 
     python -m benchmarks.studies.compare_runs benchmarks/results/simclr-cpu \\
         benchmarks/results/simclr-cpu-layer --row simclr-recon
-    python -m benchmarks.studies.compare_runs benchmarks/results/ablation-head-cpu \
+    python -m benchmarks.studies.compare_runs benchmarks/results/ablation-head-cpu \\
         benchmarks/results/ablation-head-cpu --row head_out_scale=4 --row-b weight=1.0
 """
 
