@@ -22,6 +22,9 @@ from torch import Tensor
 
 __all__ = ["SinkhornResult", "sela_sinkhorn"]
 
+# Entries per block of the final argmax (2**22: 32 MB of float64): it holds one block of P r.
+_BLOCK_ENTRIES = 1 << 22
+
 
 @dataclass
 class SinkhornResult:
@@ -75,6 +78,11 @@ def sela_sinkhorn(
         max_iters: Raise if not converged after this many iterations.
         return_plan: Also return the ``(N, K)`` transport plan.
 
+    Memory: the caller's ``probs`` and one float64 ``(N, K)`` working copy, ``P ** lamb``; the
+    plan, when asked for, is that copy scaled in place. So 16 bytes per entry with a float64
+    input and 12 with float32, plus ``O(N + K)`` (``benchmarks/studies/clustering_scale.py``
+    measures it).
+
     Returns:
         :class:`SinkhornResult` (labels on ``probs.device``).
 
@@ -100,7 +108,8 @@ def sela_sinkhorn(
         )
     n, k = probs.shape
     p = probs.to(torch.float64, copy=True)
-    if not torch.isfinite(p).all() or (p < 0).any():
+    # min/max rather than isfinite(p) / p < 0: no (N, K) boolean transients (NaN propagates).
+    if not (float(p.amin()) >= 0 and math.isfinite(float(p.amax()))):
         raise ValueError(
             "probs has negative or non-finite entries; pass softmax probabilities (check the "
             "features and head weights for NaN/inf)"
@@ -142,8 +151,18 @@ def sela_sinkhorn(
                 )
         c = c_new
         iterations += 1
-    labels = torch.argmax(p * r, dim=1)  # c_n is constant along a row: same argmax as the plan
-    chosen = probs.to(torch.float64).gather(1, labels[:, None]).squeeze(1)
+    # c_n is constant along a row: the argmax of P r is the plan's. Taken over blocks of rows in
+    # one reused buffer, so no (N, K) product is held beside P (the same labels as one argmax
+    # over the whole matrix; a new buffer per block left the freed ones in the heap on Linux).
+    rows = min(n, max(1, _BLOCK_ENTRIES // k))
+    labels = torch.empty(n, dtype=torch.long, device=p.device)
+    buffer = torch.empty(rows, k, dtype=torch.float64, device=p.device)
+    for start in range(0, n, rows):
+        block = p[start:start + rows]
+        product = torch.mul(block, r, out=buffer[: block.shape[0]])
+        torch.argmax(product, dim=1, out=labels[start:start + block.shape[0]])
+    del buffer
+    chosen = probs.gather(1, labels[:, None]).squeeze(1).to(torch.float64)
     cost = float(-chosen.log().mean())
     plan = p.mul_(r).mul_(c[:, None]) if return_plan else None
     return SinkhornResult(labels, r, c, iterations, err, cost, plan)

@@ -12,17 +12,18 @@ clusters, it measures
 
 on synthetic inputs shaped like the real ones (softmax of a linear head on low-rank features for
 Sinkhorn; L2-normalised low-rank 256-d points for k-means), then fits ``time = a * N`` and
-``memory = b * N`` and extrapolates to ImageNet's N = 1,281,167.
+``memory = b * N`` and extrapolates to ImageNet's N = 1,281,167. With ``--limit-check F`` it
+then runs Sinkhorn once more at the fraction F of the largest N the fit says fits in memory, and
+prints what it measured there beside what the fit predicted.
 
-    python -m benchmarks.studies.clustering_scale --threads 2
+    python -m benchmarks.studies.clustering_scale --threads 2 --limit-check 0.8
     python -m benchmarks.studies.clustering_scale --sizes 10000 50000 --ks 1000 --write out.txt
 
 Memory formula (the N x K matrices dominate): Sinkhorn holds the input probabilities (N x K, 8 or
-4 bytes an entry) and its float64 working copy ``probs ** lamb`` (8 bytes), plus the transient
-buffers of the final plan and the argmax: the study fits the measured bytes per N x K entry and
-extrapolates with it (the inputs alone are 16 or 12 bytes an entry). k-means holds the N x
-D points, K x D centroids and an N-chunked N x K distance block: ``4 * N * D`` bytes plus a
-constant.
+4 bytes an entry) and its float64 working copy ``probs ** lamb`` (8 bytes), so 16 or 12 bytes
+an entry; the study fits the measured bytes per N x K entry and extrapolates with it. k-means
+holds the N x D points, K x D centroids and an N-chunked N x K distance block: ``4 * N * D``
+bytes plus a constant.
 """
 
 from __future__ import annotations
@@ -47,12 +48,14 @@ IMAGENET = 1_281_167
 
 
 def _probs(n: int, k: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    """Softmax of a random linear head on rank-16 features (logit std ~2)."""
+    """Softmax of a random linear head on rank-16 features (logit std ~2), built in blocks of
+    at most 2**20 entries so that building it adds little to the peak the study measures."""
     g = torch.Generator().manual_seed(seed)
     out = torch.empty(n, k, dtype=dtype)
     w = torch.randn(16, k, generator=g, dtype=torch.float32) * 0.5  # logits std ~2
-    for start in range(0, n, 65536):
-        f = torch.randn(min(65536, n - start), 16, generator=g)
+    rows = max(1, (1 << 20) // k)
+    for start in range(0, n, rows):
+        f = torch.randn(min(rows, n - start), 16, generator=g)
         out[start:start + f.shape[0]] = torch.softmax(f @ w, dim=1).to(dtype)
     return out
 
@@ -100,6 +103,14 @@ def _memory_gb() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"must be in (0, 1], a fraction of the largest N that fits (e.g. 0.8), got {text}")
+    return value
+
+
 def _child(spec: dict) -> dict:
     """Run :func:`_child_main` in a new interpreter; its JSON answer."""
     done = subprocess.run([sys.executable, "-m", "benchmarks.studies.clustering_scale",
@@ -144,18 +155,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ks", type=int, nargs="+", default=[1000, 3000])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-kmeans", action="store_true")
+    parser.add_argument("--limit-check", type=_fraction, default=None, metavar="F",
+                        help="after the fit, run Sinkhorn (both inputs) at F x the largest N "
+                             "whose fitted float64-input peak fits the memory; off by default")
+    parser.add_argument("--memory-gb", type=float, default=None,
+                        help="memory the limits are computed for (default: this machine's)")
     parser.add_argument("--write", type=Path, default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
         print(json.dumps(_child_main(json.loads(args.child))))
         return 0
+    if args.memory_gb is not None and not args.memory_gb > 0:
+        parser.error(f"--memory-gb must be positive, got {args.memory_gb}")
+    memory = args.memory_gb if args.memory_gb is not None else _memory_gb()
     torch.set_num_threads(args.threads)
     baseline = _child({"kind": "baseline", "threads": args.threads})["peak_gb"]
     lines = [f"# {platform.machine()} CPU ({os.cpu_count()} cores), {args.threads} threads, "
              f"torch {torch.__version__}, faiss {'yes' if faiss_available() else 'no'}; each "
              f"measurement in its own process, memory = its peak resident set minus that of a "
-             f"process that only imported torch ({baseline:.2f} GB)"]
+             f"process that only imported torch ({baseline:.2f} GB)",
+             "# python -m benchmarks.studies.clustering_scale "
+             + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))]
 
     def say(text: str) -> None:
         lines.append(text)
@@ -184,9 +205,21 @@ def main(argv: list[str] | None = None) -> int:
             f"{m64 * 1e9 / k:.1f} bytes per N x K entry with float64 input, {m32 * 1e9 / k:.1f} "
             f"with float32 input, so ~{m64 * IMAGENET:.0f} / ~{m32 * IMAGENET:.0f} GB at that N")
         if m64 > 0 and m32 > 0:
-            say(f"-> sinkhorn K={k}: the largest N whose measured peak fits this machine's "
-                f"{_memory_gb():.0f} GB: ~{int(_memory_gb() / m64):,} (float64 input), "
-                f"~{int(_memory_gb() / m32):,} (float32 input)")
+            where = "this machine's" if args.memory_gb is None else "the given"
+            say(f"-> sinkhorn K={k}: the largest N whose measured peak fits {where} "
+                f"{memory:.3g} GB: ~{round(memory / m64):,} (float64 input), "
+                f"~{round(memory / m32):,} (float32 input)")
+            if args.limit_check is not None:
+                n = round(args.limit_check * memory / m64)
+                s = sinkhorn_case(n, k, args.threads, baseline)
+                say(f"-> sinkhorn K={k} at {args.limit_check:g} of that limit, N={n:,}: "
+                    f"f64 input {s['f64']['s']:.1f}s (fit {a * n:.1f}s) "
+                    f"+{s['f64']['peak_gb']:.2f}GB (fit {m64 * n:.2f}GB) | f32 input "
+                    f"{s['f32']['s']:.1f}s +{s['f32']['peak_gb']:.2f}GB (fit {m32 * n:.2f}GB) | "
+                    f"labels equal {100 * s['agree']:.2f}%")
+        elif args.limit_check is not None:
+            say(f"-> sinkhorn K={k}: no limit check, the sizes measured added no memory to fit "
+                "(measure larger N)")
         if km_t:
             b = _fit(args.sizes, km_t)
             say(f"-> kmeans K={k}: at N={IMAGENET}: ~{b * IMAGENET / 60:.1f} min per epoch "

@@ -36,6 +36,22 @@ def test_sinkhorn_equipartition_float64_converges(n, k):
     assert tight.error <= 1e-6 and (tight.labels == res.labels).float().mean() > 0.95
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sinkhorn_argmax_over_row_blocks_equals_the_whole_matrix(monkeypatch, dtype):
+    """The labels are taken block by block (no (N, K) product beside P): blocks of 64 rows,
+    the last one short, give the argmax of the whole plan, and the cost of the input's own
+    probabilities at those labels."""
+    import adapters.ops.sinkhorn as sk
+
+    probs = _probs(1000, 7).to(dtype)
+    whole = sela_sinkhorn(probs, lamb=25, return_plan=True)
+    monkeypatch.setattr(sk, "_BLOCK_ENTRIES", 64 * 7)  # 64 rows of 7 clusters
+    blocks = sela_sinkhorn(probs, lamb=25)
+    assert torch.equal(blocks.labels, whole.plan.argmax(1))
+    chosen = probs.double().gather(1, blocks.labels[:, None])
+    assert blocks.cost == float(-chosen.log().mean())
+
+
 def test_sinkhorn_balances_a_collapsed_problem():
     # Every sample prefers cluster 0: plain argmax puts all in one cluster, SK spreads them.
     probs = _probs(500, 5, scale=0.5)
@@ -52,8 +68,11 @@ def test_sinkhorn_errors_name_the_fix():
     probs[:, 3] = 0.0
     with pytest.raises(ValueError, match="lower lamb|Lower"):
         sela_sinkhorn(probs / probs.sum(1, keepdim=True), lamb=10)
-    with pytest.raises(ValueError, match="non-finite"):
-        sela_sinkhorn(torch.full((5, 2), float("nan")), lamb=10)
+    for bad in (float("nan"), float("inf"), -0.5):
+        one_bad = _probs(5, 2)
+        one_bad[3, 1] = bad
+        with pytest.raises(ValueError, match="negative or non-finite"):
+            sela_sinkhorn(one_bad, lamb=10)
     with pytest.raises(RuntimeError, match="did not converge"):
         sela_sinkhorn(_probs(200, 10), lamb=25, tol=1e-12, max_iters=20)
 
