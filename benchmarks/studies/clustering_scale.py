@@ -213,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
                 n = round(args.limit_check * memory / m64)
                 s = sinkhorn_case(n, k, args.threads, baseline)
                 say(f"-> sinkhorn K={k} at {args.limit_check:g} of that limit, N={n:,}: "
-                    f"f64 input {s['f64']['s']:.1f}s (fit {a * n:.1f}s) "
+                    f"f64 input {s['f64']['s']:.1f}s (fit {a * n:.1f}s) {s['f64']['iters']} it "
                     f"+{s['f64']['peak_gb']:.2f}GB (fit {m64 * n:.2f}GB) | f32 input "
-                    f"{s['f32']['s']:.1f}s +{s['f32']['peak_gb']:.2f}GB (fit {m32 * n:.2f}GB) | "
+                    f"{s['f32']['s']:.1f}s {s['f32']['iters']} it +{s['f32']['peak_gb']:.2f}GB "
+                    f"(fit {m32 * n:.2f}GB) | "
                     f"labels equal {100 * s['agree']:.2f}%")
         elif args.limit_check is not None:
             say(f"-> sinkhorn K={k}: no limit check, the sizes measured added no memory to fit "

@@ -43,8 +43,8 @@ def test_limit_check_runs_at_the_fraction_of_the_fitted_limit(tmp_path, monkeypa
     assert "# python -m benchmarks.studies.clustering_scale --sizes 1000 4000" in text
     assert "16.0 bytes per N x K entry with float64 input, 12.0 with float32" in text
     assert "fits the given 1.6 GB: ~1,000,000 (float64 input), ~1,333,333 (float32 input)" in text
-    assert ("at 0.5 of that limit, N=500,000: f64 input 0.5s (fit 0.5s) +0.80GB (fit 0.80GB) | "
-            "f32 input 0.5s +0.60GB (fit 0.60GB)") in text
+    assert ("at 0.5 of that limit, N=500,000: f64 input 0.5s (fit 0.5s) 11 it +0.80GB "
+            "(fit 0.80GB) | f32 input 0.5s 11 it +0.60GB (fit 0.60GB)") in text
 
 
 def test_limit_check_refuses_a_fraction_outside_0_1():
