@@ -159,9 +159,8 @@ def sela_sinkhorn(
     buffer = torch.empty(rows, k, dtype=torch.float64, device=p.device)
     for start in range(0, n, rows):
         block = p[start:start + rows]
-        product = torch.mul(block, r, out=buffer[: block.shape[0]])
-        torch.argmax(product, dim=1, out=labels[start:start + block.shape[0]])
-    del buffer
+        m = block.shape[0]
+        torch.argmax(torch.mul(block, r, out=buffer[:m]), dim=1, out=labels[start:start + m])
     chosen = probs.gather(1, labels[:, None]).squeeze(1).to(torch.float64)
     cost = float(-chosen.log().mean())
     plan = p.mul_(r).mul_(c[:, None]) if return_plan else None

@@ -111,6 +111,26 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _sinkhorn_cells(s: dict, fits: dict[str, tuple[float | None, float]] | None = None) -> str:
+    """One :func:`sinkhorn_case` as text; ``fits`` adds the fit's seconds (or None) and GB
+    beside an input's measurement."""
+    cells = []
+    for name in ("f64", "f32"):
+        r, (fit_s, fit_gb) = s[name], (fits or {}).get(name, (None, None))
+        cells.append(f"{name} input {r['s']:.1f}s"
+                     + ("" if fit_s is None else f" (fit {fit_s:.1f}s)")
+                     + f" {r['iters']} it +{r['peak_gb']:.2f}GB"
+                     + ("" if fit_gb is None else f" (fit {fit_gb:.2f}GB)"))
+    return " | ".join(cells) + f" | labels equal {100 * s['agree']:.2f}%"
+
+
 def _child(spec: dict) -> dict:
     """Run :func:`_child_main` in a new interpreter; its JSON answer."""
     done = subprocess.run([sys.executable, "-m", "benchmarks.studies.clustering_scale",
@@ -158,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit-check", type=_fraction, default=None, metavar="F",
                         help="after the fit, run Sinkhorn (both inputs) at F x the largest N "
                              "whose fitted float64-input peak fits the memory; off by default")
-    parser.add_argument("--memory-gb", type=float, default=None,
+    parser.add_argument("--memory-gb", type=_positive, default=None,
                         help="memory the limits are computed for (default: this machine's)")
     parser.add_argument("--write", type=Path, default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -166,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.child is not None:
         print(json.dumps(_child_main(json.loads(args.child))))
         return 0
-    if args.memory_gb is not None and not args.memory_gb > 0:
-        parser.error(f"--memory-gb must be positive, got {args.memory_gb}")
     memory = args.memory_gb if args.memory_gb is not None else _memory_gb()
     torch.set_num_threads(args.threads)
     baseline = _child({"kind": "baseline", "threads": args.threads})["peak_gb"]
@@ -176,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
              f"measurement in its own process, memory = its peak resident set minus that of a "
              f"process that only imported torch ({baseline:.2f} GB)",
              "# python -m benchmarks.studies.clustering_scale "
-             + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))]
+             + " ".join(argv if argv is not None else sys.argv[1:])]
 
     def say(text: str) -> None:
         lines.append(text)
@@ -189,10 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             sk_t.append(s["f64"]["s"])
             sk_m.append(max(s["f64"]["peak_gb"], 0.0))
             sk_m32.append(max(s["f32"]["peak_gb"], 0.0))
-            say(f"sinkhorn N={n} K={k}: f64 input {s['f64']['s']:.1f}s {s['f64']['iters']} it "
-                f"+{s['f64']['peak_gb']:.2f}GB | f32 input {s['f32']['s']:.1f}s "
-                f"{s['f32']['iters']} it +{s['f32']['peak_gb']:.2f}GB | labels equal "
-                f"{100 * s['agree']:.2f}%")
+            say(f"sinkhorn N={n} K={k}: {_sinkhorn_cells(s)}")
             if not args.skip_kmeans:
                 m = kmeans_case(n, k, args.threads, baseline)
                 km_t.append(m["torch_s"])
@@ -212,12 +227,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.limit_check is not None:
                 n = round(args.limit_check * memory / m64)
                 s = sinkhorn_case(n, k, args.threads, baseline)
+                fits = {"f64": (a * n, m64 * n), "f32": (None, m32 * n)}
                 say(f"-> sinkhorn K={k} at {args.limit_check:g} of that limit, N={n:,}: "
-                    f"f64 input {s['f64']['s']:.1f}s (fit {a * n:.1f}s) {s['f64']['iters']} it "
-                    f"+{s['f64']['peak_gb']:.2f}GB (fit {m64 * n:.2f}GB) | f32 input "
-                    f"{s['f32']['s']:.1f}s {s['f32']['iters']} it +{s['f32']['peak_gb']:.2f}GB "
-                    f"(fit {m32 * n:.2f}GB) | "
-                    f"labels equal {100 * s['agree']:.2f}%")
+                    f"{_sinkhorn_cells(s, fits)}")
         elif args.limit_check is not None:
             say(f"-> sinkhorn K={k}: no limit check, the sizes measured added no memory to fit "
                 "(measure larger N)")
