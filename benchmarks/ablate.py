@@ -239,8 +239,7 @@ def _write_ablation_report(out: Path, cfg: AblateConfig, runs: list[dict[str, An
                 cells.append("-")
                 continue
             p = report.paired(diffs, "better", "worse")  # the tables' "clear" rule
-            cells.append(f"{p['mean']:+.1f}" + ("" if p["verdict"] == "no clear difference"
-                                                 else "*"))
+            cells.append(f"{p['mean']:+.1f}" + ("*" if p["clear"] else ""))
         return " / ".join(cells)
 
     for axis, values in cfg.axes.items():

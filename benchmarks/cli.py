@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, what in (("bench", "methods x {base, +recon} x seeds, with reference rows"),
                        ("ablate", "the auxiliary objective's knobs for one method")):
         b = sub.add_parser(name, help=what)
-        b.add_argument("config", help="YAML bench config (benchmarks/configs/); the run configs "
-                                      "it names are relative to its folder")
+        b.add_argument("config", help=f"YAML {name} config (benchmarks/configs/); the run "
+                                      "configs it names are relative to its folder")
         b.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seeds=[0,1]")
         b.add_argument("--out-dir", type=Path, default=None,
                        help="results folder, where everything is written (default "

@@ -62,13 +62,16 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def paired(diffs: list[float], better: str, worse: str) -> dict[str, Any]:
-    """Paired differences (same seed) summarised: mean, std, n, how many are > 0, and the
-    verdict the tables print: ``better``/``worse`` when there are two or more and the mean is
-    larger than the std, else "no clear difference" (the one definition of "clear")."""
+    """Paired differences (same seed) summarised: mean, std, n, how many are > 0, whether the
+    difference is ``clear`` (two seeds or more and the mean larger than the std: the one
+    definition of "clear"), and the verdict the tables print: ``better``/``worse`` when clear,
+    "no clear difference" when not, "unclear: one seed" with one (no std to hold it against)."""
     mean, std = mean_std(diffs)
     clear = len(diffs) > 1 and abs(mean) > std
+    verdict = ((better if mean > 0 else worse) if clear else
+               "no clear difference" if len(diffs) > 1 else "unclear: one seed")
     return {"mean": mean, "std": std, "n": len(diffs), "improved": sum(d > 0 for d in diffs),
-            "verdict": (better if mean > 0 else worse) if clear else "no clear difference"}
+            "clear": clear, "verdict": verdict}
 
 
 def _reference_of(kind: str, run: dict[str, Any], runs: list[dict[str, Any]], metric: str):
@@ -139,7 +142,7 @@ def format_cell(cell: dict | None) -> str:
 
 def format_paired(p: dict | None) -> str:
     """A :func:`paired` summary as the tables print it: ``+2.5 ± 0.7 (2/2 seeds up; +recon
-    better)``, ``(n=1)`` for one seed, ``-`` for none."""
+    better)``, ``+2.0 (n=1) (1/1 seeds up; unclear: one seed)`` for one seed, ``-`` for none."""
     if p is None:
         return "-"
     spread = f"± {p['std']:.1f}" if p["n"] > 1 else "(n=1)"
@@ -305,8 +308,9 @@ means little. `+recon − recon-only (paired)` compares the method with the obje
 objective alone (same seed; on the method's own recipe where the table has a "recon-only (...,
 <method>'s recipe)" row, else the shared row): where recon-only is as good, the gain may be the
 objective's own.
-A paired difference smaller than its std over seeds is reported as "no clear difference" (with
-one seed there is no std, "n=1" is shown, and nothing is called clear).
+A paired difference smaller than its std over seeds is reported as "no clear difference"; with
+one seed there is no std: "n=1" is shown, the difference is "unclear: one seed", and nothing is
+called clear.
 
 ## The paper's numbers, for comparison (not comparable in scale)
 

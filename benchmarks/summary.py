@@ -58,7 +58,7 @@ def _cell(diffs: dict[str, dict[str, Any]], metrics: Sequence[str]) -> str:
             continue
         spread = f" ± {p['std']:.1f}" if p["n"] > 1 else " (n=1)"
         text = f"{_metric_name(m)} {p['mean']:+.1f}{spread}"
-        parts.append(text if p["verdict"] == "no clear difference" else f"**{text}**")
+        parts.append(f"**{text}**" if p["clear"] else text)
     return "; ".join(parts) or "-"
 
 

@@ -10,7 +10,9 @@ them are marked ``# recon-aux``.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torchvision.transforms as T
@@ -19,11 +21,25 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from adapters.backbones import build_backbone
-from adapters.data import IndexedDataset, balanced_subset, load_dataset
+from adapters.data import DatasetError, ImageArrays, IndexedDataset, balanced_subset, load_dataset
 from adapters.evaluation import knn_eval
 
 #: lightly's transforms normalise with ImageNet statistics; recon-aux must be told (mean/std).
 NORMALIZE = IMAGENET_NORMALIZE
+
+
+def fail(message: str) -> NoReturn:
+    """A usage problem found after parsing: one line on stderr, exit status 2 (as argparse's)."""
+    print(f"{Path(sys.argv[0]).name}: error: {' '.join(message.split())}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -37,11 +53,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="cifar10",
                    help="cifar10, cifar100, svhn, or an ImageFolder path / tar")
     p.add_argument("--download", action="store_true", help="let torchvision download the data")
-    p.add_argument("--per-class", type=int, default=None,
+    p.add_argument("--per-class", type=at_least_one, default=None,
                    help="train on this many images per class (default: all)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--epochs", type=at_least_one, default=10)
+    p.add_argument("--max-steps", type=at_least_one, default=None,
+                   help="stop after this many steps")
+    p.add_argument("--batch-size", type=at_least_one, default=256)
     p.add_argument("--lr", type=float, default=0.06)
     p.add_argument("--backbone", default="resnet18_cifar",
                    help="a adapters.backbones backbone: resnet18_cifar, alexnet_cifar, "
@@ -65,11 +82,29 @@ def backbone(args: argparse.Namespace) -> nn.Module:
     return build_backbone(args.backbone, **({} if args.width is None else {"width": args.width}))
 
 
+def load_split(args: argparse.Namespace, train: bool) -> ImageArrays:
+    """The ``--dataset``'s training split (``--per-class`` images of each class) or test split; a
+    data set that is missing or unusable ends the example with its one-line error."""
+    try:
+        arrays = load_dataset(args.dataset, args.data_root, train=train, download=args.download)
+        if train and args.per_class is not None:
+            arrays = arrays.subset(balanced_subset(arrays.targets, args.per_class, args.seed))
+    except (DatasetError, ValueError) as exc:
+        fail(str(exc))
+    return arrays
+
+
 def train_loader(args: argparse.Namespace, transform) -> DataLoader:
-    """Shuffled training batches of ``transform(PIL image)`` (lightly's transforms give views)."""
-    arrays = load_dataset(args.dataset, args.data_root, train=True, download=args.download)
-    if args.per_class is not None:
-        arrays = arrays.subset(balanced_subset(arrays.targets, args.per_class, args.seed))
+    """Shuffled training batches of ``transform(PIL image)`` (lightly's transforms give views).
+
+    Only full batches (``drop_last``, as lightly's examples): fewer training images than
+    ``--batch-size`` would train nothing, so that ends the example with a message instead.
+    """
+    arrays = load_split(args, train=True)
+    if len(arrays) < args.batch_size:
+        fail(f"--batch-size {args.batch_size} is more than the {len(arrays)} training images, "
+             "and only full batches are trained: no step would run. Lower --batch-size or "
+             "raise --per-class.")
     dataset = IndexedDataset(arrays, transform, as_pil=True)
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                       num_workers=args.workers, persistent_workers=args.workers > 0,
@@ -79,13 +114,9 @@ def train_loader(args: argparse.Namespace, transform) -> DataLoader:
 def knn_report(model: nn.Module, args: argparse.Namespace) -> float:
     """Weighted kNN top-1 (%) of ``model``'s output: train split as the bank, test split scored."""
     plain = T.Compose([T.ToTensor(), T.Normalize(**NORMALIZE)])
-    splits = []
-    for train in (True, False):
-        arrays = load_dataset(args.dataset, args.data_root, train=train, download=args.download)
-        if train and args.per_class is not None:
-            arrays = arrays.subset(balanced_subset(arrays.targets, args.per_class, args.seed))
-        splits.append(DataLoader(IndexedDataset(arrays, plain, as_pil=True),
-                                 batch_size=args.batch_size, num_workers=args.workers))
+    splits = [DataLoader(IndexedDataset(load_split(args, train), plain, as_pil=True),
+                         batch_size=args.batch_size, num_workers=args.workers)
+              for train in (True, False)]
     k = min(200, len(splits[0].dataset))
     layer = model.probe_points[-1]  # the representation forward() returns
     result = knn_eval(model, splits[0], splits[1], layer, args.device, k=k, temperature=0.1,

@@ -27,7 +27,7 @@ from torchvision.utils import save_image
 
 import recon_aux
 from adapters.backbones import AlexNetCIFAR
-from adapters.data import BatchLoader, balanced_subset, load_dataset
+from adapters.data import BatchLoader, DatasetError, balanced_subset, load_dataset
 from adapters.evaluation import knn_eval
 
 
@@ -59,11 +59,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
+    for name in ("per_class", "test_per_class", "epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.batch_size > 10 * args.per_class:  # CIFAR-10: 10 classes; only full batches train
+        p.error(f"--batch-size {args.batch_size} is more than the {10 * args.per_class} training "
+                "images (--per-class x 10 classes): no step would run. Lower --batch-size or "
+                "raise --per-class.")
+
     torch.manual_seed(args.seed)
-    train = load_dataset("cifar10", data_root=args.data_root, train=True)
-    test = load_dataset("cifar10", data_root=args.data_root, train=False)
-    train_idx = balanced_subset(train.targets, args.per_class, seed=args.seed)
-    test_idx = balanced_subset(test.targets, args.test_per_class, seed=args.seed)
+    try:
+        train = load_dataset("cifar10", data_root=args.data_root, train=True)
+        test = load_dataset("cifar10", data_root=args.data_root, train=False)
+        train_idx = balanced_subset(train.targets, args.per_class, seed=args.seed)
+        test_idx = balanced_subset(test.targets, args.test_per_class, seed=args.seed)
+    except (DatasetError, ValueError) as exc:
+        p.error(" ".join(str(exc).split()))
     encoder = AlexNetCIFAR(width=args.width)
     knn_before = knn(encoder, train, test, train_idx, test_idx, args.seed)
 

@@ -22,8 +22,8 @@ DATA_ENV = "RECON_AUX_DATA"
 
 #: Every way to name the data folder: the run config's key, the examples' flag, the Python
 #: argument, the environment variable.
-ROOT_OPTIONS = (f"data.root=DIR (recon-aux train), --data-root DIR (the examples), "
-                f"data_root=DIR (Python) or {DATA_ENV}=DIR")
+ROOT_OPTIONS = (f"data.root=DIR (recon-aux train; common.data.root=DIR for bench and ablate), "
+                f"--data-root DIR (the examples), data_root=DIR (Python) or {DATA_ENV}=DIR")
 #: Every way to let torchvision download a named data set.
 DOWNLOAD_OPTIONS = ("data.download=true (recon-aux train), --download (the examples) or "
                     "download=True (Python)")
@@ -58,15 +58,15 @@ def resolve_data_root(data_root: str | os.PathLike[str] | None = None) -> Path:
     Raises:
         DatasetNotFoundError: Neither is given, or the folder does not exist.
     """
-    source = "data_root argument"
+    source = "as given by data.root, --data-root or data_root"
     if data_root is None or str(data_root) == "":
         env = os.environ.get(DATA_ENV, "")
         if not env:
             raise DatasetNotFoundError(f"No data root given and {DATA_ENV} is not set. {FIX_HINT}")
-        data_root, source = env, f"{DATA_ENV} environment variable"
+        data_root, source = env, f"from the {DATA_ENV} environment variable"
     root = Path(data_root).expanduser()
     if not root.is_dir():
         raise DatasetNotFoundError(
-            f"Data root {str(root)!r} (from the {source}) is not an existing directory. {FIX_HINT}"
+            f"Data root {str(root)!r} ({source}) is not an existing directory. {FIX_HINT}"
         )
     return root.resolve()

@@ -77,7 +77,8 @@ def recalibrate_batchnorm(
         >>> x = torch.randn(64, 3, 8, 8) * 5 + 2
         >>> recalibrate_batchnorm(net, [x], max_images=64)
         {'bn_layers': 1, 'images': 64}
-        >>> torch.allclose(net[1].running_mean, net[0](x).mean((0, 2, 3)), atol=1e-5)
+        >>> conv, bn = net
+        >>> torch.allclose(bn.running_mean, conv(x).mean((0, 2, 3)), atol=1e-5)
         True
     """
     if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:

@@ -94,7 +94,7 @@ def test_errors_are_one_line_with_exit_2(tiny_yaml, tmp_path, capsys, monkeypatc
 
     line = one_line(capsys, cli(["train", str(tiny_yaml), "data.dataset=cifar100",
                                  f"data.root={tmp_path / 'nowhere'}"]))
-    assert line.startswith("recon-aux: data error: ") and "data.root=DIR (recon-aux train)" in line
+    assert line.startswith("recon-aux: data error: ") and "data.root=DIR (recon-aux train;" in line
 
     (tmp_path / "afile").write_text("x")
     line = one_line(capsys, cli(["train", str(tiny_yaml), "--out-dir", str(tmp_path / "afile")]))

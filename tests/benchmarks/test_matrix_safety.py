@@ -199,3 +199,17 @@ def test_a_killed_matrix_run_resumes_and_the_eta_is_never_nan(run_yaml, tmp_path
     assert [len(r["history"]) for r in runs] == [2, 2]
     log = (tmp_path / "out" / "runs" / "toy-base-seed0" / "log.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in log] == [1, 2]
+
+
+def test_a_config_given_to_the_other_command_names_that_command(run_yaml, tmp_path):
+    abl = write(tmp_path, "a.yaml", {"method": {"config": "tiny_run.yaml"},
+                                     "axes": {"weight": [0, 1]}})
+    with pytest.raises(RunConfigError, match=r"\['axes', 'method'\] in bench config a.yaml; .*"
+                                             r"Its 'axes' says it is a config for recon-aux "
+                                             r"ablate: run it with that\.$"):
+        bench.load_bench_config(abl)
+    with pytest.raises(RunConfigError, match=r"\['methods'\] in ablate config b.yaml; .*"
+                                             r"config for recon-aux bench: run it with that\.$"):
+        ablate.load_ablate_config(write(tmp_path, "b.yaml", BENCH))
+    with pytest.raises(RunConfigError, match=r"\['methds'\][^I]*$"):  # no hint for a typo
+        bench.load_bench_config(write(tmp_path, "c.yaml", {**BENCH, "methds": {}}))

@@ -26,8 +26,8 @@ def test_table_renderer_fixed_inputs():
     assert "| m +recon | 43.0 ± 1.4 |" in lines
     assert "| m: +recon − base (paired) | +2.5 ± 0.7 (2/2 seeds up; +recon better) |" in lines
     # base vs the random-init run of the same seed (only seed 0 has one): one pair, no std
-    assert ("| m: base − random-init (paired) | +10.0 (n=1) (1/1 seeds up; no clear "
-            "difference) |") in lines
+    assert ("| m: base − random-init (paired) | +10.0 (n=1) (1/1 seeds up; unclear: one "
+            "seed) |") in lines
     runs.append(_run("random-init", False, 1, 42.0, "random-init"))
     lines = report.render_table(runs, ["knn"]).strip().splitlines()
     # m: 40 - 30 and 41 - 42 -> +4.5 ± 7.8; n: 50 - 30 and 52 - 42 -> +15.0 ± 7.1
@@ -44,7 +44,7 @@ def test_one_seed_says_n1_never_plus_minus_zero():
     runs = [_run("m", False, 0, 40.0), _run("m", {"weight": 1}, 0, 42.0)]
     lines = report.render_table(runs, ["knn"]).strip().splitlines()
     assert "| m | 40.0 (n=1) |" in lines
-    assert "| m: +recon − base (paired) | +2.0 (n=1) (1/1 seeds up; no clear difference) |" in lines
+    assert "| m: +recon − base (paired) | +2.0 (n=1) (1/1 seeds up; unclear: one seed) |" in lines
     assert not any("± 0.0" in line for line in lines)
 
 
@@ -116,7 +116,7 @@ def test_a_method_pairs_with_the_recon_only_run_on_its_own_recipe():
     assert "| recon-only (net, n's recipe) | 40.5 ± 0.7 |" in lines
     # once n has its own row on one seed, its other seeds have no pair (recipes never mixed)
     partial = [r for r in runs if not (r.get("ref_from") and r["seed"] == 1)]
-    assert "| n: +recon − recon-only (paired) | +2.0 (n=1) (1/1 seeds up; no clear difference) |" \
+    assert "| n: +recon − recon-only (paired) | +2.0 (n=1) (1/1 seeds up; unclear: one seed) |" \
         in report.render_table(partial, ["knn"]).splitlines()
     # a method without its own row and without a shared one has no recon-only pair
     alone = [r for r in runs if r.get("ref_from") or r["reference"] is None]

@@ -166,3 +166,48 @@ def test_demo_recon_runs_on_real_cifar10(shared_data, tmp_path):
                         "--per-class", "20", "--test-per-class", "5", "--batch-size", "100"])
     assert (tmp_path / "reconstructions.png").is_file() and (tmp_path / "metrics.json").is_file()
     assert len(result["history"]) == 1 and result["settings"]["train_images"] == 200
+
+
+@pytest.mark.parametrize("name", ["lightly_simclr", "lightly_byol", "lightly_swav",
+                                  "lightly_vit_dino", "lightning_simclr"])
+def test_examples_refuse_a_batch_larger_than_the_training_set(name, image_folder, capsys):
+    """48 training images and batches of 64: only full batches train, so no step would run.
+    Each example says so in one line (exit status 2) before it trains, instead of failing
+    after its loop on a name no batch ever set."""
+    argv = [a for a in tiny(image_folder) if a != "8"]
+    argv.insert(argv.index("--batch-size") + 1, "64")
+    with pytest.raises(SystemExit) as exit_:
+        load(name).main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--batch-size 64 is more than the 48 training images" in err
+    assert "Lower --batch-size or raise --per-class" in err
+
+
+def test_examples_report_a_missing_data_folder_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        load("lightly_simclr").main(["--data-root", str(tmp_path / "absent"), "--epochs", "1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not an existing directory" in err
+    assert "--data-root DIR" in err  # the fix, among the ways to name the folder
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--batch-size", "--max-steps", "--per-class"])
+def test_examples_refuse_counts_below_one(flag, image_folder, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        load("lightly_simclr").main([*tiny(image_folder), flag, "0"])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_demo_recon_checks_its_arguments_before_loading_data(tmp_path, capsys):
+    from examples import demo
+
+    with pytest.raises(SystemExit):
+        demo.main(["--per-class", "5", "--batch-size", "128", "--data-root", str(tmp_path)])
+    assert "--batch-size 128 is more than the 50 training images" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo.main(["--data-root", str(tmp_path / "absent")])
+    assert "is not an existing directory" in capsys.readouterr().err
