@@ -198,8 +198,10 @@ class ReconAux(nn.Module):
         not notice hooks added to a module whose graph it already made).
 
         Example:
-            >>> aux = recon_aux.attach(encoder, optimizer)
-            >>> aux.compile(mode="max-autotune-no-cudagraphs")
+            >>> import torch, torchvision, recon_aux
+            >>> encoder = torchvision.models.resnet18()
+            >>> aux = recon_aux.attach(encoder, torch.optim.SGD(encoder.parameters(), lr=0.1))
+            >>> aux.compile(mode="max-autotune-no-cudagraphs")  # takes effect at the first loss
         """
         self._compile = (args, kwargs)
         if self.head is not None:
@@ -465,12 +467,17 @@ def attach(
     Returns:
         The :class:`ReconAux`; ``aux.loss(images)`` is line 2.
 
-    Example:
+    Example (a method's own loss stands in as ``logsumexp``; images in [0, 1]):
+        >>> import torch, torchvision, recon_aux
+        >>> encoder = torchvision.models.resnet18(num_classes=10)
+        >>> optimizer = torch.optim.SGD(encoder.parameters(), lr=0.1)
         >>> aux = recon_aux.attach(encoder, optimizer)
-        >>> for images, _ in loader:
-        ...     loss = method_loss(encoder(images))
+        >>> for images in torch.rand(2, 4, 3, 64, 64):  # a loader's batches
+        ...     loss = encoder(images).logsumexp(1).mean()  # the method's loss
         ...     loss = loss + aux.loss(images)
         ...     optimizer.zero_grad(); loss.backward(); optimizer.step()
+        >>> aux.layer_name, aux.calls  # the tapped layer; one aux.loss per batch
+        ('layer4.1.conv2', 2)
     """
     return ReconAux(model, optimizer, layer=layer, config=config, input_shape=input_shape,
                     prefix_tokens=prefix_tokens, grid=grid, layout=layout, **overrides)

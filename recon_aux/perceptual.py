@@ -148,8 +148,13 @@ class PerceptualLoss(nn.Module):
         lpips: The frozen ``lpips.LPIPS`` module, or None when ``lpips_weight == 0``.
 
     Example:
+        >>> import torch
         >>> loss_fn = PerceptualLoss(input_range=(0, 1))
+        >>> images = torch.rand(4, 3, 32, 32)
+        >>> reconstruction = (images + 0.1 * torch.randn_like(images)).clamp(0, 1)
         >>> loss = loss_fn(reconstruction, images)  # both N x 3 x H x W in [0, 1]
+        >>> loss.shape, bool(loss > 0), float(loss_fn(images, images))
+        (torch.Size([]), True, 0.0)
     """
 
     def __init__(

@@ -66,6 +66,7 @@ class NIN(Backbone):
         num_blocks: Number of NIN blocks, at least 3 (AET: 4).
 
     Examples:
+        >>> import torch
         >>> model = NIN()
         >>> x = torch.randn(8, 3, 32, 32)
         >>> model(x).shape

@@ -65,6 +65,7 @@ class ResNet18CIFAR(Backbone):
         out_dim: ``widths[-1]``.
 
     Example:
+        >>> import torch
         >>> model = ResNet18CIFAR(width=0.25)
         >>> model(torch.rand(2, 3, 32, 32)).shape
         torch.Size([2, 128])

@@ -96,7 +96,7 @@ class ImageArrays:
         classes: Class names; ``targets == i`` means ``classes[i]``.
 
     Example:
-        >>> arrays = load_dataset("cifar10", data_root="/work/shared/data")  # doctest: +SKIP
+        >>> arrays = load_dataset("cifar10", data_root="path/to/data")  # doctest: +SKIP
         >>> arrays.images.shape, arrays.targets[:3], arrays.classes[0]  # doctest: +SKIP
         ((50000, 32, 32, 3), array([0, 0, 0]), 'airplane')
     """
