@@ -68,8 +68,10 @@ def paired(diffs: list[float], better: str, worse: str) -> dict[str, Any]:
     "no clear difference" when not, "unclear: one seed" with one (no std to hold it against)."""
     mean, std = mean_std(diffs)
     clear = len(diffs) > 1 and abs(mean) > std
-    verdict = ((better if mean > 0 else worse) if clear else
-               "no clear difference" if len(diffs) > 1 else "unclear: one seed")
+    if clear:
+        verdict = better if mean > 0 else worse
+    else:
+        verdict = "no clear difference" if len(diffs) > 1 else "unclear: one seed"
     return {"mean": mean, "std": std, "n": len(diffs), "improved": sum(d > 0 for d in diffs),
             "clear": clear, "verdict": verdict}
 
