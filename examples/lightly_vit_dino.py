@@ -15,8 +15,8 @@ decodes that back to 32x32. The two
 global crops are reconstructed; the local crops' forwards are released by the backward pass
 unused, and the teacher, a copy made before ``attach``, is never captured.
 
-    python examples/lightly_vit_dino.py --data-root ../shared/data --epochs 10
-    python examples/lightly_vit_dino.py --data-root ../shared/data --epochs 10 --no-recon
+    python -m examples.lightly_vit_dino --data-root ../shared/data --epochs 10
+    python -m examples.lightly_vit_dino --data-root ../shared/data --epochs 10 --no-recon
 """
 
 from __future__ import annotations

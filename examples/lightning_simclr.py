@@ -58,7 +58,8 @@ class SimCLR(pl.LightningModule):
 
 def main(argv: list[str] | None = None) -> float | None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--out", default="lightning_logs", help="Lightning's default_root_dir")
+    p.add_argument("--out", default=".", help="Lightning's default_root_dir: logs and "
+                   "checkpoints go to OUT/lightning_logs/version_N/")
     p.add_argument("--resume", default=None, help="a Lightning checkpoint to continue from")
     args = p.parse_args(argv)
     pl.seed_everything(args.seed, verbose=False)

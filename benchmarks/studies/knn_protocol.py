@@ -1,15 +1,15 @@
 """How much does the kNN protocol's feature choice decide "beats random init"?
 
 Re-evaluates finished runs (their ``checkpoint.pt`` under ``benchmarks/results/<config>/runs/<run
-id>/``) and
-the same backbone untrained (the config's seed), with weighted kNN (k=200, T=0.1, the bench
-protocol) on several feature choices: conv5 globally average-pooled (the bench's ``knn_conv5``),
-max-pooled, flattened (the map as the linear probe reads it), and fc7. Prints one row per run
-and the difference to random init. Nothing is trained; the training set of each run's config
-is the kNN bank and the full test set the queries. Every network, the untrained one included,
-is read with its BatchNorm statistics recalibrated as the run's own evaluation did
-(``eval.bn_recalibration_images`` clean training images), so the conv5/avg column is the run's
-``knn_conv5``.
+id>/``, which a ``recon-aux bench`` run leaves on the machine that ran it: the repository keeps
+no run folders) and the same backbone untrained (the config's seed), with weighted kNN (k=200,
+T=0.1, the bench protocol) on several feature choices: conv5 globally average-pooled (the
+bench's ``knn_conv5``), max-pooled, flattened (the map as the linear probe reads it), and fc7.
+Prints one row per run and the difference to random init. Nothing is trained; the training set
+of each run's config is the kNN bank and the full test set the queries. Every network, the
+untrained one included, is read with its BatchNorm statistics recalibrated as the run's own
+evaluation did (``eval.bn_recalibration_images`` clean training images), so the conv5/avg column
+is the run's ``knn_conv5``.
 
 Usage::
 
