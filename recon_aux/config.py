@@ -184,15 +184,35 @@ class ReconAuxConfig:
         64, ge=1, fix="Use an int >= 1: the captured forwards kept while waiting for aux.loss.")
     sync_grads: bool = True
 
+    #: The fields :class:`~recon_aux.ReconAux` reads at every ``loss`` call; the others are fixed
+    #: once ``attach`` has built the objective from them (the LPIPS network, the head, the hooks).
+    LIVE = ("weight", "check_inputs")
+
     def __setattr__(self, name: str, value: Any) -> None:
         # Every assignment (the dataclass __init__'s, and later ones such as a weight schedule's
-        # ``aux.config.weight = w``) passes the field's own type and range check.
-        if name in self.__dataclass_fields__:
-            value = self._check_field(name, value)
+        # ``aux.config.weight = w``) passes the field's own type and range check; a later one
+        # also the rules that relate two fields, and is refused when attach has fixed the field.
+        if name not in self.__dataclass_fields__:
+            raise ConfigError(f"unknown config key(s) {[name]}. {self.valid_keys_text()}")
+        if getattr(self, "_attached", False) and name not in self.LIVE:
+            raise ConfigError(
+                f"{name} is fixed once attach() has built the objective from it; only "
+                f"{', '.join(self.LIVE)} change live (aux.config.weight = w). To change {name}, "
+                f"call aux.remove() and attach again with {name}=...")
+        value = self._check_field(name, value)
+        if getattr(self, "_ready", False):
+            self.check_values({**self.to_dict(), name: value})
         object.__setattr__(self, name, value)
 
     def __post_init__(self) -> None:
         self.check_values({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        object.__setattr__(self, "_ready", True)
+
+    def fixed_by_attach(self) -> ReconAuxConfig:
+        """A copy whose fields outside :data:`LIVE` refuse assignment (``attach`` keeps one)."""
+        copy = dataclasses.replace(self)
+        object.__setattr__(copy, "_attached", True)
+        return copy
 
     @classmethod
     def _check_field(cls, name: str, value: Any) -> Any:

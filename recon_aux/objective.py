@@ -115,7 +115,8 @@ class ReconAux(nn.Module):
                 f"a ReconAux is already attached to this {type(model).__name__} (layer "
                 f"{previous().layer_name!r}). Use that one, or call its .remove() first."
             )
-        self.config = cfg = ReconAuxConfig.from_any(config, **overrides)
+        # a copy, whose fields outside ReconAuxConfig.LIVE refuse assignment from now on
+        self.config = cfg = ReconAuxConfig.from_any(config, **overrides).fixed_by_attach()
         with torch.random.fork_rng(devices=[]):  # attach draws nothing from the user's RNG
             self.perceptual = PerceptualLoss(
                 l2_weight=cfg.l2_weight, lpips_weight=cfg.lpips_weight, net=cfg.net,
@@ -160,11 +161,18 @@ class ReconAux(nn.Module):
         if self._removed:
             raise RuntimeError("this ReconAux was removed; attach a new one.")
         check_images(images, "images")
+        if images.shape[0] == 0:
+            raise ValueError("images is an empty batch (0 samples): call aux.loss for batches "
+                             "that hold images, or skip the step.")
+        self.perceptual.check_size(images)
+        if self.head is None and self.config.check_inputs:
+            self.perceptual.check_target(images)  # before the head is built from this batch
         capture = self.tap.take(images)
         feature = capture.feature
         if capture.batch_size != images.shape[0]:
             raise ValueError(f"images hold {images.shape[0]} samples but the forward they were "
                              f"paired with produced {capture.batch_size}.")
+        _check_feature_dtype(feature, self.layer_name)
         if self.head is None:
             self._build_head(feature, tuple(images.shape[-2:]))
         self.calls += 1
@@ -216,6 +224,8 @@ class ReconAux(nn.Module):
         Runs one extra forward of the attached model (no grad, eval mode; training flags are
         restored afterwards). For pictures; nothing is captured or trained.
         """
+        if self._removed:
+            raise RuntimeError("this ReconAux was removed; attach a new one.")
         model = self._model()
         if model is None or self.head is None:
             raise RuntimeError("reconstruct() needs the attached model and a built head "
@@ -268,8 +278,11 @@ class ReconAux(nn.Module):
         try:
             self.perceptual.check_span(span)
         except NonFiniteLossError as exc:
+            # the images come from the data, the reconstruction from training
+            why = ("Check the data pipeline: the images given to aux.loss are not finite."
+                   if not all(math.isfinite(v) for v in span[:2]) else _DIVERGED)
             raise NonFiniteLossError(f"recon_aux: at aux.loss call {self.calls} (optimizer step "
-                                     f"{self.steps}): {exc} {_DIVERGED}") from exc
+                                     f"{self.steps}): {exc} {why}") from exc
         if all(math.isfinite(v) for v in values):
             return
         if not bool(torch.isfinite(reconstruction).all()):
@@ -387,10 +400,13 @@ class ReconAux(nn.Module):
                                   tuple(spec["out_size"]),
                                   ref.device if ref is not None else torch.device("cpu"))
         if spec != self._head_spec:
-            raise ValueError(f"checkpoint head {spec} differs from this ReconAux's head "
-                             f"{self._head_spec}; use the same config and encoder (a head saved "
-                             "before recon-aux 0.2 was capped at 512 channels: attach with "
-                             "head_max_width=512 to load it).")
+            ours = self._head_spec or {}
+            differ = "; ".join(f"{k}: {spec.get(k)!r} in the checkpoint, {ours.get(k)!r} here"
+                               for k in sorted(set(spec) | set(ours)) if spec.get(k) != ours.get(k))
+            raise ValueError(f"the checkpoint's head differs from this ReconAux's ({differ}); "
+                             "use the same config and encoder (a head saved before recon-aux 0.2 "
+                             "was capped at 512 channels: attach with head_max_width=512 to load "
+                             "it).")
 
     # -- lifetime --------------------------------------------------------------------------------
     def remove(self) -> None:
@@ -481,6 +497,17 @@ def attach(
     """
     return ReconAux(model, optimizer, layer=layer, config=config, input_shape=input_shape,
                     prefix_tokens=prefix_tokens, grid=grid, layout=layout, **overrides)
+
+
+def _check_feature_dtype(feature: Tensor | tuple[Tensor, ...], layer: str | None) -> None:
+    """Raise unless the tapped maps are float32, or of autocast's lower precision inside it: the
+    head and the loss run in float32, under autocast in its precision."""
+    for f in feature if isinstance(feature, tuple) else (feature,):
+        if f.dtype != torch.float32 and not torch.is_autocast_enabled(f.device.type):
+            raise TypeError(
+                f"the tapped layer {layer!r} gave a {f.dtype} map; the head and the loss run in "
+                "float32. Keep the encoder in float32 (model.float()) and get bf16/fp16 with "
+                "torch.autocast, which the objective follows.")
 
 
 def _legacy_head_spec(spec: dict, cfg: ReconAuxConfig) -> dict:

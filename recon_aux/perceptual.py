@@ -245,6 +245,29 @@ class PerceptualLoss(nn.Module):
                 "when the pipeline normalised them. Values are never clamped."
             )
 
+    def check_size(self, images: Tensor) -> None:
+        """Raise unless LPIPS can read images of this size (after ``resize_to``); shape only."""
+        size = self.resize_to if self.resize_to is not None else tuple(images.shape[-2:])
+        if self.lpips is not None and min(size) < MIN_SIZE[self.net]:
+            raise ValueError(
+                f"LPIPS-{self.net} needs images of at least {MIN_SIZE[self.net]}x"
+                f"{MIN_SIZE[self.net]} pixels, got {tuple(images.shape[-2:])}. Set resize_to="
+                f"{MIN_SIZE[self.net] + 1 if self.net == 'alex' else 32} (or larger) to "
+                "upsample before LPIPS."
+            )
+
+    def check_target(self, images: Tensor) -> None:
+        """Raise unless ``images`` lie in the declared encoding's range and are finite: one host
+        read, before anything is built from them (``ReconAux`` calls it at its first loss)."""
+        with torch.autocast(images.device.type, enabled=False):
+            t = self.to_unit(images, "target images")
+            lo, hi = torch.stack([t.amin(), t.amax()]).tolist()
+        try:
+            self.check_span([lo, hi, 0.0, 1.0])  # the reconstruction's half is not read here
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(f"{exc} Check the data pipeline: the images given to the "
+                                     "loss are not finite.") from None
+
     def components(self, reconstruction: Tensor, target: Tensor, *,
                    check: bool = True) -> dict[str, Tensor]:
         """``{"l2", "lpips", "total"}`` as scalar float32 tensors (with grad).
@@ -270,16 +293,10 @@ class PerceptualLoss(nn.Module):
                     self.check_span(parts["span"].tolist())
             l2 = F.mse_loss(r, t)
             if self.lpips is not None:
+                self.check_size(r)
                 if self.resize_to is not None and tuple(r.shape[-2:]) != self.resize_to:
                     r = F.interpolate(r, size=self.resize_to, mode="bilinear", align_corners=False)
                     t = F.interpolate(t, size=self.resize_to, mode="bilinear", align_corners=False)
-                if min(r.shape[-2:]) < MIN_SIZE[self.net]:
-                    raise ValueError(
-                        f"LPIPS-{self.net} needs images of at least {MIN_SIZE[self.net]}x"
-                        f"{MIN_SIZE[self.net]} pixels, got {tuple(r.shape[-2:])}. Set resize_to="
-                        f"{MIN_SIZE[self.net] + 1 if self.net == 'alex' else 32} (or larger) to "
-                        "upsample before LPIPS."
-                    )
                 r, t = self._sample(r, t)
                 self.lpips.to(r.device)
                 cl = torch.channels_last

@@ -107,7 +107,9 @@ def as_tensor(output, name: str) -> Tensor:
             "submodule that returns the features alone (e.g. the block's last sublayer, or the "
             "block itself when its sublayer returns extra outputs).")
     raise ValueError(f"the tapped layer {name!r} returned {type(output).__name__}; recon_aux "
-                     "needs a tensor (N x C x h x w, N x H x W x C or N x L x D tokens).")
+                     "needs a tensor (N x C x h x w, N x H x W x C or N x L x D tokens). Tap the "
+                     "submodule that computes the features (attach(..., layer=NAME)), not one "
+                     "that packs them with other outputs.")
 
 
 def _fits(a: int, b: int, image: Sequence[int]) -> bool:

@@ -132,6 +132,27 @@ def test_assignment_is_checked():
     with pytest.raises(ConfigError, match="lr=-1.0 must be >= 0"):
         cfg.lr = -1
     assert (cfg.weight, cfg.lr) == (0.25, None)
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['wieght'\]. Valid keys"):
+        cfg.wieght = 2  # a typo is not a new attribute
+    cfg.lpips_weight = 0
+    with pytest.raises(ConfigError, match="both 0: the objective is empty"):
+        cfg.l2_weight = 0  # the rules that relate two fields hold for assignments too
+    assert (cfg.l2_weight, cfg.lpips_weight) == (1.0, 0.0)
+
+
+def test_attach_fixes_the_fields_it_built_from(tiny_alexnet):
+    given = ReconAuxConfig(net="alex")
+    aux = recon_aux.attach(tiny_alexnet, config=given)
+    aux.config.weight = 0.5  # read at every loss call: live
+    aux.config.check_inputs = False
+    for name, value in (("net", "vgg"), ("input_range", (-1, 1)), ("head_width", 8),
+                        ("lpips_weight", 0.0)):
+        with pytest.raises(ConfigError, match=f"{name} is fixed once attach.*weight, "
+                                              f"check_inputs change live.*attach again"):
+            setattr(aux.config, name, value)
+    assert (aux.config.net, aux.perceptual.net, aux.config.weight) == ("alex", "alex", 0.5)
+    given.net = "vgg"  # the caller's config is not the one attach fixed
+    assert aux.config.net == "alex"
 
 
 def test_every_numeric_field_declares_its_range():
@@ -214,6 +235,59 @@ def test_bad_images_in_loss(tiny_alexnet, images, err, match):
         aux.loss(images)
 
 
+@pytest.mark.parametrize("images, err, match", [
+    (torch.rand(2, 3, 32, 32) * 255, RangeError, "target images span .* outside the declared"),
+    (torch.full((2, 3, 32, 32), float("nan")), NonFiniteLossError,
+     "target images contains NaN.*Check the data pipeline"),
+    (torch.rand(2, 3, 16, 16), ValueError, "needs images of at least 31x31 pixels.*resize_to"),
+    (torch.rand(0, 3, 32, 32), ValueError, "empty batch"),
+])
+def test_bad_first_batch_is_refused_before_the_head_is_built(tiny_alexnet, images, err, match):
+    """The first loss builds the head from its batch and adds it to the optimizer: a batch that
+    cannot be used is refused before that."""
+    opt = torch.optim.SGD(tiny_alexnet.parameters(), lr=0.1)
+    aux = recon_aux.attach(tiny_alexnet, opt)
+    if images.shape[0] and images.shape[-1] == 32:  # the AlexNet-CIFAR's input size
+        tiny_alexnet(images)
+    with pytest.raises(err, match=match):
+        aux.loss(images)
+    assert aux.head is None and len(opt.param_groups) == 1 and aux.calls == 0
+
+
+def test_non_finite_images_later_blame_the_data_not_training(tiny_alexnet):
+    aux = recon_aux.attach(tiny_alexnet)
+    x = torch.rand(2, 3, 32, 32)
+    tiny_alexnet(x)
+    aux.loss(x)
+    x[0, 0, 0, 0] = float("inf")
+    tiny_alexnet(x)
+    with pytest.raises(NonFiniteLossError, match="target images contains NaN or Inf .*Check the "
+                                                 "data pipeline") as caught:
+        aux.loss(x)
+    assert "diverged" not in str(caught.value)
+
+
+def test_a_float64_encoder_is_refused_with_the_fix(tiny_alexnet):
+    tiny_alexnet.double()
+    aux = recon_aux.attach(tiny_alexnet)
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    tiny_alexnet(x)
+    with pytest.raises(TypeError, match=r"gave a torch.float64 map; the head and the loss run in "
+                                        r"float32. Keep the encoder in float32 \(model.float"):
+        aux.loss(x)
+    assert aux.head is None
+
+
+def test_reconstruct_after_remove_says_so(tiny_alexnet):
+    aux = recon_aux.attach(tiny_alexnet)
+    x = torch.rand(2, 3, 32, 32)
+    tiny_alexnet(x)
+    aux.loss(x)
+    aux.remove()
+    with pytest.raises(RuntimeError, match="this ReconAux was removed"):
+        aux.reconstruct(x)
+
+
 def test_non_finite_names_step_and_component(tiny_alexnet):
     opt = torch.optim.SGD(tiny_alexnet.parameters(), lr=0.1)
     aux = recon_aux.attach(tiny_alexnet, opt)
@@ -248,7 +322,9 @@ def test_checks_read_the_device_once_per_call_and_follow_the_knob(tiny_alexnet):
     aux = recon_aux.attach(tiny_alexnet)
     x = torch.rand(2, 3, 32, 32)
     tiny_alexnet(x)
-    aux.loss(x)  # builds the head
+    with _HostReads() as mode:
+        aux.loss(x)  # builds the head, after reading the images' range once first
+    assert mode.reads == ["tolist", "tolist"]
     tiny_alexnet(x)
     with _HostReads() as mode:
         aux.loss(x)
@@ -262,3 +338,41 @@ def test_checks_read_the_device_once_per_call_and_follow_the_knob(tiny_alexnet):
     tiny_alexnet(255 * x)
     with pytest.raises(RangeError, match="outside the declared"):
         aux.loss(255 * x)
+
+
+def test_a_checkpoint_of_another_head_names_the_settings_that_differ(tiny_alexnet):
+    x = torch.rand(2, 3, 32, 32)
+    saved = recon_aux.attach(tiny_alexnet, head_width=16)
+    tiny_alexnet(x)
+    saved.loss(x)
+    state = saved.state_dict()
+    saved.remove()
+    other = recon_aux.attach(tiny_alexnet, head_norm="group")
+    with pytest.raises(ValueError, match=r"\(norm: 'batch' in the checkpoint, 'group' here; "
+                                         r"width: 16 in the checkpoint, None here\); use the same"):
+        other.load_state_dict(state)
+
+
+def test_a_layer_that_returns_a_dict_is_refused_with_the_fix():
+    class Packs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, 2, 1)
+
+        def forward(self, x):
+            return {"features": self.conv(x)}
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = Packs()
+
+        def forward(self, x):
+            return self.block(x)["features"].mean((2, 3))
+
+    net = Net()
+    aux = recon_aux.attach(net, layer="block")
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"'block' returned dict; .*attach\(\.\.\., layer=NAME\)"):
+        net(x)
+        aux.loss(x)
