@@ -109,6 +109,16 @@ class ReconAux(nn.Module):
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, "
                             f"got {type(optimizer).__name__}.")
+        if optimizer is not None:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            if trainable and not any(id(p) in held for p in trainable):
+                warnings.warn(
+                    f"recon_aux: the optimizer given to attach() holds none of this "
+                    f"{type(model).__name__}'s trainable parameters: the objective's gradient "
+                    "reaches the encoder, but nothing steps it with this optimizer. Pass the "
+                    "optimizer that trains the encoder (the head joins it as a param group).",
+                    stacklevel=3)
         previous = _ATTACHED.get(model)
         if previous is not None and previous() is not None and not previous()._removed:
             raise RuntimeError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -376,3 +378,12 @@ def test_a_layer_that_returns_a_dict_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"'block' returned dict; .*attach\(\.\.\., layer=NAME\)"):
         net(x)
         aux.loss(x)
+
+
+def test_an_optimizer_without_the_encoders_parameters_is_warned_about(tiny_alexnet):
+    other = nn.Linear(2, 2)
+    with pytest.warns(UserWarning, match="holds none of this TinyAlexNet's trainable parameters"):
+        recon_aux.attach(tiny_alexnet, torch.optim.SGD(other.parameters(), lr=0.1)).remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the encoder's own optimizer: nothing to say
+        recon_aux.attach(tiny_alexnet, torch.optim.SGD(tiny_alexnet.parameters(), lr=0.1))
