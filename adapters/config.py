@@ -57,6 +57,7 @@ from typing import Any, ClassVar
 import yaml
 
 from recon_aux import ConfigError, ReconAuxConfig
+from recon_aux.config import safe_load
 
 from .backbones import BACKBONES, backbone_class, check_backbone_arguments
 from .data import PRESETS
@@ -655,7 +656,7 @@ def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise RunConfigError(f"cannot read {what} file {path}: {exc}.") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise RunConfigError(f"{what} file {path} is not valid YAML: "
                              f"{yaml_problem(exc)}.") from None
@@ -685,7 +686,7 @@ def apply_overrides(cfg: Mapping[str, Any], overrides: Sequence[str],
             raise RunConfigError(f"override {item!r} is not key=value (e.g. train.epochs=3).")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = safe_load(raw) if raw != "" else None
         except yaml.YAMLError as exc:
             raise RunConfigError(f"override {item!r}: the value is not valid YAML "
                                  f"({yaml_problem(exc)}).") from None

@@ -183,7 +183,11 @@ def prepare_run(cfg: RunConfig, device: torch.device | None = None,
         test = test.subset(_balanced(test, d.test_per_class, cfg.train.seed,
                                      "data.test_per_class", "test"))
     size = int(d.resize or train.image_size[0])  # e.g. SeLa/DeepCluster upsample CIFAR to 224
-    backbone = build_backbone(cfg.backbone.name, **cfg.backbone.options).to(device)
+    try:  # a backbone checks its own arguments (e.g. width > 0)
+        backbone = build_backbone(cfg.backbone.name, **cfg.backbone.options).to(device)
+    except ValueError as exc:
+        raise RunConfigError(f"backbone {cfg.backbone.name!r} with {cfg.backbone.options}: "
+                             f"{exc}") from None
     try:
         backbone._check_size(size, size)
     except ValueError as exc:
@@ -392,6 +396,8 @@ class Trainer:
             self.method = method_cls(self.backbone, len(self.train_set), cfg.method.config)
         except SchemaError as exc:
             raise RunConfigError(str(exc)) from None
+        except ValueError as exc:  # and against the backbone (e.g. method.layer)
+            raise RunConfigError(f"method {cfg.method.name!r}: {exc}") from None
         self.method.to(self.device)
         self.views = [_augment(v, self.size) for v in (cfg.data.augment or self.method.views)]
         params = [p for p in [*self.backbone.parameters(), *self.method.parameters()]

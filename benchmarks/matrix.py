@@ -49,6 +49,7 @@ from adapters.config import (
 from adapters.engine import CHECKPOINT, check_run
 from adapters.files import atomic_write, json_text
 from adapters.schema import SchemaError, check_value
+from recon_aux.config import safe_load
 
 from . import report
 from .schedule import Budget, check_jobs, row_of, run_in_processes, run_in_turn
@@ -228,7 +229,7 @@ def _set_dotted_key(raw: dict[str, Any], where: list[str], inner: str, value: st
                     item: str) -> None:
     """Set ``raw[where...][inner]`` to the YAML ``value`` (creating the mappings on the way)."""
     try:
-        parsed = yaml.safe_load(value) if value != "" else None
+        parsed = safe_load(value) if value != "" else None
     except yaml.YAMLError as exc:
         raise RunConfigError(f"override {item!r}: the value is not valid YAML "
                              f"({yaml_problem(exc)}).") from None

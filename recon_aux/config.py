@@ -24,7 +24,33 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ReconAuxConfig", "ConfigError", "Allowed", "MIN_SIZE"]
+__all__ = ["ReconAuxConfig", "ConfigError", "Allowed", "MIN_SIZE", "safe_load"]
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping, which YAML would
+    resolve silently by keeping the last value (a second ``train:`` section replacing the whole
+    first one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor" may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is written twice in one mapping (first on line "
+                    f"{seen[key] + 1}); YAML would keep the last silently: keep one",
+                    key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load(stream: Any) -> Any:
+    """``yaml.safe_load`` that also refuses a key written twice in one mapping."""
+    return yaml.load(stream, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
 
 
 class ConfigError(ValueError):
@@ -297,8 +323,12 @@ class ReconAuxConfig:
             path = Path(config)
             if not path.is_file():
                 raise ConfigError(f"config file {path} does not exist.")
-            with open(path) as f:
-                loaded = yaml.safe_load(f)
+            try:
+                with open(path) as f:
+                    loaded = safe_load(f)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}"
+                                  ) from None
             if loaded is None:
                 loaded = {}
             if not isinstance(loaded, Mapping):

@@ -77,6 +77,23 @@ def test_stop_after_epoch_says_how_to_continue(tiny_yaml, tmp_path, capsys):
     assert cli(["train", str(tiny_yaml), "--resume"]) == 0
 
 
+def test_arguments_a_backbone_or_method_refuses_are_one_line(tiny_yaml, tmp_path, capsys):
+    """The backbone and the method check their own arguments as they are built, before the
+    first step: a config error (one line, exit 2), not a traceback."""
+    line = one_line(capsys, cli(["train", str(tiny_yaml), "backbone.width=0"]))
+    assert line.startswith("recon-aux: config error: backbone 'alexnet_cifar' with {'width': 0}: "
+                           "width must be a positive number")
+    line = one_line(capsys, cli(["train", str(tiny_yaml), "method={name: deepcluster, k: 3, "
+                                 "pca_dim: 8, layer: fc99}", "--overwrite"]))
+    assert line.startswith("recon-aux: config error: method 'deepcluster': method.layer='fc99' "
+                           "is neither a submodule nor a probe point")
+    assert not (tmp_path / "run" / "log.jsonl").exists()  # no epoch ran
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(tiny_yaml.read_text() + "train: {epochs: 5}\n")
+    line = one_line(capsys, cli(["train", str(twice)]))
+    assert "key 'train' is written twice in one mapping" in line
+
+
 def test_errors_are_one_line_with_exit_2(tiny_yaml, tmp_path, capsys, monkeypatch):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("method: {name: sela\ntrain: [1, 2\n")

@@ -387,3 +387,14 @@ def test_an_optimizer_without_the_encoders_parameters_is_warned_about(tiny_alexn
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the encoder's own optimizer: nothing to say
         recon_aux.attach(tiny_alexnet, torch.optim.SGD(tiny_alexnet.parameters(), lr=0.1))
+
+
+def test_yaml_with_a_key_written_twice_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("weight: 0.5\nnet: alex\nweight: 2.0\n")
+    with pytest.raises(ConfigError, match=r"c.yaml is not valid YAML: .*key 'weight' is written "
+                                          r"twice in one mapping \(first on line 1\); YAML would "
+                                          r"keep the last silently"):
+        ReconAuxConfig.from_any(path)
+    assert recon_aux.config.safe_load("a: 1\nb: {c: 2}\n") == {"a": 1, "b": {"c": 2}}
+    assert recon_aux.config.safe_load("base: &b {x: 1}\nuse: {<<: *b, x: 2}\n")["use"] == {"x": 2}
