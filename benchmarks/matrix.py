@@ -20,7 +20,8 @@ and its data-dependent settings checked (:func:`adapters.engine.check_run`) befo
 run trains.
 
 Config paths: a bench or ablate config names run configs (``config: smoke/sela.yaml``); such a
-path is relative to the folder of the config that names it (an absolute path is used as is).
+path is relative to the folder of the config that names it, and must lead to a file in that
+folder or below it (an absolute path too).
 """
 
 from __future__ import annotations
@@ -99,7 +100,12 @@ class RunSource:
         unknown = sorted(set(data) - {"config", "set"})
         if unknown:
             raise RunConfigError(f"unknown key(s) {unknown} in {where}; valid ones: config, set.")
-        path = base / check_value(data["config"], str, f"{where}.config")
+        name = check_value(data["config"], str, f"{where}.config")
+        path = base / name
+        if base.resolve() not in path.resolve().parents:
+            raise RunConfigError(f"{where}.config {name!r} is outside {base}, the folder of the "
+                                 "config that names it: a config names run configs in its own "
+                                 "folder or below it. Copy the run config there.")
         if not path.is_file():
             raise RunConfigError(f"{where}.config: no run config at {path} (paths are relative "
                                  f"to the folder of the config that names them, {base}).")

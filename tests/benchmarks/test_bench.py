@@ -163,9 +163,11 @@ def test_an_axis_value_equal_to_the_default_is_the_default_point(tmp_path, monke
     monkeypatch.setattr(ablate, "write_report",
                         lambda out, cfg, table, **k: written.update(table=table))
     cfg_file = tmp_path / "abl.yaml"
+    run = tmp_path / "simclr.yaml"  # a config names run configs in its own folder
+    run.write_text((REPO / "benchmarks" / "configs" / "smoke" / "simclr.yaml").read_text())
     cfg_file.write_text(yaml.safe_dump({
         "title": "one knob", "seeds": [0], "metrics": ["knn_pool"],
-        "method": {"config": str(REPO / "benchmarks" / "configs" / "smoke" / "simclr.yaml")},
+        "method": {"config": "simclr.yaml"},
         "recon": {"weight": 1.0}, "axes": {"head_out_scale": [2, 4]}}))
     ablate.run_ablate(ablate.load_ablate_config(cfg_file), out=tmp_path / "abl", progress=False)
     assert [r["id"] for r in written["table"]] == ["head_out_scale=2-seed0"]

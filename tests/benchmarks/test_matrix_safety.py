@@ -213,3 +213,17 @@ def test_a_config_given_to_the_other_command_names_that_command(run_yaml, tmp_pa
         ablate.load_ablate_config(write(tmp_path, "b.yaml", BENCH))
     with pytest.raises(RunConfigError, match=r"\['methds'\][^I]*$"):  # no hint for a typo
         bench.load_bench_config(write(tmp_path, "c.yaml", {**BENCH, "methds": {}}))
+
+
+@pytest.mark.parametrize("where", ["outside", "absolute"])
+def test_a_run_config_outside_the_configs_folder_is_refused(run_yaml, tmp_path, where):
+    outside = tmp_path / "elsewhere.yaml"  # beside configs/, which holds the bench config
+    outside.write_text(run_yaml.read_text())
+    name = "../elsewhere.yaml" if where == "outside" else str(outside)
+    with pytest.raises(RunConfigError, match=r"methods.toy.config .*elsewhere.yaml' is outside .*"
+                                             r"configs, the folder of the config that names it"):
+        bench.load_bench_config(write(tmp_path, "b.yaml", {**BENCH, "methods": {
+            "toy": {"config": name}}}))
+    inside = bench.load_bench_config(write(tmp_path, "c.yaml", {**BENCH, "methods": {
+        "toy": {"config": str(run_yaml)}}}))  # absolute, but in the folder: accepted
+    assert inside.methods["toy"].config == run_yaml
