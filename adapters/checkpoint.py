@@ -99,7 +99,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as exc:  # the restricted unpickler's refusals and any malformed payload
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # what was refused, not torch's advice to load with weights_only=False, which this
+        # project never does
+        lines = [line.strip() for line in str(exc).splitlines()
+                 if line.strip() and "weights_only" not in line]
+        first = next((line for line in lines if "unsupported" in line.lower()),
+                     lines[0] if lines else type(exc).__name__)
         raise CheckpointError(f"{path} passed its checksum but could not be loaded safely "
                               f"({type(exc).__name__}: {first[:300]}): only tensors and plain "
                               "data are unpickled. Resume from another checkpoint, or start the "

@@ -605,8 +605,11 @@ class RunConfig:
             raise RunConfigError(f"a run config is a mapping of sections, got {data!r}.")
         unknown = sorted(set(data) - set(SECTIONS) - {"name"})
         if unknown:
+            other = next((f" Its '{k}' says it is a config for recon-aux {cmd}: run it with "
+                          "that." for k, cmd in (("methods", "bench"), ("axes", "ablate"))
+                          if k in unknown), "")
             raise RunConfigError(f"unknown top-level section(s) {unknown}; valid: "
-                                 f"{', '.join(SECTIONS)}.")
+                                 f"{', '.join(SECTIONS)}.{other}")
         parts: dict[str, Any] = {}
         builders: dict[str, Callable[[Any], Any]] = {
             "method": MethodSection.from_any,

@@ -38,6 +38,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
+from recon_aux.config import number_text_hint
+
 __all__ = ["Section", "SchemaError", "UnknownKeyError", "at_least", "above", "one_of",
            "check_value", "plain"]
 
@@ -152,7 +154,7 @@ def check_value(value: Any, hint: Any, where: str) -> Any:
     ok, converted = _match(value, hint)
     if not ok:
         raise SchemaError(f"{where} expects {_describe(hint)}, got {value!r} "
-                          f"({type(value).__name__}).")
+                          f"({type(value).__name__}).{number_text_hint(value)}")
     return converted
 
 

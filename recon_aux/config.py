@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -353,13 +354,25 @@ class ReconAuxConfig:
         return out
 
 
+def number_text_hint(value: Any) -> str:
+    """The fix for a number YAML read as text, else "": YAML 1.1 takes ``1e-3`` for a string,
+    since its floats need a dot in the mantissa and a sign on the exponent (``1.0e-3``)."""
+    match = re.fullmatch(r"([-+]?)(\d+)(?:\.(\d*))?[eE]([-+]?)(\d+)", value) \
+        if isinstance(value, str) else None
+    if match is None:
+        return ""
+    sign, whole, frac, exp_sign, exp = match.groups()
+    fixed = f"{sign}{whole}.{frac or '0'}e{exp_sign or '+'}{exp}"
+    return f" YAML reads {value!r} as text; write {fixed} (a dot and a signed exponent)."
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Check ``value`` against the type ``hint``; ints pass for floats, lists for tuples."""
     ok, converted = _match(value, hint)
     if not ok:
         raise ConfigError(
             f"config key {name!r} expects {_hint_text(hint)}, got {value!r} "
-            f"({type(value).__name__})."
+            f"({type(value).__name__}).{number_text_hint(value)}"
         )
     return converted
 

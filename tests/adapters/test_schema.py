@@ -10,7 +10,7 @@ import pytest
 
 from adapters.config import RunConfigError, load_run_config
 from adapters.methods import METHODS, AETConfig, DeepClusterConfig, SeLaConfig, SimCLRConfig
-from adapters.schema import SchemaError, Section, UnknownKeyError, at_least, one_of
+from adapters.schema import SchemaError, Section, UnknownKeyError, at_least, check_value, one_of
 
 
 @dataclass(frozen=True)
@@ -167,3 +167,11 @@ def test_yaml_syntax_errors_name_the_file_and_line(tmp_path):
         load_run_config({"method": {"name": "sela"}}, ["train.epochs=[1"])
     with pytest.raises(RunConfigError, match="is a folder"):
         load_run_config(tmp_path)
+
+
+def test_a_number_yaml_read_as_text_gets_the_spelling_that_fixes_it():
+    with pytest.raises(SchemaError, match=r"lr expects float, got '1e-3' \(str\). YAML reads "
+                                          r"'1e-3' as text; write 1.0e-3"):
+        check_value("1e-3", float, "lr")
+    with pytest.raises(SchemaError, match=r"\(str\)\.$"):  # no hint for plain text
+        check_value("fast", float, "lr")

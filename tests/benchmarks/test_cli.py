@@ -18,7 +18,7 @@ from benchmarks.cli import error_line
 from benchmarks.cli import main as cli
 from recon_aux.weights import WeightsError
 from tests.adapters.tiny import tiny_config
-from tests.helpers import TOY
+from tests.helpers import REPO, TOY
 
 
 def test_cli_overrides_and_error_exit(tmp_path, capsys, shared_data, toy_method):
@@ -88,6 +88,8 @@ def test_arguments_a_backbone_or_method_refuses_are_one_line(tiny_yaml, tmp_path
     assert line.startswith("recon-aux: config error: method 'deepcluster': method.layer='fc99' "
                            "is neither a submodule nor a probe point")
     assert not (tmp_path / "run" / "log.jsonl").exists()  # no epoch ran
+    line = one_line(capsys, cli(["train", str(REPO / "benchmarks" / "configs" / "quick.yaml")]))
+    assert line.endswith("Its 'methods' says it is a config for recon-aux bench: run it with that.")
     twice = tmp_path / "twice.yaml"
     twice.write_text(tiny_yaml.read_text() + "train: {epochs: 5}\n")
     line = one_line(capsys, cli(["train", str(twice)]))

@@ -398,3 +398,13 @@ def test_yaml_with_a_key_written_twice_is_refused(tmp_path):
         ReconAuxConfig.from_any(path)
     assert recon_aux.config.safe_load("a: 1\nb: {c: 2}\n") == {"a": 1, "b": {"c": 2}}
     assert recon_aux.config.safe_load("base: &b {x: 1}\nuse: {<<: *b, x: 2}\n")["use"] == {"x": 2}
+
+
+def test_a_number_yaml_read_as_text_gets_the_fix(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("weight: 5e-1\n")
+    with pytest.raises(ConfigError, match=r"got '5e-1' \(str\). YAML reads '5e-1' as text; write "
+                                          r"5.0e-1 \(a dot and a signed exponent\)"):
+        ReconAuxConfig.from_any(path)
+    path.write_text("weight: 5.0e-1\n")
+    assert ReconAuxConfig.from_any(path).weight == 0.5
