@@ -123,7 +123,8 @@ class ReconAuxConfig:
         lpips_weight: Weight of the LPIPS term (0 disables LPIPS and skips building its network).
         net: LPIPS backbone, "alex" or "vgg".
         lpips_weights: Where the LPIPS backbone's ImageNet weights come from: "auto", a file
-            path, or "random" (plumbing tests only; warns).
+            path (with its sha256 in ``PATH.sha256``, or a torchvision-style name that holds a
+            hash prefix), or "random" (plumbing tests only; warns).
         input_range: (low, high) of the images before any mean/std normalisation.
         mean, std: Per-channel (3 values, RGB) normalisation the pipeline applied
             (``x = (img - mean) / std``), or None when images are fed in ``input_range``.

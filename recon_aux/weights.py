@@ -217,7 +217,8 @@ def load_weights_file(path: str | Path, net: str, sha256: str | None = None):
     The file's sha256 is checked first, before anything is unpickled: in full against ``sha256``
     when given (64 hex digits), else against the 8-hex prefix in a torchvision-style name
     (``alexnet-owt-7be5be79.pth``, torchvision's own check), else in full against a side file
-    ``PATH.sha256`` when one exists (a side file that holds no full sha256 is an error).
+    ``PATH.sha256`` (a side file that holds no full sha256 is an error, and so is a file with
+    none of the three: nothing is loaded unverified).
 
     Raises:
         WeightsError: the file is missing or unreadable, fails its checksum, has a bad side file,
@@ -244,6 +245,11 @@ def load_weights_file(path: str | Path, net: str, sha256: str | None = None):
                     f"{side.name} (`sha256sum {path.name} > {side.name}`) or delete the side file."
                 )
             what = f"its side file {side.name}"
+        else:
+            raise WeightsError(
+                f"weights file {path} has no checksum to verify before anything is unpickled: "
+                f"write its full sha256 beside it (`sha256sum {path.name} > {side.name}`) once "
+                "you trust it, or pass sha256=...")
     try:
         data = _read_checked(path, expected, what, prefix=prefix)
     except WeightsError as exc:

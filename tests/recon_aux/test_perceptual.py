@@ -149,9 +149,15 @@ def test_weights_file_checksum(tmp_path):
     (tmp_path / "mine.pth.sha256").write_text("1" * 64 + "\n")
     with pytest.raises(WeightsError, match="side file"):
         W.load_weights_file(side, "alex")
+    partial = tmp_path / "partial.pth"
+    torch.save({"0.weight": torch.zeros(1)}, partial)
+    with pytest.raises(WeightsError, match=r"partial.pth has no checksum to verify before "
+                                           r"anything is unpickled: write its full sha256 beside "
+                                           r"it \(`sha256sum partial.pth > partial.pth.sha256`\)"):
+        W.load_weights_file(partial, "alex")
+    (tmp_path / "partial.pth.sha256").write_text(hashlib.sha256(partial.read_bytes()).hexdigest())
     with pytest.raises(WeightsError, match="missing"):
-        torch.save({"0.weight": torch.zeros(1)}, tmp_path / "partial.pth")
-        W.load_weights_file(tmp_path / "partial.pth", "alex")
+        W.load_weights_file(partial, "alex")
     with pytest.raises(WeightsError, match="does not exist"):
         W.load_weights_file(tmp_path / "nope.pth", "alex")
 
