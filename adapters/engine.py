@@ -795,6 +795,14 @@ class Trainer:
             print(f"resumed from {path} after epoch {self.start_epoch}", flush=True)
 
 
+def reported_metrics(cfg: RunConfig) -> set[str]:
+    """The names of the metrics a run of ``cfg`` can report (:meth:`Trainer.evaluate`'s keys)."""
+    e = cfg.eval
+    names = {f"knn_{layer}" for layer in e.knn.layers} if e.knn else set()
+    names |= {f"{probe.kind}_{probe.layer}" for probe in (e.linear, e.nonlinear) if probe}
+    return names | {"final_method_loss"}
+
+
 def read_scalars(values: Mapping[str, Any]) -> dict[str, float]:
     """``values`` (one-element tensors or numbers) as Python floats, in their order. The tensors
     of each device are read in one copy: a read waits for the work queued on the device, so one

@@ -169,7 +169,7 @@ def run_ablate(cfg: AblateConfig, out: Path | None = None, progress: bool | None
                 matrix.add(run_id, rc, {"method": rc.method.name, "ablation": {axis: value}})
     if merge is not None:
         matrix.merge(merge)
-    runs = matrix.execute(report_only, time_budget, jobs)
+    runs = matrix.execute(report_only, time_budget, jobs, cfg.metrics)
     cfg = mark_partial(cfg, matrix)
     unique = list(runs)  # each trained run once (the setup line sums their run times)
     by_id = {r["id"]: r for r in runs}

@@ -150,6 +150,6 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, progress: bool | None =
             matrix.add(f"{method}-{variant}-seed{seed}", rc, {"method": method})
     if merge is not None:
         matrix.merge(merge)
-    runs = matrix.execute(report_only, time_budget, jobs)
+    runs = matrix.execute(report_only, time_budget, jobs, cfg.metrics)
     write_report(matrix.out, mark_partial(cfg, matrix), runs)
     return matrix.out

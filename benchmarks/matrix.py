@@ -47,7 +47,7 @@ from adapters.config import (
     read_yaml,
     yaml_problem,
 )
-from adapters.engine import CHECKPOINT, check_run
+from adapters.engine import CHECKPOINT, check_run, reported_metrics
 from adapters.files import atomic_write, json_text
 from adapters.schema import SchemaError, check_value
 from recon_aux.config import safe_load
@@ -437,12 +437,14 @@ class Matrix:
         return [p[0] for p in self.plan if p[0] not in done]
 
     def execute(self, report_only: bool = False, time_budget: float | None = None,
-                jobs: int = 1) -> list[dict[str, Any]]:
+                jobs: int = 1, metrics: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Train the planned runs not done yet (none with ``report_only``); return the planned
         runs that are done.
 
-        Before the first run trains, every run to train is checked as the engine would before
-        its first step (:func:`adapters.engine.check_run`: data, layers, batch size, ``k``).
+        Before the first run trains, the table's ``metrics`` (the config's) are checked against
+        what the planned runs report, and every run to train is checked as the engine would
+        before its first step (:func:`adapters.engine.check_run`: data, layers, batch size,
+        ``k``).
         With ``time_budget`` (seconds), a run starts only when the time used so far plus the
         time it is expected to take (:meth:`.schedule.Budget.expected`) fits in it; a longer
         run is passed over for a later one that fits, and a run with nothing to go by starts.
@@ -454,6 +456,12 @@ class Matrix:
         """
         budget = Budget(time_budget, self.row_record)  # refuses a bad budget before any work
         check_jobs(jobs)
+        reported = set().union(*(reported_metrics(cfg) for _, cfg, _ in self.plan))
+        unknown = [m for m in metrics or () if m not in reported]
+        if unknown:
+            raise RunConfigError(f"metrics {unknown}: no planned run reports them (their eval "
+                                 f"gives {sorted(reported)}); name those, or add the layer to "
+                                 "the runs' eval section.")
         self._backfill_tapped()
         self._check_changed()
         if self.supersede_unplanned:

@@ -10,7 +10,7 @@ import torch
 
 from adapters.checkpoint import CheckpointError, load_checkpoint
 from adapters.config import RunConfigError, load_run_config
-from adapters.engine import StopTraining, train
+from adapters.engine import StopTraining, reported_metrics, train
 from recon_aux import NonFiniteLossError
 from tests.helpers import TOY
 
@@ -30,6 +30,7 @@ def test_end_to_end_outputs(tmp_path, shared_data, recon):
     cfg = toy(tmp_path, *([] if recon else ["recon=null"]), data=shared_data)
     result = train(cfg)
     assert set(result["metrics"]) >= {"knn_conv5", "knn_fc7"}
+    assert set(result["metrics"]) <= reported_metrics(cfg)  # what bench checks its columns by
     assert (tmp_path / "result.json").is_file() and (tmp_path / "checkpoint.pt").is_file()
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]

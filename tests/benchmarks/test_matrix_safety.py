@@ -227,3 +227,13 @@ def test_a_run_config_outside_the_configs_folder_is_refused(run_yaml, tmp_path, 
     inside = bench.load_bench_config(write(tmp_path, "c.yaml", {**BENCH, "methods": {
         "toy": {"config": str(run_yaml)}}}))  # absolute, but in the folder: accepted
     assert inside.methods["toy"].config == run_yaml
+
+
+def test_a_metric_no_planned_run_reports_is_refused_before_any_run(run_yaml, tmp_path):
+    cfg = bench.load_bench_config(write(tmp_path, "b.yaml", {**BENCH,
+                                                             "metrics": ["knn_conv5", "knn_c99"]}))
+    with pytest.raises(RunConfigError, match=r"metrics \['knn_c99'\]: no planned run reports "
+                                             r"them \(their eval gives \['final_method_loss', "
+                                             r"'knn_conv5'\]\)"):
+        bench.run_bench(cfg, out=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "runs").exists()
