@@ -440,7 +440,7 @@ class EvalConfig:
         nonlinear: AET's non-linear probe (:func:`~adapters.evaluation.nonlinear_probe_eval`),
             or None.
         bn_recalibration_images: BatchNorm statistics re-estimated on at most this many clean
-            training images (a seeded sample) before every protocol; None or 0: not.
+            training images (a seeded sample, at least 2) before every protocol; None or 0: not.
     """
 
     knn: ProbeConfig | None = None
@@ -461,8 +461,9 @@ class EvalConfig:
                   for kind in ProbeConfig.PROTOCOLS}
         images = check_value(data.get("bn_recalibration_images", 10_000), int | None,
                              "eval.bn_recalibration_images")
-        if images is not None and images < 0:
-            raise SchemaError(f"eval.bn_recalibration_images={images} must be >= 0 or null.")
+        if images is not None and (images < 0 or images == 1):
+            raise SchemaError(f"eval.bn_recalibration_images={images} must be 0 or null (off), "
+                              "or at least 2: BatchNorm estimates a variance from a batch.")
         return cls(**probes, bn_recalibration_images=images)
 
     def to_dict(self) -> dict[str, Any]:

@@ -352,10 +352,18 @@ def check_run(cfg: RunConfig, datasets: dict[tuple, ImageArrays] | None = None) 
     check_layers(cfg, setup.backbone)
     steps = len(BatchLoader(setup.train_set, cfg.data.batch_size, drop_last=True))
     check_data(cfg, len(setup.train_set), steps)
-    try:  # a method checks its hyperparameters against the data (e.g. k < images)
-        method_class(cfg.method.name)(setup.backbone, len(setup.train_set), cfg.method.config)
+    build_method(cfg, setup.backbone, len(setup.train_set))
+
+
+def build_method(cfg: RunConfig, backbone: nn.Module, num_train: int) -> Method:
+    """``cfg``'s method on ``backbone``; the arguments it refuses against the data (e.g. k <
+    images) or the backbone (e.g. ``method.layer``) as a :class:`RunConfigError`."""
+    try:
+        return method_class(cfg.method.name)(backbone, num_train, cfg.method.config)
     except SchemaError as exc:
         raise RunConfigError(str(exc)) from None
+    except ValueError as exc:
+        raise RunConfigError(f"method {cfg.method.name!r}: {exc}") from None
 
 
 class Trainer:
@@ -382,7 +390,7 @@ class Trainer:
         self.precision = _precision(cfg.train.precision, self.device)
         check_compiler(cfg.train.compile, cfg.train.compile_backend, self.device)
         self._prepare_folder()  # before anything is loaded: a refused folder costs nothing
-        method_cls = method_class(cfg.method.name)
+        method_class(cfg.method.name)  # an unknown method is refused before the data load
         setup = prepare_run(cfg, self.device)  # seeds, then data, then the backbone
         check_layers(cfg, setup.backbone)
         self.train_set, self.test_set, self.size = setup.train_set, setup.test_set, setup.size
@@ -392,12 +400,7 @@ class Trainer:
         self.backbone = setup.backbone
         if cfg.train.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-        try:  # a method checks its hyperparameters against the data (e.g. k < images)
-            self.method = method_cls(self.backbone, len(self.train_set), cfg.method.config)
-        except SchemaError as exc:
-            raise RunConfigError(str(exc)) from None
-        except ValueError as exc:  # and against the backbone (e.g. method.layer)
-            raise RunConfigError(f"method {cfg.method.name!r}: {exc}") from None
+        self.method = build_method(cfg, self.backbone, len(self.train_set))
         self.method.to(self.device)
         self.views = [_augment(v, self.size) for v in (cfg.data.augment or self.method.views)]
         params = [p for p in [*self.backbone.parameters(), *self.method.parameters()]

@@ -175,3 +175,16 @@ def test_a_number_yaml_read_as_text_gets_the_spelling_that_fixes_it():
         check_value("1e-3", float, "lr")
     with pytest.raises(SchemaError, match=r"\(str\)\.$"):  # no hint for plain text
         check_value("fast", float, "lr")
+
+
+@pytest.mark.parametrize("images, ok", [(0, True), (None, True), (2, True), (1, False),
+                                        (-1, False)])
+def test_bn_recalibration_needs_two_images_or_none(tmp_path, images, ok):
+    from adapters.config import EvalConfig
+
+    if ok:
+        assert EvalConfig.from_any({"bn_recalibration_images": images}).bn_recalibration_images \
+            == images
+    else:
+        with pytest.raises(SchemaError, match=r"must be 0 or null \(off\), or at least 2"):
+            EvalConfig.from_any({"bn_recalibration_images": images})
