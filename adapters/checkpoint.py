@@ -92,6 +92,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}.")
     data = path.read_bytes()
+    if len(data) < len(MAGIC) and MAGIC.startswith(data):  # cut before its header was whole
+        raise CheckpointError(f"{path} is empty or truncated ({len(data)} bytes): resume from "
+                              "another checkpoint, or start the run again (train --overwrite; "
+                              "bench: delete the run's folder).")
     if data.startswith(MAGIC):
         payload = _verified_payload(path, data)
     else:

@@ -90,7 +90,7 @@ def load_ablate_config(path: str | Path, overrides: Sequence[str] = ()) -> Ablat
 
 def _load_ablate_config(path: str | Path, overrides: Sequence[str]) -> AblateConfig:
     raw, path = load_matrix_config(path, overrides, AblateConfig.KEYS, "ablate")
-    axes = check_value(raw.get("axes"), dict, "axes")
+    axes = check_value(raw.get("axes") or {}, dict, "axes")
     if not axes:
         raise RunConfigError(f"axes names no axis to vary; axes: {', '.join(AXES)} (e.g. axes: "
                              "{weight: [0, 1]}).")

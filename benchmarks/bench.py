@@ -78,7 +78,7 @@ def load_bench_config(path: str | Path, overrides: Sequence[str] = ()) -> BenchC
 
 def _load_bench_config(path: str | Path, overrides: Sequence[str]) -> BenchConfig:
     raw, path = load_matrix_config(path, overrides, BenchConfig.KEYS, "bench")
-    methods = check_value(raw.get("methods"), dict, "methods")
+    methods = check_value(raw.get("methods") or {}, dict, "methods")
     if not any(src is not None for src in methods.values()):
         raise RunConfigError("methods names no method to run (e.g. methods: {sela: {config: "
                              "smoke/sela.yaml}}).")

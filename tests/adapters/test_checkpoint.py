@@ -162,3 +162,11 @@ def test_json_refuses_non_finite_numbers():
     assert files.json_text({"a": 1.0}) == '{"a": 1.0}'
     with pytest.raises(ValueError, match=r"metrics.final_method_loss=nan"):
         files.json_text({"metrics": {"final_method_loss": float("nan")}})
+
+
+@pytest.mark.parametrize("size", [0, 5])
+def test_an_empty_or_cut_header_is_called_truncated(tmp_path, size):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(MAGIC[:size])
+    with pytest.raises(CheckpointError, match=rf"is empty or truncated \({size} bytes\)"):
+        load_checkpoint(path)

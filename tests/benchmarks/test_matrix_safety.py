@@ -237,3 +237,13 @@ def test_a_metric_no_planned_run_reports_is_refused_before_any_run(run_yaml, tmp
                                              r"'knn_conv5'\]\)"):
         bench.run_bench(cfg, out=tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_an_empty_config_says_what_it_lacks(tmp_path):
+    empty = tmp_path / "configs" / "e.yaml"
+    empty.parent.mkdir()
+    empty.write_text("")
+    with pytest.raises(RunConfigError, match="methods names no method to run"):
+        bench.load_bench_config(empty)
+    with pytest.raises(RunConfigError, match="axes names no axis to vary"):
+        ablate.load_ablate_config(empty)
