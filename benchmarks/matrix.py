@@ -158,8 +158,16 @@ class MatrixConfig:
             raise RunConfigError("metrics=[] names no column; name the metrics (e.g. "
                                  "[knn_conv5]) or leave the key out for every metric.")
         common = check_value(raw.get("common"), dict | None, "common")
-        for key in common or {}:
+        for key, value in (common or {}).items():
             check_value(key, str, "a key of common")
+            names = ([f"run.{k}" for k in value] if key == "run" and isinstance(value, dict)
+                     else [key])
+            taken = [n for n in names if n in SET_BY_MATRIX]
+            if taken:
+                raise RunConfigError(
+                    f"common: {', '.join(taken)} is set by bench and ablate themselves (every "
+                    "run in runs/<run id> of the results folder, resumed there when it was "
+                    "stopped): remove it, and choose the results folder with --out-dir.")
         return {
             "name": name, "path": path,
             "title": check_value(raw.get("title", name), str, "title"),
@@ -170,6 +178,9 @@ class MatrixConfig:
             "notes": check_value(raw.get("notes", ""), str, "notes"),
         }
 
+
+#: The run settings :meth:`Matrix.add` and a restart set for every run; a config may not.
+SET_BY_MATRIX = ("run.out_dir", "run.progress", "run.resume", "run.overwrite")
 
 #: Mappings of a bench/ablate config whose keys are dotted run-config keys (``train.epochs``);
 #: None matches any name (a method's row name).

@@ -247,3 +247,15 @@ def test_an_empty_config_says_what_it_lacks(tmp_path):
         bench.load_bench_config(empty)
     with pytest.raises(RunConfigError, match="axes names no axis to vary"):
         ablate.load_ablate_config(empty)
+
+
+@pytest.mark.parametrize("common", [{"run.out_dir": "/tmp/x"}, {"run.resume": True},
+                                    {"run": {"progress": True}}])
+def test_run_settings_bench_sets_itself_are_refused_in_common(run_yaml, tmp_path, common):
+    with pytest.raises(RunConfigError, match=r"common: run\.\w+ is set by bench and ablate "
+                                             r"themselves .*choose the results folder with "
+                                             r"--out-dir"):
+        bench.load_bench_config(write(tmp_path, "b.yaml", {**BENCH, "common": common}))
+    cfg = bench.load_bench_config(write(tmp_path, "c.yaml", {
+        **BENCH, "common": {"run.save_checkpoints": True}}))  # not one of bench's: accepted
+    assert cfg.common == {"run.save_checkpoints": True}
