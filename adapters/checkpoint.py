@@ -94,8 +94,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     data = path.read_bytes()
     if len(data) < len(MAGIC) and MAGIC.startswith(data):  # cut before its header was whole
         raise CheckpointError(f"{path} is empty or truncated ({len(data)} bytes): resume from "
-                              "another checkpoint, or start the run again (train --overwrite; "
-                              "bench: delete the run's folder).")
+                              "another checkpoint, or start the run again.")
     if data.startswith(MAGIC):
         payload = _verified_payload(path, data)
     else:
@@ -112,7 +111,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} passed its checksum but could not be loaded safely "
                               f"({type(exc).__name__}: {first[:300]}): only tensors and plain "
                               "data are unpickled. Resume from another checkpoint, or start the "
-                              "run again with --overwrite.") from None
+                              "run again.") from None
 
 
 def _verified_payload(path: Path, data: bytes) -> bytes:
@@ -121,18 +120,18 @@ def _verified_payload(path: Path, data: bytes) -> bytes:
     if match is None:
         raise CheckpointError(f"{path} has a malformed header (expected 'recon-aux checkpoint 2 "
                               "sha256 <digest> <length>'): the file is corrupt. Resume from "
-                              "another checkpoint, or start the run again with --overwrite.")
+                              "another checkpoint, or start the run again.")
     expected, length = match.group(1).decode(), int(match.group(2))
     payload = data[end + 1:]
     if len(payload) != length:
         raise CheckpointError(f"{path} holds {len(payload)} payload bytes but its header says "
                               f"{length}: the file is truncated or was changed. Resume from "
-                              "another checkpoint, or start the run again with --overwrite.")
+                              "another checkpoint, or start the run again.")
     actual = hashlib.sha256(payload).hexdigest()
     if not hmac.compare_digest(actual, expected):
         raise CheckpointError(f"{path} has sha256 {actual} but its header says {expected}: the "
                               "file is corrupt or was changed. Resume from another checkpoint, "
-                              "or start the run again with --overwrite.")
+                              "or start the run again.")
     return payload
 
 
@@ -151,7 +150,7 @@ def _verified_legacy(path: Path, data: bytes) -> bytes:
     if not hmac.compare_digest(actual, expected):
         raise CheckpointError(f"{path} has sha256 {actual} but {side.name} says {expected}: the "
                               "file is corrupt or was changed. Resume from another checkpoint, "
-                              "or start the run again with --overwrite.")
+                              "or start the run again.")
     return data
 
 

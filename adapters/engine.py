@@ -773,7 +773,11 @@ class Trainer:
             if self.rank == 0:
                 print(f"no checkpoint at {path}: starting from scratch", flush=True)
             return
-        state = load_checkpoint(path)
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as exc:  # how a train run starts again; bench says its own way
+            raise CheckpointError(f"{exc} To start it again: --overwrite (run.overwrite=true)."
+                                  ) from None
         diff = config_diff(state["config"], self.cfg)
         if diff:
             raise CheckpointError(
