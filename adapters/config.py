@@ -606,11 +606,8 @@ class RunConfig:
             raise RunConfigError(f"a run config is a mapping of sections, got {data!r}.")
         unknown = sorted(set(data) - set(SECTIONS) - {"name"})
         if unknown:
-            other = next((f" Its '{k}' says it is a config for recon-aux {cmd}: run it with "
-                          "that." for k, cmd in (("methods", "bench"), ("axes", "ablate"))
-                          if k in unknown), "")
             raise RunConfigError(f"unknown top-level section(s) {unknown}; valid: "
-                                 f"{', '.join(SECTIONS)}.{other}")
+                                 f"{', '.join(SECTIONS)}.{other_command_hint(unknown, 'train')}")
         parts: dict[str, Any] = {}
         builders: dict[str, Callable[[Any], Any]] = {
             "method": MethodSection.from_any,
@@ -642,6 +639,18 @@ class RunConfig:
     def override(self, *items: str) -> RunConfig:
         """A copy with dotted overrides applied, e.g. ``cfg.override("train.epochs=2")``."""
         return load_run_config(self.to_dict(), items, name=self.name)
+
+
+#: The top-level key that only one command's configs have, and that command.
+COMMAND_KEYS = {"methods": "bench", "axes": "ablate"}
+
+
+def other_command_hint(unknown: Sequence[str], command: str) -> str:
+    """For the unknown top-level keys of a config given to ``command``: a sentence naming the
+    command the config is for, when one of them says so (:data:`COMMAND_KEYS`), else ""."""
+    key = next((k for k in unknown if COMMAND_KEYS.get(k, command) != command), None)
+    return ("" if key is None else f" Its '{key}' says it is a config for recon-aux "
+            f"{COMMAND_KEYS[key]}: run it with that.")
 
 
 def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:

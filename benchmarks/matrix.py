@@ -44,6 +44,7 @@ from adapters.config import (
     apply_overrides,
     config_diff,
     load_run_config,
+    other_command_hint,
     read_yaml,
     yaml_problem,
 )
@@ -221,12 +222,8 @@ def load_matrix_config(path: str | Path, overrides: Sequence[str], keys: Sequenc
             _set_dotted_key(raw, *inside, value, item)
     unknown = sorted(set(raw) - set(keys))
     if unknown:
-        other = {"methods": "bench", "axes": "ablate"}  # a key that only the other kind has
-        telling = [k for k in unknown if other.get(k, what) != what]
-        hint = (f" Its '{telling[0]}' says it is a config for recon-aux {other[telling[0]]}: "
-                "run it with that." if telling else "")
         raise RunConfigError(f"unknown key(s) {unknown} in {what} config {path.name}; valid "
-                             f"ones: {', '.join(keys)}.{hint}")
+                             f"ones: {', '.join(keys)}.{other_command_hint(unknown, what)}")
     return raw, path
 
 

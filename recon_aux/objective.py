@@ -168,8 +168,7 @@ class ReconAux(nn.Module):
         call per view). Returns ``weight * (l2_weight * L2 + lpips_weight * LPIPS)`` as a scalar
         float32 tensor whose gradient reaches the head and the encoder.
         """
-        if self._removed:
-            raise RuntimeError("this ReconAux was removed; attach a new one.")
+        self._check_not_removed()
         check_images(images, "images")
         if images.shape[0] == 0:
             raise ValueError("images is an empty batch (0 samples): call aux.loss for batches "
@@ -234,8 +233,7 @@ class ReconAux(nn.Module):
         Runs one extra forward of the attached model (no grad, eval mode; training flags are
         restored afterwards). For pictures; nothing is captured or trained.
         """
-        if self._removed:
-            raise RuntimeError("this ReconAux was removed; attach a new one.")
+        self._check_not_removed()
         model = self._model()
         if model is None or self.head is None:
             raise RuntimeError("reconstruct() needs the attached model and a built head "
@@ -252,6 +250,10 @@ class ReconAux(nn.Module):
         finally:
             _restore_training_flags(model, flags)
             self.head.train(head_mode)
+
+    def _check_not_removed(self) -> None:
+        if self._removed:
+            raise RuntimeError("this ReconAux was removed; attach a new one.")
 
     def sync_gradients(self) -> None:
         """Average the head's gradients over all ranks of the default process group.
