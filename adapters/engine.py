@@ -20,7 +20,8 @@ The run folder (``run.out_dir``): every file in it is written atomically
 (:mod:`adapters.checkpoint`); ``log.jsonl`` is rewritten from the run's history, so it never
 holds an epoch twice; temporaries of a killed run are deleted when the folder is used again. A
 folder that holds a run is refused unless ``run.resume`` (continue it) or ``run.overwrite``
-(delete its files and start again); a folder that is a file or is not writable is refused before
+(delete its files and start again), and ``run.resume`` over another config's result with no
+checkpoint is refused too; a folder that is a file or is not writable is refused before
 anything is loaded. Settings that depend on the data or the backbone (the batch size against the
 number of training images, ``eval.knn.k`` against the bank, probe layers, ``data.resize``) are
 checked before the first step (:class:`~adapters.config.RunConfigError`). A full disk is a
@@ -32,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import json
 import math
 import os
 import platform
@@ -78,7 +80,7 @@ from .schema import SchemaError
 __all__ = ["Trainer", "train", "StopTraining", "RunSetup", "prepare_run", "plain_loader",
            "evaluation_batchnorm",
            "machine", "RunFolderError", "RUN_FILES", "run_dir", "prepare_run_folder", "check_run",
-           "check_layers", "check_data", "train_device"]
+           "result_config_diff", "check_layers", "check_data", "train_device"]
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -231,15 +233,18 @@ def run_dir(cfg: RunConfig) -> Path:
 
 
 def prepare_run_folder(folder: Path, resume: bool = False, overwrite: bool = False,
-                       clear: bool = True) -> None:
+                       clear: bool = True, config: RunConfig | None = None) -> None:
     """Make ``folder`` ready for a run, or refuse it.
 
     Creates it if needed; refuses a file, a folder that cannot be created or written, and a
     folder that holds a run (any of :data:`RUN_FILES`) unless ``resume`` (continue it) or
-    ``overwrite``. With ``clear`` it then deletes what a new run replaces: with ``overwrite``
-    the old run's files, and always the temporary files a killed run left. (The engine checks
-    with ``clear=False`` before it loads anything, and clears once every check has passed, so
-    a refused config never costs the old run.)
+    ``overwrite``. With ``resume`` and ``config`` it also refuses a folder whose
+    ``result.json`` was written by another config while no checkpoint is there (the run would
+    start from scratch over another run's files; with a checkpoint, the engine compares the
+    checkpoint's config when it resumes). With ``clear`` it then deletes what a new run
+    replaces: with ``overwrite`` the old run's files, and always the temporary files a killed
+    run left. (The engine checks with ``clear=False`` before it loads anything, and clears once
+    every check has passed, so a refused config never costs the old run.)
 
     Raises:
         RunFolderError: What is wrong and what to do instead.
@@ -261,6 +266,9 @@ def prepare_run_folder(folder: Path, resume: bool = False, overwrite: bool = Fal
             f"{folder} already holds a run ({', '.join(used)}); continue it with --resume "
             "(run.resume=true), start it again with --overwrite (run.overwrite=true: deletes "
             f"those files), or choose another {flags}.")
+    if resume and not overwrite and config is not None and RESULT in used \
+            and CHECKPOINT not in used:
+        _check_result_is_this_runs(folder / RESULT, config, flags)
     try:
         probe = folder / f".write-test.{os.getpid()}"
         probe.write_bytes(b"")
@@ -275,6 +283,37 @@ def prepare_run_folder(folder: Path, resume: bool = False, overwrite: bool = Fal
                                       folder) from None
         raise RunFolderError(f"the run folder {folder} is not writable ({exc.strerror or exc}); "
                              f"choose another {flags}.") from None
+
+
+def _check_result_is_this_runs(path: Path, config: RunConfig, flags: str) -> None:
+    """Refuse to resume over ``path`` (a ``result.json`` with no checkpoint beside it) unless
+    it was written by ``config``."""
+    remedy = (f"start the run again there with --overwrite (run.overwrite=true: deletes its "
+              f"files), or choose another {flags}.")
+    try:
+        diff = result_config_diff(path, config)
+    except ValueError as exc:
+        raise RunFolderError(f"{exc}, and there is no checkpoint to resume: whose run the "
+                             f"folder holds is unknown; {remedy}") from None
+    if diff:
+        raise RunFolderError(
+            f"{path.parent} holds the result of a run with a different config (differing keys: "
+            f"{diff}) and no checkpoint to resume: --resume would start from scratch over its "
+            f"files; {remedy}")
+
+
+def result_config_diff(path: Path, config: RunConfig) -> list[str]:
+    """The keys (:func:`config_diff`) in which the config that wrote the run result ``path``
+    differs from ``config``.
+
+    Raises:
+        ValueError: ``path`` cannot be read as a run's result (what went wrong).
+    """
+    try:
+        return config_diff(json.loads(path.read_text(encoding="utf-8"))["config"], config)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"{path} cannot be read as a run's result ({type(exc).__name__}: "
+                         f"{exc})") from None
 
 
 def check_layers(cfg: RunConfig, backbone: nn.Module) -> None:
@@ -448,7 +487,7 @@ class Trainer:
         if self.rank == 0:
             try:
                 prepare_run_folder(self.out_dir, self.cfg.run.resume, self.cfg.run.overwrite,
-                                   clear=clear)
+                                   clear=clear, config=self.cfg)
             except (RunFolderError, OSError) as exc:
                 error = exc
         if self.world > 1:

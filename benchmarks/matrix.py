@@ -48,7 +48,7 @@ from adapters.config import (
     read_yaml,
     yaml_problem,
 )
-from adapters.engine import CHECKPOINT, check_run, reported_metrics
+from adapters.engine import CHECKPOINT, RESULT, check_run, reported_metrics, result_config_diff
 from adapters.files import atomic_write, json_text
 from adapters.schema import SchemaError, check_value
 from recon_aux.config import safe_load
@@ -389,11 +389,22 @@ class Matrix:
 
     def _check_unfinished(self, todo: list[tuple[str, RunConfig, dict[str, Any]]]) -> None:
         """A killed run resumes from its checkpoint, unless that checkpoint was made by another
-        config: an error, or with ``replace_changed`` the run starts again."""
+        config: an error, or with ``replace_changed`` the run starts again. A folder with a
+        result and no checkpoint (a run with no epochs, or without checkpoints) is judged by its
+        result's config the same way (the engine refuses to start over another config's
+        result)."""
         changed = {}
         for run_id, cfg, _ in todo:
             ckpt = Path(cfg.run.out_dir) / CHECKPOINT
-            if cfg.run.resume and ckpt.is_file():
+            result = ckpt.parent / RESULT
+            if cfg.run.resume and not ckpt.is_file() and result.is_file():
+                try:
+                    diff = result_config_diff(result, cfg)
+                except ValueError as exc:
+                    diff = [str(exc)]
+                if diff:
+                    changed[run_id] = diff
+            elif cfg.run.resume and ckpt.is_file():
                 try:
                     state = load_checkpoint(ckpt)
                 except CheckpointError as exc:

@@ -57,6 +57,27 @@ def test_used_folder_needs_resume_or_overwrite(tiny_tree, tmp_path):
         cfg(tiny_tree, out, "run.resume=true", "run.overwrite=true")
 
 
+def test_resume_without_a_checkpoint_refuses_another_runs_result(tiny_tree, tmp_path,
+                                                                    monkeypatch):
+    """--resume where only a result is left (no checkpoint: ``run.save_checkpoints=false``, or
+    deleted) starts from scratch only over its own run's files: another config's result is
+    refused before anything is loaded, and left as it was."""
+    out = tmp_path / "run"
+    train(cfg(tiny_tree, out, "run.save_checkpoints=false"))
+    result = (out / "result.json").read_bytes()
+    again = train(cfg(tiny_tree, out, "run.save_checkpoints=false", "run.resume=true"))
+    assert again["metrics"] == json.loads(result)["metrics"]  # its own: trained again
+    _no_loading(monkeypatch)
+    with pytest.raises(RunFolderError, match=r"result of a run with a different config "
+                                             r"\(differing keys: \['train.lr'\]\) and no "
+                                             r"checkpoint.*--overwrite"):
+        train(cfg(tiny_tree, out, "run.resume=true", "train.lr=0.1"))
+    (out / "result.json").write_text("{not json")
+    with pytest.raises(RunFolderError, match="cannot be read as a run's result"):
+        train(cfg(tiny_tree, out, "run.resume=true"))
+    assert (out / "result.json").read_text() == "{not json"
+
+
 def _no_loading(monkeypatch):
     monkeypatch.setattr(engine, "load_dataset",
                         lambda *a, **k: pytest.fail("loaded data for a refused folder"))

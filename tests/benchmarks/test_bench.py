@@ -276,6 +276,32 @@ def no_training(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "write_report", lambda *a, **k: None)
 
 
+def test_a_result_left_by_another_config_is_a_changed_run(tmp_path, monkeypatch, no_training):
+    """A run folder holding a result and no checkpoint (a run with no epochs killed before it
+    was recorded) whose config is not the planned one is judged like a checkpoint of another
+    config: an error naming the run, or with replace_changed a fresh start over it."""
+    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
+                                  ["seeds=[0]"])
+    out = tmp_path / "results"
+    bench.run_bench(cfg, out=out, progress=False)
+    saved = json.loads((out / "results.json").read_text())
+    (lost,) = [r for r in saved["runs"] if r["id"].startswith("random-init")]
+    saved["runs"].remove(lost)
+    (out / "results.json").write_text(json.dumps(saved))  # as if killed before it was recorded
+    folder = out / "runs" / lost["id"]
+    folder.mkdir(parents=True)
+    lost["config"]["train"]["lr"] = 123.0  # another config's result
+    (folder / "result.json").write_text(json.dumps(lost))
+    with pytest.raises(RunConfigError, match="random-init-resnet18_cifar-seed0: train.lr\\)"
+                                             ".*--replace-changed"):
+        bench.run_bench(cfg, out=out, progress=False)
+    trained = []
+    monkeypatch.setattr(schedule, "train", lambda c: trained.append(c) or fake_train(c))
+    bench.run_bench(cfg, out=out, progress=False, replace_changed=True)
+    assert len(trained) == 1 and trained[0].run.out_dir == str(folder)
+    assert trained[0].run.overwrite and not trained[0].run.resume
+
+
 def test_merge_takes_runs_of_a_parallel_seed(tmp_path, monkeypatch, no_training):
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
                                   ["seeds=[0, 1]"])
