@@ -78,6 +78,7 @@ __all__ = [
     "KnnSection", "LinearSection", "NonlinearSection", "RunSettings", "MethodSection",
     "BackboneSection", "ReconSection", "SECTIONS", "protocol_keywords", "load_run_config",
     "read_yaml", "apply_overrides", "config_diff", "flatten", "yaml_problem",
+    "IneffectiveSettingWarning",
 ]
 
 SCHEDULES = ("constant", "cosine", "step")
@@ -91,6 +92,10 @@ COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 NEUTRAL_DEFAULTS: dict[str, Any] = {
     "train.precision": "fp32", "train.channels_last": False, "data.augment_on_device": False,
     "train.compile": None, "train.compile_backend": "inductor"}
+
+
+class IneffectiveSettingWarning(UserWarning):
+    """A setting that cannot take effect in its run (:meth:`RunConfig.ineffective`)."""
 
 
 class RunConfigError(SchemaError):
@@ -639,6 +644,51 @@ class RunConfig:
     def override(self, *items: str) -> RunConfig:
         """A copy with dotted overrides applied, e.g. ``cfg.override("train.epochs=2")``."""
         return load_run_config(self.to_dict(), items, name=self.name)
+
+    def ineffective(self) -> list[str]:
+        """The settings that cannot take effect in this run, each with what to change.
+
+        They are not errors: a short override of a long recipe (``train.epochs=2`` on a config
+        with ``milestones: [160, 240]``) is a legitimate smoke run. The engine warns of them
+        (:class:`IneffectiveSettingWarning`) before the first step. A run with no epochs (the
+        untrained reference) trains nothing, so its training settings are not listed.
+
+        Example:
+            >>> cfg = load_run_config({"method": {"name": "supervised"}, "train": {
+            ...     "epochs": 2, "lr_schedule": "step", "milestones": [1, 5]}})
+            >>> cfg.ineffective()  # doctest: +NORMALIZE_WHITESPACE
+            ['train.milestones [5] are at or after train.epochs=2: the learning rate never
+              drops there (a milestone m takes effect from epoch m+1 on)']
+        """
+        t, r, found = self.train, self.run, []
+        if t.epochs > 0:
+            if t.milestones and t.lr_schedule != "step":
+                found.append(f"train.milestones {list(t.milestones)} are read by "
+                             f"train.lr_schedule=step only, not by {t.lr_schedule}")
+            elif t.lr_schedule == "step" and not t.milestones:
+                found.append("train.lr_schedule=step without train.milestones keeps the "
+                             "learning rate constant; give the epochs at which it drops")
+            late = [m for m in t.milestones if m >= t.epochs]
+            if late and t.lr_schedule == "step":
+                found.append(f"train.milestones {late} are at or after train.epochs="
+                             f"{t.epochs}: the learning rate never drops there (a milestone m "
+                             "takes effect from epoch m+1 on)")
+            if r.stop_after_epoch is not None and r.stop_after_epoch >= t.epochs:
+                found.append(f"run.stop_after_epoch={r.stop_after_epoch} is not before "
+                             f"train.epochs={t.epochs}: the run ends without stopping")
+            elif r.stop_after_epoch is not None and not r.save_checkpoints:
+                found.append(f"run.stop_after_epoch={r.stop_after_epoch} with "
+                             "run.save_checkpoints=false leaves no checkpoint: a resume starts "
+                             "from scratch")
+        probe = self.eval.nonlinear
+        if probe is not None:
+            epochs, milestones = probe.settings.epochs, probe.settings.milestones or ()
+            late = [m for m in milestones if m >= epochs]
+            if late:
+                found.append(f"eval.nonlinear.milestones {late} are at or after "
+                             f"eval.nonlinear.epochs={epochs}: the probe's learning rate never "
+                             "drops there")
+        return found
 
 
 #: The top-level key that only one command's configs have, and that command.

@@ -40,6 +40,7 @@ import platform
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,13 @@ from . import distributed as D
 from . import files
 from .backbones import Backbone, build_backbone
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import CUDA_GRAPH_MODES, RunConfig, RunConfigError, config_diff
+from .config import (
+    CUDA_GRAPH_MODES,
+    IneffectiveSettingWarning,
+    RunConfig,
+    RunConfigError,
+    config_diff,
+)
 from .data import (
     BatchAugment,
     BatchLoader,
@@ -80,7 +87,7 @@ from .schema import SchemaError
 __all__ = ["Trainer", "train", "StopTraining", "RunSetup", "prepare_run", "plain_loader",
            "evaluation_batchnorm",
            "machine", "RunFolderError", "RUN_FILES", "run_dir", "prepare_run_folder", "check_run",
-           "result_config_diff", "check_layers", "check_data", "train_device"]
+           "result_config_diff", "warn_ineffective", "check_layers", "check_data", "train_device"]
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -96,7 +103,19 @@ class RunFolderError(RuntimeError):
 
 
 class StopTraining(RuntimeError):
-    """Raised by ``run.stop_after_epoch``: the process ends as a kill would, checkpoint intact."""
+    """Raised by ``run.stop_after_epoch``: the process ends as a kill would, checkpoint intact.
+
+    Attributes:
+        epoch: The last epoch trained (and checkpointed).
+        remedy: How to continue; a command line replaces the config key with its own way.
+    """
+
+    def __init__(self, epoch: int, remedy: str = "continue with run.resume=true") -> None:
+        super().__init__(epoch, remedy)  # both in args: the error crosses process boundaries
+        self.epoch, self.remedy = epoch, remedy
+
+    def __str__(self) -> str:
+        return f"stopped after epoch {self.epoch} (run.stop_after_epoch); {self.remedy}"
 
 
 class _StepModule(nn.Module):
@@ -387,11 +406,21 @@ def check_run(cfg: RunConfig, datasets: dict[tuple, ImageArrays] | None = None) 
     device = train_device(cfg.train.device)
     _precision(cfg.train.precision, device)
     check_compiler(cfg.train.compile, cfg.train.compile_backend, device)
+    warn_ineffective(cfg)
     setup = prepare_run(cfg, torch.device("cpu"), datasets)
     check_layers(cfg, setup.backbone)
     steps = len(BatchLoader(setup.train_set, cfg.data.batch_size, drop_last=True))
     check_data(cfg, len(setup.train_set), steps)
     build_method(cfg, setup.backbone, len(setup.train_set))
+
+
+def warn_ineffective(cfg: RunConfig) -> None:
+    """An :class:`~adapters.config.IneffectiveSettingWarning` for each setting of ``cfg`` that
+    cannot take effect (:meth:`~adapters.config.RunConfig.ineffective`)."""
+    for problem in cfg.ineffective():
+        # stacklevel 1: one place, so a bench's check and its run's start warn once
+        warnings.warn(f"{problem} (config {cfg.name!r}).", IneffectiveSettingWarning,
+                      stacklevel=1)
 
 
 def build_method(cfg: RunConfig, backbone: nn.Module, num_train: int) -> Method:
@@ -429,6 +458,8 @@ class Trainer:
         self.precision = _precision(cfg.train.precision, self.device)
         check_compiler(cfg.train.compile, cfg.train.compile_backend, self.device)
         self._prepare_folder()  # before anything is loaded: a refused folder costs nothing
+        if self.rank == 0:
+            warn_ineffective(cfg)
         method_class(cfg.method.name)  # an unknown method is refused before the data load
         setup = prepare_run(cfg, self.device)  # seeds, then data, then the backbone
         check_layers(cfg, setup.backbone)
@@ -680,8 +711,7 @@ class Trainer:
                 self._write_log()
             D.barrier()
             if cfg.run.stop_after_epoch == epoch + 1 and epoch + 1 < epochs:
-                raise StopTraining(f"stopped after epoch {epoch + 1} (run.stop_after_epoch); "
-                                   "continue with run.resume=true")
+                raise StopTraining(epoch + 1)
         with self._eager():
             metrics = self.evaluate()
         plain = cfg.to_dict()

@@ -19,18 +19,23 @@ A run prints its folder first, one log line per epoch, its folder again and, las
 with the final metrics. A folder that already holds a run is refused unless ``--resume``
 (continue it) or ``--overwrite`` (delete it and start again).
 
-Errors the user can fix (a config, a checkpoint, the data, the run folder, a full disk, ...)
-are one line on stderr and exit status 2; ``run.stop_after_epoch`` exits with 3; anything else
-is a bug and keeps its traceback.
+Overrides may come before or after the options. Errors the user can fix (a config, a
+checkpoint, the data, the run folder, a full disk, ...) are one line on stderr and exit status
+2; ``run.stop_after_epoch`` exits with 3; anything else is a bug and keeps its traceback. The
+project's own warnings (e.g. a setting that cannot take effect) are one line each,
+``recon-aux: warning: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -94,6 +99,42 @@ class _Parser(argparse.ArgumentParser):
                      f"{self.prog} --help)\n")
 
 
+def _parse(parser: _Parser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser``'s arguments, with ``key=value`` overrides taken after the options too
+    (``train CONFIG --resume train.epochs=3``; argparse alone takes positionals in one run)."""
+    args, extra = parser.parse_known_args(argv)
+    late = [a for a in extra if "=" in a and not a.startswith("-")]
+    if len(late) < len(extra) or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
+
+
+#: Where the warnings that ``recon-aux`` prints as one line come from (the rest, e.g. torch's,
+#: keep Python's format, which names their source line).
+_OWN_CODE = tuple(str(Path(p).parent) + os.sep for p in (
+    __file__, sys.modules["adapters"].__file__, sys.modules["recon_aux"].__file__))
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Print the project's own warnings as ``recon-aux: warning: ...`` (one line)."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not str(filename).startswith(_OWN_CODE):
+            return shown(message, category, filename, lineno, file, line)
+        print(f"recon-aux: warning: {' '.join(str(message).split())}",
+              file=sys.stderr if file is None else file, flush=True)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def _rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -114,7 +155,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         result = train(cfg)
     except StopTraining as exc:
-        raise StopTraining(f"{exc}; run folder {folder}: continue with --resume") from None
+        raise StopTraining(exc.epoch, f"continue with --resume (run folder {folder})") from None
     if _rank0():
         print(f"run folder: {folder} (result.json, log.jsonl, checkpoint.pt)", flush=True)
         summary = {k: result[k] for k in ("method", "seed", "metrics", "wall_s", "machine",
@@ -213,9 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--results", type=Path, default=summary.RESULTS,
                    help="the folder holding the results folders (default benchmarks/results)")
     s.set_defaults(func=_summary)
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     try:
-        return args.func(args)
+        with _one_line_warnings():
+            return args.func(args)
     except StopTraining as exc:
         print(f"recon-aux: {exc}", file=sys.stderr)
         return 3

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from adapters.config import RunConfig, RunConfigError
-from adapters.engine import train
+from adapters.engine import StopTraining, train
 from adapters.methods import METHODS
 from adapters.progress import progress
 
@@ -169,7 +169,10 @@ def run_in_turn(todo: list[Run], budget: Budget, record: Record,
         else:
             bar.set_description(f"run {i + 1}/{len(todo)} {run_id}")
         started = time.perf_counter()
-        result = train(cfg)
+        try:
+            result = train(cfg)
+        except StopTraining as exc:
+            raise stopped(run_id, exc) from None
         budget.ended(run_id, time.perf_counter() - started, result.get("wall_s"))
         record(run_id, cfg, meta, result)
 
@@ -230,8 +233,16 @@ def run_in_processes(todo: list[Run], jobs: int, budget: Budget, record: Record)
             worker.shutdown()
     if failed is not None:
         run_id, cfg, exc = failed
+        if isinstance(exc, StopTraining):
+            exc = stopped(run_id, exc)
         exc.add_note(f"(run {run_id}; its output: {Path(cfg.run.out_dir) / 'console.txt'})")
         raise exc
+
+
+def stopped(run_id: str, exc: StopTraining) -> StopTraining:
+    """A run's ``run.stop_after_epoch`` stop, with a matrix's way to continue it."""
+    return StopTraining(exc.epoch, f"run {run_id} stopped with its checkpoint intact; the same "
+                                   "command continues it")
 
 
 def die_with_parent() -> None:

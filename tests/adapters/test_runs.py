@@ -16,7 +16,7 @@ import torch
 
 from adapters import engine, files
 from adapters.checkpoint import MAGIC, load_checkpoint
-from adapters.config import RunConfigError, load_run_config
+from adapters.config import IneffectiveSettingWarning, RunConfigError, load_run_config
 from adapters.engine import RunFolderError, StopTraining, train
 from tests.adapters.tiny import tiny_config
 
@@ -76,6 +76,15 @@ def test_resume_without_a_checkpoint_refuses_another_runs_result(tiny_tree, tmp_
     with pytest.raises(RunFolderError, match="cannot be read as a run's result"):
         train(cfg(tiny_tree, out, "run.resume=true"))
     assert (out / "result.json").read_text() == "{not json"
+
+
+def test_settings_that_cannot_take_effect_are_warned_and_the_run_goes_on(tiny_tree, tmp_path):
+    with pytest.warns(IneffectiveSettingWarning) as caught:
+        result = train(cfg(tiny_tree, tmp_path / "run", "train.lr_schedule=step",
+                           "run.stop_after_epoch=2"))  # the tiny run has 2 epochs
+    assert [str(w.message).split(" ")[0] for w in caught] == ["train.lr_schedule=step",
+                                                              "run.stop_after_epoch=2"]
+    assert [row["epoch"] for row in result["history"]] == [1, 2]
 
 
 def _no_loading(monkeypatch):

@@ -188,3 +188,25 @@ def test_bn_recalibration_needs_two_images_or_none(tmp_path, images, ok):
     else:
         with pytest.raises(SchemaError, match=r"must be 0 or null \(off\), or at least 2"):
             EvalConfig.from_any({"bn_recalibration_images": images})
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["train.milestones=[1]"], ["train.milestones [1] are read by train.lr_schedule=step only"]),
+    (["train.lr_schedule=step"], ["train.lr_schedule=step without train.milestones keeps"]),
+    (["train.lr_schedule=step", "train.milestones=[1, 3, 4]"],
+     ["train.milestones [3, 4] are at or after train.epochs=3"]),
+    (["run.stop_after_epoch=3"], ["run.stop_after_epoch=3 is not before train.epochs=3"]),
+    (["run.stop_after_epoch=1", "run.save_checkpoints=false"],
+     ["run.stop_after_epoch=1 with run.save_checkpoints=false leaves no checkpoint"]),
+    (["eval.nonlinear={layer: conv5, epochs: 4, milestones: [2, 4]}"],
+     ["eval.nonlinear.milestones [4] are at or after eval.nonlinear.epochs=4"]),
+    # what can take effect, and a run with no epochs (the untrained reference)
+    (["train.lr_schedule=step", "train.milestones=[1, 2]", "run.stop_after_epoch=2"], []),
+    (["train.lr_schedule=cosine", "eval.nonlinear={layer: conv5, epochs: 4}"], []),
+    (["train.epochs=0", "train.milestones=[160]", "run.stop_after_epoch=5"], []),
+])
+def test_settings_that_cannot_take_effect_are_named(overrides, expected):
+    cfg = load_run_config({"method": {"name": "supervised"}, "train": {"epochs": 3}}, overrides)
+    found = cfg.ineffective()
+    assert len(found) == len(expected)
+    assert all(f.startswith(e) for f, e in zip(found, expected))

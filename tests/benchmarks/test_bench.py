@@ -611,6 +611,27 @@ def test_a_failed_parallel_run_stops_new_starts_and_keeps_the_others(tmp_path, m
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 1
 
 
+def test_a_parallel_run_stopped_by_its_config_says_how_the_matrix_continues(
+        tmp_path, monkeypatch, no_training):
+    import pickle
+
+    from adapters.engine import StopTraining
+
+    crossed = pickle.loads(pickle.dumps(StopTraining(1)))  # as from a worker process
+    assert (crossed.epoch, str(crossed)) == (1, "stopped after epoch 1 (run.stop_after_epoch); "
+                                                "continue with run.resume=true")
+
+    def stop(c):
+        raise StopTraining(1)
+
+    _threads_for_processes(monkeypatch, stop)
+    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
+                                  ["seeds=[0]"])
+    with pytest.raises(StopTraining, match=r"run \S+-seed0 stopped with its checkpoint intact; "
+                                           "the same command continues it"):
+        bench.run_bench(cfg, out=tmp_path / "results", progress=False, jobs=2)
+
+
 @pytest.mark.parametrize("jobs", [0, -1, True, 1.5])
 def test_jobs_must_be_a_positive_whole_number(tmp_path, jobs):
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml")

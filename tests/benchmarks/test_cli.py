@@ -73,6 +73,7 @@ def test_stop_after_epoch_says_how_to_continue(tiny_yaml, tmp_path, capsys):
     code = cli(["train", str(tiny_yaml), "run.stop_after_epoch=1"])
     line = one_line(capsys, code, expected=3)
     assert "stopped after epoch 1" in line and "continue with --resume" in line
+    assert "run.resume=true" not in line  # the command line's way, not the config key
     assert str((tmp_path / "run").absolute()) in line
     assert cli(["train", str(tiny_yaml), "--resume"]) == 0
 
@@ -168,3 +169,20 @@ def test_unexpected_errors_keep_their_traceback(tiny_yaml, monkeypatch):
     monkeypatch.setattr(cli_module, "train", bug)
     with pytest.raises(ZeroDivisionError):
         cli(["train", str(tiny_yaml)])
+
+
+def test_overrides_may_follow_the_options_and_own_warnings_are_one_line(tiny_yaml, tmp_path,
+                                                                        capsys):
+    out = tmp_path / "late"
+    assert cli(["train", str(tiny_yaml), "--out-dir", str(out), "train.lr_schedule=step"]) == 0
+    assert json.loads((out / "result.json").read_text())["config"]["train"]["lr_schedule"] == \
+        "step"
+    assert capsys.readouterr().err.splitlines() == [
+        "recon-aux: warning: train.lr_schedule=step without train.milestones keeps the learning "
+        "rate constant; give the epochs at which it drops (config 'tiny')."]
+    for argv in (["train", str(tiny_yaml), "--resume", "--nope"],
+                 ["summary", "--check", "README.md", "a=b"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli(argv)
+        assert exit_.value.code == 2
+        assert "unrecognized arguments: " + argv[-1] in capsys.readouterr().err

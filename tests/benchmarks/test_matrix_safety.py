@@ -179,7 +179,8 @@ def test_every_planned_run_is_checked_before_the_first_trains(run_yaml, tmp_path
 def test_a_killed_matrix_run_resumes_and_the_eta_is_never_nan(run_yaml, tmp_path, capsys):
     assert eta_text(0.0, 0, 4) == "ETA unknown" and eta_text(120.0, 2, 2) == "ETA 2.0 min"
     stop = {**BENCH, "common": {"run.stop_after_epoch": 1}}
-    with pytest.raises(StopTraining):  # killed after epoch 1 of the first run
+    with pytest.raises(StopTraining, match="run toy-base-seed0 stopped with its checkpoint "
+                                           "intact; the same command continues it"):
         bench.run_bench(bench.load_bench_config(write(tmp_path, "b.yaml", stop)),
                         out=tmp_path / "out", progress=False)
     out = capsys.readouterr().out
