@@ -360,10 +360,12 @@ def check_layers(cfg: RunConfig, backbone: nn.Module) -> None:
                                      f"{name!r}; its modules: {_listed(modules)}.")
 
 
-def check_data(cfg: RunConfig, num_train: int, steps_per_epoch: int, world: int = 1) -> None:
+def check_data(cfg: RunConfig, num_train: int, steps_per_epoch: int, world: int = 1,
+               largest_label: int | None = None) -> None:
     """What depends on the data, checked before the first step: an epoch trains at least one
-    step (incomplete batches are dropped), and the kNN bank (the training images) holds at
-    least ``eval.knn.k`` images.
+    step (incomplete batches are dropped), the kNN bank (the training images) holds at least
+    ``eval.knn.k`` images, and a probe's ``num_classes`` covers the labels (``largest_label``:
+    the largest of the training and test labels, when known).
 
     Raises:
         RunConfigError: Naming the key, the value, the data's size and the fix.
@@ -390,6 +392,18 @@ def check_data(cfg: RunConfig, num_train: int, steps_per_epoch: int, world: int 
                 "training images to choose the weight decay among "
                 f"{[float(w) for w in wd]}; use more images (data.per_class), another "
                 "val_fraction, or one eval.linear.weight_decay.")
+    for probe in (cfg.eval.linear, cfg.eval.nonlinear):
+        classes = probe.settings.num_classes if probe is not None else None
+        if classes is not None and largest_label is not None and largest_label >= classes:
+            raise RunConfigError(
+                f"eval.{probe.kind}.num_classes={classes} but the data's labels go up to "
+                f"{largest_label}; use eval.{probe.kind}.num_classes >= {largest_label + 1}, "
+                "or leave it out (null) to count them.")
+
+
+def _largest_label(*sets: ImageArrays) -> int | None:
+    labels = [int(s.targets.max()) for s in sets if len(s.targets)]
+    return max(labels) if labels else None
 
 
 def check_run(cfg: RunConfig, datasets: dict[tuple, ImageArrays] | None = None) -> None:
@@ -410,7 +424,8 @@ def check_run(cfg: RunConfig, datasets: dict[tuple, ImageArrays] | None = None) 
     setup = prepare_run(cfg, torch.device("cpu"), datasets)
     check_layers(cfg, setup.backbone)
     steps = len(BatchLoader(setup.train_set, cfg.data.batch_size, drop_last=True))
-    check_data(cfg, len(setup.train_set), steps)
+    check_data(cfg, len(setup.train_set), steps,
+               largest_label=_largest_label(setup.train_set, setup.test_set))
     build_method(cfg, setup.backbone, len(setup.train_set))
 
 
@@ -466,7 +481,8 @@ class Trainer:
         self.train_set, self.test_set, self.size = setup.train_set, setup.test_set, setup.size
         steps = len(BatchLoader(self.train_set, cfg.data.batch_size, rank=self.rank,
                                 world_size=self.world, drop_last=True))
-        check_data(cfg, len(self.train_set), steps, self.world)  # before the first step
+        check_data(cfg, len(self.train_set), steps, self.world,  # before the first step
+                   largest_label=_largest_label(self.train_set, self.test_set))
         self.backbone = setup.backbone
         if cfg.train.channels_last:
             self.backbone.to(memory_format=torch.channels_last)

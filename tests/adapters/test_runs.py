@@ -134,6 +134,10 @@ def test_folder_that_is_a_file_or_not_writable_is_refused_first(tiny_tree, tmp_p
     (["method={name: deepcluster, k: 30}"], r"method.k=30 clusters for 24 training images"),
     (["eval.linear={layer: conv5, val_fraction: 0.01}"], r"eval.linear.val_fraction=0.01 holds "
                                                          r"out 0 of the 24 training images"),
+    (["eval.nonlinear={layer: conv5, num_classes: 1}"], r"eval.nonlinear.num_classes=1 but the "
+                                                        r"data's labels go up to 1; use "
+                                                        r"eval.nonlinear.num_classes >= 2"),
+    (["eval.linear={layer: conv5, num_classes: 1}"], r"eval.linear.num_classes=1 but"),
 ])
 def test_data_dependent_settings_refused_before_training(tiny_tree, tmp_path, monkeypatch,
                                                          overrides, match):
