@@ -265,7 +265,10 @@ def _write_ablation_report(out: Path, cfg: AblateConfig, runs: list[dict[str, An
         if report.plot_ablation(points, out / "metric_vs_weight.png", "recon weight",
                                 "top-1 %"):
             pictures.append("metric_vs_weight.png")
-    local = ("figure2.png",) if "mix" in cfg.axes and _figure2(out, cfg) else ()
+    local: tuple[str, ...] = ()
+    if "mix" in cfg.axes:
+        _figure2(out, cfg)  # drawn where the pictures are; named either way (a fresh clone)
+        local = ("figure2.png",)
     notes = ("\n## Ablation (one knob at a time around the default +recon block)\n\n"
              "The table above holds the reference rows, the base method (weight 0) and the "
              "default +recon block; every setting of every axis follows, with its mean paired "

@@ -682,11 +682,11 @@ def write_report(out: Path, cfg: MatrixConfig, runs: list[dict[str, Any]],
     pictures = list(extra_pictures)
     if report.plot_curves(runs, out / "curves.png", ["method_loss", "recon_l2", "recon_lpips"]):
         pictures.append("curves.png")
-    local = list(extra_local_pictures)
-    ids = {r["id"] for r in (*runs, *all_runs)}  # not the pictures of superseded runs
-    if (out / "pictures").is_dir():
-        local += sorted(f"pictures/{p.name}" for p in (out / "pictures").glob("*.png")
-                        if p.stem in ids)
+    # named from the runs, not from the folder: the README is the same in a fresh clone,
+    # which has no pictures (every run with the objective leaves one; superseded runs' are left)
+    local = [*extra_local_pictures, *sorted(
+        {f"pictures/{plain_name(r['id'], 'run id')}.png" for r in (*runs, *all_runs)
+         if r.get("recon")})]
     text = report.render_readme(cfg.title, runs, metrics, report.render_setup(all_runs),
                                 pictures=pictures, notes=cfg.notes + extra_notes,
                                 local_pictures=local)

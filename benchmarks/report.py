@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from adapters.engine import machine
+from adapters.devices import machine
 
 __all__ = ["PAPER", "summarise", "render_table", "render_readme", "render_setup", "verdicts",
            "render_verdicts", "evaluation_lines", "plot_curves", "plot_ablation", "label_of",
@@ -388,14 +388,22 @@ def tapped_layers(runs: Sequence[dict[str, Any]]) -> list[str]:
 def evaluation_lines(runs: list[dict[str, Any]]) -> list[str]:
     """What every run's evaluation did beyond its top-1: BN recalibration, probe fits."""
     details = [r.get("evaluation") or {} for r in runs]
-    images = sorted({(d.get("bn_recalibration") or {}).get("images", 0) for d in details})
-    if images == [0]:
+    # bn_layers 0: a network without BatchNorm (a ViT), which has nothing to recalibrate
+    with_bn = [info for d in details
+               if (info := d.get("bn_recalibration") or {}).get("bn_layers") != 0]
+    images = sorted({info.get("images", 0) for info in with_bn})
+    if not with_bn:
+        lines = ["- no BatchNorm layer in these networks: nothing to recalibrate before "
+                 "evaluation."]
+    elif images == [0]:
         lines = ["- BatchNorm statistics NOT recalibrated before evaluation (runs older than "
-                 "the fair protocol)."]
+                 "the fair protocol, or eval.bn_recalibration_images: null)."]
     else:
         lines = [f"- every network (random-init included) evaluated with its BatchNorm "
                  f"statistics recalibrated on {' / '.join(map(str, images))} clean training "
                  "images (no weight change)."]
+    if with_bn and len(with_bn) < len(details):
+        lines[0] += " The networks without BatchNorm had nothing to recalibrate."
     probes = sorted({k for d in details for k in d if k != "bn_recalibration"})
     for key in probes:
         fits = [d[key] for d in details if key in d]

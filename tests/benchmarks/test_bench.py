@@ -302,6 +302,22 @@ def test_a_result_left_by_another_config_is_a_changed_run(tmp_path, monkeypatch,
     assert trained[0].run.overwrite and not trained[0].run.resume
 
 
+def test_the_readme_names_the_pictures_from_the_runs_not_from_the_folder(tmp_path,
+                                                                         no_training):
+    """A fresh clone holds no pictures (git-ignored): its README, made again with
+    --report-only, must be the one committed, so the pictures are named from the runs."""
+    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
+                                  ["seeds=[0]"])
+    out = tmp_path / "results"
+    bench.run_bench(cfg, out=out, progress=False)  # fake runs: no picture is written
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    matrix.write_report(out, cfg, runs)
+    readme = (out / "README.md").read_text()
+    assert not (out / "pictures").exists()
+    assert ("(`pictures/recon-only-resnet18_cifar-seed0.png`, `pictures/simclr-recon-seed0.png`; "
+            "2 PNG files), are written into this results folder when the matrix runs") in readme
+
+
 def test_merge_takes_runs_of_a_parallel_seed(tmp_path, monkeypatch, no_training):
     cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
                                   ["seeds=[0, 1]"])

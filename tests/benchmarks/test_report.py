@@ -122,3 +122,20 @@ def test_a_method_pairs_with_the_recon_only_run_on_its_own_recipe():
     alone = [r for r in runs if r.get("ref_from") or r["reference"] is None]
     assert not any("m: +recon − recon-only" in line
                    for line in report.render_table(alone, ["knn"]).splitlines())
+
+
+def test_the_evaluation_line_tells_no_batchnorm_from_no_recalibration():
+    def runs(*infos):
+        return [{"evaluation": {"bn_recalibration": info}} for info in infos]
+
+    vit = {"bn_layers": 0, "images": 0}
+    cnn = {"bn_layers": 20, "images": 10000}
+    off = {"bn_layers": None, "images": 0}
+    assert report.evaluation_lines(runs(vit, vit)) == [
+        "- no BatchNorm layer in these networks: nothing to recalibrate before evaluation."]
+    assert report.evaluation_lines(runs(off))[0].startswith(
+        "- BatchNorm statistics NOT recalibrated")
+    assert report.evaluation_lines([{}])[0].startswith("- BatchNorm statistics NOT recalibrated")
+    mixed = report.evaluation_lines(runs(cnn, vit))[0]
+    assert "recalibrated on 10000 clean training images" in mixed
+    assert mixed.endswith("The networks without BatchNorm had nothing to recalibrate.")
