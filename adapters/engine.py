@@ -36,9 +36,7 @@ import io
 import json
 import math
 import os
-import platform
 import random
-import shutil
 import time
 import warnings
 from collections.abc import Mapping
@@ -72,6 +70,7 @@ from .data import (
     load_dataset,
     make_augment,
 )
+from .devices import has_cxx_compiler, machine
 from .evaluation import (
     extract_features,
     knn_eval,
@@ -86,7 +85,7 @@ from .schema import SchemaError
 
 __all__ = ["Trainer", "train", "StopTraining", "RunSetup", "prepare_run", "plain_loader",
            "evaluation_batchnorm",
-           "machine", "RunFolderError", "RUN_FILES", "run_dir", "prepare_run_folder", "check_run",
+           "RunFolderError", "RUN_FILES", "run_dir", "prepare_run_folder", "check_run",
            "result_config_diff", "warn_ineffective", "check_layers", "check_data", "train_device"]
 
 CHECKPOINT = "checkpoint.pt"
@@ -922,11 +921,6 @@ def _precision(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if name == "bf16" else torch.float16
 
 
-def has_cxx_compiler() -> bool:
-    """Whether inductor can build its CPU kernels here: ``$CXX``, g++, c++ or clang++ found."""
-    return any(shutil.which(n) for n in (os.environ.get("CXX"), "g++", "c++", "clang++") if n)
-
-
 def check_compiler(mode: str | None, backend: str, device: torch.device) -> None:
     """``torch.compile`` with inductor on the CPU builds C++ kernels: a :class:`RunConfigError`
     before any work when no C++ compiler is found (inductor would fail at the first step)."""
@@ -970,12 +964,6 @@ def _seed_everything(seed: int) -> None:
 def _default_out_dir(cfg: RunConfig) -> Path:
     tag = "recon" if cfg.recon is not None else "base"
     return Path("runs") / cfg.name / f"{cfg.method.name}-{tag}-seed{cfg.train.seed}"
-
-
-def machine() -> str:
-    dev = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-           else f"{platform.machine()} CPU")
-    return f"{dev}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:

@@ -12,7 +12,7 @@ Typical use::
             ...
 """
 
-from .augment import CIFAR10_MEAN, CIFAR10_STD, PRESETS, BatchAugment, make_augment, torch_threads
+from .augment import PRESETS, BatchAugment, make_augment
 from .datasets import (
     CIFAR10_JPG_NAME,
     CIFAR10_JPG_SHA256,
@@ -34,8 +34,6 @@ __all__ = [
     "BatchLoader",
     "CIFAR10_JPG_NAME",
     "CIFAR10_JPG_SHA256",
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
     "DATASET_NAMES",
     "DATA_ENV",
     "DatasetError",
@@ -47,5 +45,4 @@ __all__ = [
     "load_dataset",
     "make_augment",
     "resolve_data_root",
-    "torch_threads",
 ]

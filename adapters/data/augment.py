@@ -16,50 +16,23 @@ the same crops, flips and jitter factors on either device.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as nnf
 from torchvision.transforms.v2 import functional as tvf
 
-from ..devices import to_device
+from ..devices import to_device, torch_threads
 
 __all__ = [
     "BatchAugment",
     "PRESETS",
     "make_augment",
-    "torch_threads",
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
+
 ]
 
-#: Per-channel mean / std of the CIFAR-10 training images in [0, 1].
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-
 PRESETS = ("none", "crop_flip", "simclr")
-
-
-@contextmanager
-def torch_threads(num_threads: int | None) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(num_threads)``, restoring the old value.
-
-    ``None`` changes nothing. Augmentation is many small tensor ops; on a busy 2-core machine
-    OpenMP's thread hand-offs made them ~10x slower with 2 threads than with 1.
-    """
-    previous = torch.get_num_threads()
-    if num_threads is None or num_threads == previous:
-        yield
-        return
-    if num_threads < 1:
-        raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
-    torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True)
@@ -90,7 +63,7 @@ class BatchAugment:
         mean: Per-channel mean for normalisation, or ``None`` for output in ``[0, 1]``.
         std: Per-channel std for normalisation (with ``mean``).
         num_threads: torch intra-op threads while augmenting (restored afterwards), see
-            :func:`torch_threads`; ``None`` keeps torch's setting.
+            :func:`~adapters.devices.torch_threads`; ``None`` keeps torch's setting.
 
     Example:
         >>> aug = make_augment("simclr", size=32)

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .augment import BatchAugment, make_augment, torch_threads
+from ..devices import torch_threads
+from .augment import BatchAugment, make_augment
 from .datasets import ImageArrays
 
 __all__ = ["IndexedDataset", "balanced_subset", "BatchLoader", "Batch"]
@@ -181,7 +182,7 @@ class BatchLoader:
             rank: This process's shard (as ``DistributedSampler``).
             world_size: Number of shards.
             num_threads: torch intra-op threads while a batch is built (restored after; see
-                :func:`~adapters.data.augment.torch_threads`). ``None`` keeps torch's setting.
+                :func:`~adapters.devices.torch_threads`). ``None`` keeps torch's setting.
                 Not applied while ``prefetch`` builds batches on a thread (the setting is
                 process-wide and would slow the training step beside it).
             device: Where the augmentations run: the uint8 batch moves there first (a GPU:

@@ -17,7 +17,6 @@ Protocol                    Follows
                             facebookresearch/deepcluster ``eval_linear.py`` (``RegLog``)
 :func:`nonlinear_probe_eval` maple-research-lab/AET ``cifar/affine/NonLinearClassifier.py``
                             (``MultLayerFC2``) + ``cifar/projective/classification.py``
-:func:`nmi`                 facebookresearch/deepcluster ``main.py`` NMI diagnostics
 ==========================  =========================================================
 
 Each ``*_eval`` function takes a model, train and test batch iterables and a layer name; it
@@ -36,7 +35,6 @@ from .batchnorm import recalibrate_batchnorm, recalibrated_batchnorm
 from .features import Features, extract_features, pool_features
 from .knn import knn_eval, weighted_knn
 from .linear import Standardize, linear_probe, linear_probe_eval
-from .nmi import nmi
 from .nonlinear import NonLinearHead, nonlinear_probe, nonlinear_probe_eval
 
 __all__ = [
@@ -46,7 +44,6 @@ __all__ = [
     "knn_eval",
     "linear_probe",
     "linear_probe_eval",
-    "nmi",
     "nonlinear_probe",
     "nonlinear_probe_eval",
     "pool_features",

@@ -21,7 +21,7 @@ forward hook captures conv5) and returns its loss and the tensors it fed the bac
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -174,7 +174,3 @@ class Method(nn.Module, ABC):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`extra_state` returned."""
-
-    def modules_for_eval(self) -> Iterable[nn.Module]:
-        """Modules to put in eval mode during evaluation besides the backbone."""
-        return [self]

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..evaluation import nmi
 from ..ops.kmeans import BACKENDS, kmeans, preprocess_features, resolve_backend
+from ..ops.nmi import nmi
 from ..schema import SchemaError, at_least, one_of
 from .base import EngineContext, Method, MethodConfig, StepOutput, out_dim_of
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..evaluation import nmi
+from ..ops.nmi import nmi
 from ..ops.sinkhorn import sela_sinkhorn
 from ..schema import SchemaError, above, at_least, one_of
 from .base import EngineContext, Method, MethodConfig, StepOutput, out_dim_of

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adapters.data import torch_threads
+from adapters.devices import torch_threads
 
 __all__ = [
     "BACKENDS",
@@ -107,10 +107,11 @@ def faiss_available() -> bool:
 def resolve_backend(backend: str) -> str:
     """The k-means implementation that ``backend`` names: ``"torch"`` or ``"faiss"``.
 
-    ``"auto"`` is torch: it runs where the features are (GPU when there is one), needs no extra
-    package, and on this project's CPU benchmark (``benchmarks/studies/kmeans.py``, 10k/50k x 256
-    points, k = 100/1000, 2 threads) it took 0.5-1.4x faiss-cpu's time (geometric means of two
-    runs 1.08x and 0.86x); faiss stays optional.
+    ``"auto"`` is torch: it runs where the features are (GPU when there is one) and needs no
+    extra package; faiss stays optional. On the CPU faiss is faster: this project's benchmark
+    (``benchmarks/studies/kmeans.py``, 10k/50k x 256 points, k = 100/1000, 2 threads;
+    ``benchmarks/results/kmeans-cpu.txt``) has torch at 1.16-1.64x faiss-cpu's time (an
+    earlier machine gave 0.5-1.4x), and ``clustering-scale-cpu.txt`` 1.3-1.5x at N = 160k.
     """
     if backend not in BACKENDS:
         raise ValueError(f"kmeans backend must be one of {BACKENDS}, got {backend!r}")

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adapters.data import torch_threads
+from adapters.devices import torch_threads
 
 __all__ = [
     "COEFF_MEAN",

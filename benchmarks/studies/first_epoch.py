@@ -40,7 +40,7 @@ from torch.autograd import DeviceType
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from adapters import engine
+from adapters import devices, engine
 from adapters.config import RunConfig
 from adapters.data import load_dataset
 from benchmarks.bench import load_bench_config, trained_rows
@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             a.write.write_text("\n".join(lines) + "\n")
 
     command = sys.argv[1:] if argv is None else argv
-    add(f"python -m benchmarks.studies.first_epoch {shlex.join(command)}; {engine.machine()}")
+    add(f"python -m benchmarks.studies.first_epoch {shlex.join(command)}; {devices.machine()}")
     d = todo[0][1].data  # decode the data into its cache first, so no row pays for it
     t0 = time.perf_counter()
     for train in (True, False):

@@ -30,7 +30,8 @@ import torch
 
 from adapters.checkpoint import load_checkpoint
 from adapters.config import RunConfig
-from adapters.engine import RunSetup, evaluation_batchnorm, machine, prepare_run
+from adapters.devices import machine
+from adapters.engine import RunSetup, evaluation_batchnorm, prepare_run
 from adapters.evaluation import extract_features, pool_features, weighted_knn
 
 CHOICES = {  # column name -> (layer, pooling of its map)

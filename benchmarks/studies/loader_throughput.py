@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from adapters.backbones import AlexNetCIFAR
-from adapters.data import BatchLoader, IndexedDataset, load_dataset, torch_threads
+from adapters.data import BatchLoader, IndexedDataset, load_dataset
+from adapters.devices import torch_threads
 
 REQUIRED_RATIO = 3.0
 

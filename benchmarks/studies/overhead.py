@@ -83,7 +83,7 @@ import recon_aux
 from adapters.backbones import build_backbone
 from adapters.backbones.registry import check_backbone_arguments
 from adapters.config import COMPILE_MODES, CUDA_GRAPH_MODES
-from adapters.engine import has_cxx_compiler
+from adapters.devices import has_cxx_compiler
 from recon_aux.head import nhwc_by_default
 
 from .encoders import TORCHVISION

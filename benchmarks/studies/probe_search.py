@@ -31,7 +31,7 @@ from torch import Tensor
 
 from adapters.backbones import build_backbone
 from adapters.data import load_dataset
-from adapters.engine import machine
+from adapters.devices import machine
 from adapters.evaluation.features import extract_features
 from adapters.evaluation.linear import linear_probe
 

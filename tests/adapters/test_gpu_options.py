@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from adapters import engine
+from adapters import devices, engine
 from adapters.checkpoint import load_checkpoint
 from adapters.config import RunConfigError, config_diff, load_run_config
 from adapters.data import BatchLoader, ImageArrays
+from adapters.devices import has_cxx_compiler
 from adapters.engine import Trainer, check_run, train
 from tests.adapters.tiny import tiny_config
 
@@ -167,7 +168,7 @@ def test_compiled_run_trains_as_the_eager_one_and_resumes(tiny_tree, tmp_path, m
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not engine.has_cxx_compiler(),
+@pytest.mark.skipif(not has_cxx_compiler(),
                     reason="inductor on the CPU needs a C++ compiler")
 def test_inductor_compiled_run_trains_as_the_eager_one(tiny_tree, tmp_path):
     torch._dynamo.reset()
@@ -188,7 +189,7 @@ def test_compile_settings_are_refused_before_anything(tiny_tree, tmp_path, monke
         cfg(tiny_tree, tmp_path, "train.compile=fast")
     monkeypatch.setattr(engine, "load_dataset",
                         lambda *a, **k: pytest.fail("loaded data for a refused config"))
-    monkeypatch.setattr(engine.shutil, "which", lambda name: None)
+    monkeypatch.setattr(devices.shutil, "which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
     bad = cfg(tiny_tree, tmp_path / "nocc", "train.compile=default")
     for attempt in (lambda: train(bad), lambda: check_run(bad)):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import recon_aux
-from adapters.engine import has_cxx_compiler
+from adapters.devices import has_cxx_compiler
 from benchmarks.studies import first_epoch, head_memory_format, overhead
 
 TINY = ["--rounds", "2", "--warmup", "1", "--batch-size", "8", "--widths", "0.25",

@@ -222,7 +222,8 @@ def test_loss_decreases_on_real_cifar10(shared_data):
 
 
 def _learning_ratios(root: Path, seed: int) -> list[float]:
-    from adapters.data import load_dataset, torch_threads
+    from adapters.data import load_dataset
+    from adapters.devices import torch_threads
 
     data = load_dataset("cifar10", data_root=root, train=True)
     images = torch.from_numpy(np.ascontiguousarray(data.images[:128])).permute(0, 3, 1, 2)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from adapters.evaluation import nmi
 from adapters.ops.kmeans import (
     SPLIT_EPS,
     _split_empty_clusters,
@@ -19,6 +18,7 @@ from adapters.ops.kmeans import (
     preprocess_features,
     resolve_backend,
 )
+from adapters.ops.nmi import nmi
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
 pytestmark = pytest.mark.usefixtures("one_thread")  # comparable timings, deterministic sums
