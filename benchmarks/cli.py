@@ -43,8 +43,9 @@ import yaml
 from adapters.checkpoint import CheckpointError
 from adapters.config import RunConfigError, load_run_config, yaml_problem
 from adapters.data import DatasetError
-from adapters.engine import RunFolderError, StopTraining, run_dir, train
+from adapters.engine import StopTraining, train
 from adapters.files import DiskFullError
+from adapters.runs import RunFolderError, run_dir
 from adapters.schema import SchemaError
 from recon_aux import ConfigError, NonFiniteLossError
 from recon_aux.layers import LayerChoiceError

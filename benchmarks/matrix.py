@@ -48,8 +48,9 @@ from adapters.config import (
     read_yaml,
     yaml_problem,
 )
-from adapters.engine import CHECKPOINT, RESULT, check_run, reported_metrics, result_config_diff
+from adapters.engine import check_run, reported_metrics
 from adapters.files import atomic_write, json_text
+from adapters.runs import CHECKPOINT, RESULT, result_config_diff
 from adapters.schema import SchemaError, check_value
 from recon_aux.config import safe_load
 

@@ -17,7 +17,8 @@ import torch
 from adapters import engine, files
 from adapters.checkpoint import MAGIC, load_checkpoint
 from adapters.config import IneffectiveSettingWarning, RunConfigError, load_run_config
-from adapters.engine import RunFolderError, StopTraining, train
+from adapters.engine import StopTraining, train
+from adapters.runs import RunFolderError
 from tests.adapters.tiny import tiny_config
 
 
