@@ -50,9 +50,17 @@ class PairingError(RuntimeError):
 class Capture:
     """The tapped layer's output from one training forward, and the input that forward received.
 
-    ``feature`` is the tapped output as the layer returned it (a tensor, or a tuple of them, one
-    per tapped layer in the order the layers were named, for a multi-level tap); once handed out
-    by :meth:`FeatureTap.take` it holds ``N x C x h x w`` maps.
+    Attributes:
+        feature: The tapped output as the layer returned it (a tensor, or a tuple of them, one
+            per tapped layer in the order the layers were named, for a multi-level tap); once
+            handed out by :meth:`FeatureTap.take` it holds ``N x C x h x w`` maps.
+        input_ref: A weak reference to the tensor the forward received (None when the pass
+            began at the tapped layer).
+        batch_size: The forward's batch size.
+        index: The forward's number, in the order forwards ran.
+        closed: Set on the captures still pending when another one is taken: ``aux.loss``
+            was called for this step, so they are released at the next training forward.
+        input_value, repeated, input_shape, stem_size, entry: See the comments below.
     """
 
     feature: Tensor | tuple[Tensor, ...]
@@ -188,6 +196,17 @@ class FeatureTap:
         layouts: Each tapped layer's :class:`~recon_aux.tokens.Layout`, once decided.
         stem: Name of the first ``nn.Conv2d`` that ran (None before the first forward).
         pending: Captures waiting for ``take``.
+
+    Example:
+        >>> import torch, torchvision
+        >>> from recon_aux.capture import FeatureTap
+        >>> model = torchvision.models.resnet18()
+        >>> tap = FeatureTap(model, "layer4")
+        >>> images = torch.rand(2, 3, 64, 64)
+        >>> _ = model(images)  # a training forward (model.training): its layer4 output is kept
+        >>> tap.take(images).feature.shape  # the capture of the forward that read these images
+        torch.Size([2, 512, 2, 2])
+        >>> tap.remove()
     """
 
     def __init__(self, model: nn.Module, layer: str | Sequence[str] | None = None,

@@ -165,6 +165,17 @@ class ReconAuxConfig:
             ``DistributedDataParallel`` module). Needs the optimizer passed to ``attach``;
             turn off when the head is inside a DDP-wrapped module (e.g. Lightning), which
             averages it already.
+
+    Example:
+        >>> from recon_aux import ReconAuxConfig
+        >>> cfg = ReconAuxConfig(weight=0.5, net="vgg")
+        >>> cfg.weight, cfg.l2_weight, cfg.net
+        (0.5, 1.0, 'vgg')
+        >>> ReconAuxConfig.from_any({"lpips_fraction": 0.5}, weight=2.0).to_dict()["weight"]
+        2.0
+        >>> ReconAuxConfig(wieght=1)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        recon_aux.config.ConfigError: unknown config key(s) ['wieght']. Valid keys: weight, ...
     """
 
     weight: float = _knob(1.0, ge=0, fix=_WEIGHT_FIX.format("the auxiliary loss"))
@@ -215,6 +226,13 @@ class ReconAuxConfig:
     #: The fields :class:`~recon_aux.ReconAux` reads at every ``loss`` call; the others are fixed
     #: once ``attach`` has built the objective from them (the LPIPS network, the head, the hooks).
     LIVE = ("weight", "check_inputs")
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> ReconAuxConfig:
+        # before the dataclass __init__, whose TypeError for a misspelt key names no valid one
+        unknown = sorted(set(kwargs) - set(cls.valid_keys()))
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}. {cls.valid_keys_text()}")
+        return super().__new__(cls)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Every assignment (the dataclass __init__'s, and later ones such as a weight schedule's

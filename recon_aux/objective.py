@@ -88,6 +88,21 @@ class ReconAux(nn.Module):
         last: Detached ``l2``, ``lpips``, ``total``, ``reconstruction`` and ``images`` of the
             latest ``loss`` call, for logging and pictures.
         calls, steps: ``loss`` calls and ``optimizer.step()`` calls seen.
+
+    Example:
+        >>> import torch, torchvision, recon_aux
+        >>> encoder = torchvision.models.resnet18(num_classes=10)
+        >>> optimizer = torch.optim.SGD(encoder.parameters(), lr=0.1)
+        >>> aux = recon_aux.attach(encoder, optimizer)  # a ReconAux
+        >>> images = torch.rand(4, 3, 64, 64)
+        >>> loss = encoder(images).logsumexp(1).mean() + aux.loss(images)  # forward first
+        >>> loss.backward()
+        >>> optimizer.step()
+        >>> aux.layer_name, sorted(aux.last), (aux.calls, aux.steps)
+        ('layer4.1.conv2', ['images', 'l2', 'lpips', 'reconstruction', 'total'], (1, 1))
+        >>> aux.reconstruct(images).shape  # N x 3 x H x W, in the images' range
+        torch.Size([4, 3, 64, 64])
+        >>> aux.remove()  # the hooks go; the encoder is as it was
     """
 
     def __init__(

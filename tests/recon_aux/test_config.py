@@ -136,6 +136,8 @@ def test_assignment_is_checked():
     assert (cfg.weight, cfg.lr) == (0.25, None)
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['wieght'\]. Valid keys"):
         cfg.wieght = 2  # a typo is not a new attribute
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['wieght'\]. Valid keys"):
+        ReconAuxConfig(wieght=2)  # nor a keyword of the constructor (its TypeError named none)
     cfg.lpips_weight = 0
     with pytest.raises(ConfigError, match="both 0: the objective is empty"):
         cfg.l2_weight = 0  # the rules that relate two fields hold for assignments too
