@@ -60,7 +60,7 @@ from recon_aux import ConfigError, ReconAuxConfig
 from recon_aux.config import safe_load
 
 from .backbones import BACKBONES, backbone_class, check_backbone_arguments
-from .data import PRESETS
+from .data import PRESETS, BatchAugment, make_augment
 from .evaluation import (
     knn_eval,
     linear_probe,
@@ -154,8 +154,6 @@ class DataConfig(Section):
 
 def _check_augment_fields(entry: Mapping[str, Any]) -> None:
     """A ``{preset: NAME, <BatchAugment field>: value}`` entry builds (at the images' size)."""
-    from .data import BatchAugment, make_augment
-
     fields = {f.name for f in dataclasses.fields(BatchAugment)} - {"size"}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items() if k != "preset"}
     unknown = sorted(set(given) - fields)
