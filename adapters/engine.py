@@ -88,13 +88,16 @@ class StopTraining(RuntimeError):
     """Raised by ``run.stop_after_epoch``: the process ends as a kill would, checkpoint intact.
 
     Attributes:
-        epoch: The last epoch trained (and checkpointed).
-        remedy: How to continue; a command line replaces the config key with its own way.
+        epoch: The last epoch trained.
+        remedy: How to go on; a command line replaces the config key with its own way.
+        checkpoint: Whether that epoch's checkpoint was written (not with
+            ``run.save_checkpoints=false``, where a resume starts from scratch).
     """
 
-    def __init__(self, epoch: int, remedy: str = "continue with run.resume=true") -> None:
-        super().__init__(epoch, remedy)  # both in args: the error crosses process boundaries
-        self.epoch, self.remedy = epoch, remedy
+    def __init__(self, epoch: int, remedy: str = "continue with run.resume=true",
+                 checkpoint: bool = True) -> None:
+        super().__init__(epoch, remedy, checkpoint)  # all in args: it crosses processes
+        self.epoch, self.remedy, self.checkpoint = epoch, remedy, checkpoint
 
     def __str__(self) -> str:
         return f"stopped after epoch {self.epoch} (run.stop_after_epoch); {self.remedy}"
@@ -256,7 +259,7 @@ def check_data(cfg: RunConfig, num_train: int, steps_per_epoch: int, world: int 
                largest_label: int | None = None) -> None:
     """What depends on the data, checked before the first step: an epoch trains at least one
     step (incomplete batches are dropped), the kNN bank (the training images) holds at least
-    ``eval.knn.k`` images, and a probe's ``num_classes`` covers the labels (``largest_label``:
+    ``eval.knn.k`` images, and a protocol's ``num_classes`` covers the labels (``largest_label``:
     the largest of the training and test labels, when known).
 
     Raises:
@@ -284,7 +287,7 @@ def check_data(cfg: RunConfig, num_train: int, steps_per_epoch: int, world: int 
                 "training images to choose the weight decay among "
                 f"{[float(w) for w in wd]}; use more images (data.per_class), another "
                 "val_fraction, or one eval.linear.weight_decay.")
-    for probe in (cfg.eval.linear, cfg.eval.nonlinear):
+    for probe in (cfg.eval.knn, cfg.eval.linear, cfg.eval.nonlinear):
         classes = probe.settings.num_classes if probe is not None else None
         if classes is not None and largest_label is not None and largest_label >= classes:
             raise RunConfigError(
@@ -312,7 +315,6 @@ def check_run(cfg: RunConfig, datasets: dict[tuple, ImageArrays] | None = None) 
     device = train_device(cfg.train.device)
     _precision(cfg.train.precision, device)
     check_compiler(cfg.train.compile, cfg.train.compile_backend, device)
-    warn_ineffective(cfg)
     setup = prepare_run(cfg, torch.device("cpu"), datasets)
     check_layers(cfg, setup.backbone)
     steps = len(BatchLoader(setup.train_set, cfg.data.batch_size, drop_last=True))
@@ -325,9 +327,8 @@ def warn_ineffective(cfg: RunConfig) -> None:
     """An :class:`~adapters.config.IneffectiveSettingWarning` for each setting of ``cfg`` that
     cannot take effect (:meth:`~adapters.config.RunConfig.ineffective`)."""
     for problem in cfg.ineffective():
-        # stacklevel 1: one place, so a bench's check and its run's start warn once
         warnings.warn(f"{problem} (config {cfg.name!r}).", IneffectiveSettingWarning,
-                      stacklevel=1)
+                      stacklevel=2)
 
 
 def build_method(cfg: RunConfig, backbone: nn.Module, num_train: int) -> Method:
@@ -619,7 +620,11 @@ class Trainer:
                 self._write_log()
             D.barrier()
             if cfg.run.stop_after_epoch == epoch + 1 and epoch + 1 < epochs:
-                raise StopTraining(epoch + 1)
+                if cfg.run.save_checkpoints:
+                    raise StopTraining(epoch + 1)
+                raise StopTraining(epoch + 1, "no checkpoint was written "
+                                   "(run.save_checkpoints=false): the run can only start again",
+                                   checkpoint=False)
         with self._eager():
             metrics = self.evaluate()
         plain = cfg.to_dict()

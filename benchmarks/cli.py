@@ -41,7 +41,12 @@ from pathlib import Path
 import yaml
 
 from adapters.checkpoint import CheckpointError
-from adapters.config import RunConfigError, load_run_config, yaml_problem
+from adapters.config import (
+    IneffectiveSettingWarning,
+    RunConfigError,
+    load_run_config,
+    yaml_problem,
+)
 from adapters.data import DatasetError
 from adapters.engine import StopTraining, train
 from adapters.files import DiskFullError
@@ -59,6 +64,7 @@ __all__ = ["main", "error_line"]
 KNOWN_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
     (DiskFullError, ""),  # its message starts with "disk full"
     (RunConfigError, "config error"),
+    (IneffectiveSettingWarning, "config warning"),  # raised as an error under -W error
     (SchemaError, "config error"),
     (ConfigError, "recon config error"),
     (LayerChoiceError, "recon config error"),
@@ -112,10 +118,11 @@ def _parse(parser: _Parser, argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-#: Where the warnings that ``recon-aux`` prints as one line come from (the rest, e.g. torch's,
-#: keep Python's format, which names their source line).
+#: Where the warnings that ``recon-aux`` prints as one line come from, and their packages (the
+#: rest, e.g. torch's, keep Python's format, which names their category and source line).
 _OWN_CODE = tuple(str(Path(p).parent) + os.sep for p in (
     __file__, sys.modules["adapters"].__file__, sys.modules["recon_aux"].__file__))
+_OWN_PACKAGES = ("adapters", "benchmarks", "recon_aux")
 
 
 @contextlib.contextmanager
@@ -124,7 +131,8 @@ def _one_line_warnings() -> Iterator[None]:
     shown = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if not str(filename).startswith(_OWN_CODE):
+        own = category is UserWarning or category.__module__.split(".")[0] in _OWN_PACKAGES
+        if not (own and str(filename).startswith(_OWN_CODE)):
             return shown(message, category, filename, lineno, file, line)
         print(f"recon-aux: warning: {' '.join(str(message).split())}",
               file=sys.stderr if file is None else file, flush=True)
@@ -156,7 +164,8 @@ def _train(args: argparse.Namespace) -> int:
     try:
         result = train(cfg)
     except StopTraining as exc:
-        raise StopTraining(exc.epoch, f"continue with --resume (run folder {folder})") from None
+        remedy = "continue with --resume" if exc.checkpoint else exc.remedy
+        raise StopTraining(exc.epoch, f"{remedy} (run folder {folder})", exc.checkpoint) from None
     if _rank0():
         print(f"run folder: {folder} (result.json, log.jsonl, checkpoint.pt)", flush=True)
         summary = {k: result[k] for k in ("method", "seed", "metrics", "wall_s", "machine",

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import json
 import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ import yaml
 
 from adapters.checkpoint import CheckpointError, load_checkpoint
 from adapters.config import (
+    IneffectiveSettingWarning,
     RunConfig,
     RunConfigError,
     apply_overrides,
@@ -497,6 +499,7 @@ class Matrix:
             except RunConfigError as exc:
                 raise RunConfigError(f"run {run_id}: {exc}") from None
         del datasets
+        warn_ineffective(todo)
         self._save()  # the folder is this config's from now on
         print(f"{len(self.plan)} runs planned, {len(done & {p[0] for p in self.plan})} already "
               f"done (in {self.results_file}), {len(todo)} to run", flush=True)
@@ -601,6 +604,19 @@ class Matrix:
         if self.superseded:
             saved["superseded"] = self.superseded
         atomic_write(self.results_file, json_text(saved, indent=1).encode())
+
+
+def warn_ineffective(todo: list[tuple[str, RunConfig, dict[str, Any]]]) -> None:
+    """One :class:`~adapters.config.IneffectiveSettingWarning` per setting that cannot take
+    effect, naming the planned runs it concerns (each run warns again when it starts)."""
+    runs: dict[str, list[str]] = {}
+    for run_id, cfg, _ in todo:
+        for problem in cfg.ineffective():
+            runs.setdefault(problem, []).append(run_id)
+    for problem, ids in runs.items():
+        named = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+        warnings.warn(f"{problem} (run{'s' * (len(ids) > 1)} {named}).",
+                      IneffectiveSettingWarning, stacklevel=2)
 
 
 def run_config_diff(run: Mapping[str, Any], planned: RunConfig) -> list[str]:

@@ -240,9 +240,13 @@ def run_in_processes(todo: list[Run], jobs: int, budget: Budget, record: Record)
 
 
 def stopped(run_id: str, exc: StopTraining) -> StopTraining:
-    """A run's ``run.stop_after_epoch`` stop, with a matrix's way to continue it."""
-    return StopTraining(exc.epoch, f"run {run_id} stopped with its checkpoint intact; the same "
-                                   "command continues it")
+    """A run's ``run.stop_after_epoch`` stop, with a matrix's way to go on."""
+    if exc.checkpoint:
+        return StopTraining(exc.epoch, f"run {run_id} stopped with its checkpoint intact; the "
+                                       "same command continues it")
+    return StopTraining(exc.epoch, f"run {run_id} stopped without a checkpoint "
+                                   "(run.save_checkpoints=false); the same command starts it "
+                                   "again from scratch", checkpoint=False)
 
 
 def die_with_parent() -> None:

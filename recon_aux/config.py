@@ -13,6 +13,7 @@ applies the same rules to a subset of the fields (``PerceptualLoss`` uses it for
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import re
@@ -110,6 +111,24 @@ MIN_SIZE = {"alex": 31, "vgg": 16}
 _WEIGHT_FIX = "Use a finite number >= 0; 0 turns {} off."
 
 
+def _refusing_unknown_keywords(cls: type) -> type:
+    """Wrap the dataclass ``__init__`` of ``cls`` so that a misspelt keyword is the
+    :class:`ConfigError` that lists the valid keys (the dataclass's ``TypeError`` names none);
+    ``functools.wraps`` keeps the fields in ``inspect.signature`` and ``help``."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - set(cls.valid_keys()))
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}. {cls.valid_keys_text()}")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_refusing_unknown_keywords
 @dataclass
 class ReconAuxConfig:
     """Settings of the reconstruction objective.
@@ -226,13 +245,6 @@ class ReconAuxConfig:
     #: The fields :class:`~recon_aux.ReconAux` reads at every ``loss`` call; the others are fixed
     #: once ``attach`` has built the objective from them (the LPIPS network, the head, the hooks).
     LIVE = ("weight", "check_inputs")
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> ReconAuxConfig:
-        # before the dataclass __init__, whose TypeError for a misspelt key names no valid one
-        unknown = sorted(set(kwargs) - set(cls.valid_keys()))
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {unknown}. {cls.valid_keys_text()}")
-        return super().__new__(cls)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Every assignment (the dataclass __init__'s, and later ones such as a weight schedule's

@@ -29,7 +29,6 @@ __all__ = [
     "BatchAugment",
     "PRESETS",
     "make_augment",
-
 ]
 
 PRESETS = ("none", "crop_flip", "simclr")

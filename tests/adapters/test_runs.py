@@ -139,6 +139,7 @@ def test_folder_that_is_a_file_or_not_writable_is_refused_first(tiny_tree, tmp_p
                                                         r"data's labels go up to 1; use "
                                                         r"eval.nonlinear.num_classes >= 2"),
     (["eval.linear={layer: conv5, num_classes: 1}"], r"eval.linear.num_classes=1 but"),
+    (["eval.knn.num_classes=1"], r"eval.knn.num_classes=1 but the data's labels go up to 1"),
 ])
 def test_data_dependent_settings_refused_before_training(tiny_tree, tmp_path, monkeypatch,
                                                          overrides, match):

@@ -634,8 +634,9 @@ def test_a_parallel_run_stopped_by_its_config_says_how_the_matrix_continues(
     from adapters.engine import StopTraining
 
     crossed = pickle.loads(pickle.dumps(StopTraining(1)))  # as from a worker process
-    assert (crossed.epoch, str(crossed)) == (1, "stopped after epoch 1 (run.stop_after_epoch); "
-                                                "continue with run.resume=true")
+    assert (crossed.epoch, crossed.checkpoint, str(crossed)) == (
+        1, True, "stopped after epoch 1 (run.stop_after_epoch); continue with run.resume=true")
+    assert pickle.loads(pickle.dumps(StopTraining(2, "x", checkpoint=False))).checkpoint is False
 
     def stop(c):
         raise StopTraining(1)
@@ -646,6 +647,29 @@ def test_a_parallel_run_stopped_by_its_config_says_how_the_matrix_continues(
     with pytest.raises(StopTraining, match=r"run \S+-seed0 stopped with its checkpoint intact; "
                                            "the same command continues it"):
         bench.run_bench(cfg, out=tmp_path / "results", progress=False, jobs=2)
+
+    def stop_without_checkpoint(c):
+        raise StopTraining(1, "no checkpoint", checkpoint=False)
+
+    _threads_for_processes(monkeypatch, stop_without_checkpoint)
+    with pytest.raises(StopTraining, match=r"run \S+-seed0 stopped without a checkpoint \(run."
+                                           r"save_checkpoints=false\); the same command starts "
+                                           "it again from scratch"):
+        bench.run_bench(cfg, out=tmp_path / "results", progress=False, jobs=2)
+
+
+def test_a_setting_without_effect_is_warned_once_for_the_runs_it_concerns(tmp_path,
+                                                                          no_training):
+    from adapters.config import IneffectiveSettingWarning
+
+    cfg = bench.load_bench_config(REPO / "benchmarks" / "configs" / "simclr-cpu.yaml",
+                                  ["seeds=[0]", "common.train.lr_schedule=step"])
+    with pytest.warns(IneffectiveSettingWarning) as caught:
+        bench.run_bench(cfg, out=tmp_path / "results", progress=False)
+    (warning,) = caught  # the untrained reference row trains nothing: not named
+    assert str(warning.message).startswith("train.lr_schedule=step without train.milestones")
+    assert str(warning.message).endswith("(runs recon-only-resnet18_cifar-seed0, "
+                                         "simclr-base-seed0, simclr-recon-seed0).")
 
 
 @pytest.mark.parametrize("jobs", [0, -1, True, 1.5])

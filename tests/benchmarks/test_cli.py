@@ -74,6 +74,15 @@ def test_stop_after_epoch_says_how_to_continue(tiny_yaml, tmp_path, capsys):
     line = one_line(capsys, code, expected=3)
     assert "stopped after epoch 1" in line and "continue with --resume" in line
     assert "run.resume=true" not in line  # the command line's way, not the config key
+    assert cli(["train", str(tiny_yaml), "--resume"]) == 0
+    code = cli(["train", str(tiny_yaml), "--overwrite", "run.stop_after_epoch=1",
+                "run.save_checkpoints=false"])
+    warned, line = capsys.readouterr().err.strip().splitlines()  # warned, then stopped
+    assert code == 3 and warned.startswith("recon-aux: warning: run.stop_after_epoch=1 with "
+                                           "run.save_checkpoints=false leaves no checkpoint")
+    assert line.startswith("recon-aux: stopped after epoch 1") and line.endswith(
+        "no checkpoint was written (run.save_checkpoints=false): the run can only start again "
+        f"(run folder {(tmp_path / 'run').absolute()})")
     assert str((tmp_path / "run").absolute()) in line
     assert cli(["train", str(tiny_yaml), "--resume"]) == 0
 
@@ -186,3 +195,10 @@ def test_overrides_may_follow_the_options_and_own_warnings_are_one_line(tiny_yam
             cli(argv)
         assert exit_.value.code == 2
         assert "unrecognized arguments: " + argv[-1] in capsys.readouterr().err
+
+
+def test_a_warning_turned_error_is_one_line_too():
+    from adapters.config import IneffectiveSettingWarning
+
+    assert error_line(IneffectiveSettingWarning("train.milestones [9] ...")) == \
+        "recon-aux: config warning: train.milestones [9] ..."
