@@ -140,7 +140,10 @@ class _Hook:
     def __call__(self, module: nn.Module, *args):
         tap = self._tap()
         if tap is None or module is not self._module():
-            if tap is not None and getattr(module, "_is_replica", False):
+            # raised before the forward (a pre-hook): the model's post-hook, which runs even
+            # after that error (always_call), returns quietly instead of raising it again
+            if tap is not None and getattr(module, "_is_replica", False) \
+                    and self._method != "_on_model_post":
                 raise RuntimeError(
                     "recon_aux: this module runs as a replica of torch.nn.DataParallel over "
                     "several GPUs, whose forwards recon_aux cannot capture (each replica runs "
