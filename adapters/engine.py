@@ -84,8 +84,10 @@ __all__ = ["Trainer", "train", "StopTraining", "RunSetup", "prepare_run", "plain
            "evaluation_batchnorm", "check_run", "warn_ineffective", "check_layers", "check_data",
            "train_device"]
 
+
 class StopTraining(RuntimeError):
-    """Raised by ``run.stop_after_epoch``: the process ends as a kill would, checkpoint intact.
+    """Raised by ``run.stop_after_epoch``: the process ends as a kill would, with the epoch's
+    checkpoint intact (unless ``run.save_checkpoints=false``).
 
     Attributes:
         epoch: The last epoch trained.
