@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,8 @@ def to_float(arr) -> torch.Tensor:
 
 def run(size: int | None, train_x, test_x, args) -> dict[str, float]:
     torch.manual_seed(args.seed)
-    encoder = AlexNetCIFAR(width=0.5).requires_grad_(False)
+    encoder = AlexNetCIFAR(width=0.5).requires_grad_(False)  # frozen on purpose: the head alone
+    warnings.filterwarnings("ignore", message=".*trains the head only", category=RuntimeWarning)
     aux = recon_aux.attach(encoder, input_shape=(3, 32, 32), resize_to=size)
     opt = torch.optim.Adam(aux.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(args.seed)
