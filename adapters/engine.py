@@ -257,17 +257,16 @@ def check_layers(cfg: RunConfig, backbone: nn.Module) -> None:
                                      f"{name!r}; its modules: {_listed(modules)}.")
 
 
-def check_data(cfg: RunConfig, num_train: int, steps_per_epoch: int, world: int = 1,
-               largest_label: int | None = None) -> None:
+def check_data(cfg: RunConfig, train_set: ImageArrays, test_set: ImageArrays,
+               steps_per_epoch: int, world: int = 1) -> None:
     """What depends on the data, checked before the first step: an epoch trains at least one
     step (incomplete batches are dropped), the kNN bank (the training images) holds at least
-    ``eval.knn.k`` images, and a protocol's ``num_classes`` covers the labels (``largest_label``:
-    the largest of the training and test labels, when known).
+    ``eval.knn.k`` images, and a protocol's ``num_classes`` covers the labels of both splits.
 
     Raises:
         RunConfigError: Naming the key, the value, the data's size and the fix.
     """
-    n = num_train
+    n = len(train_set)
     if cfg.train.epochs > 0 and steps_per_epoch == 0:
         per_rank = f" ({-(-n // world)} per rank of {world})" if world > 1 else ""
         raise RunConfigError(
@@ -289,6 +288,8 @@ def check_data(cfg: RunConfig, num_train: int, steps_per_epoch: int, world: int 
                 "training images to choose the weight decay among "
                 f"{[float(w) for w in wd]}; use more images (data.per_class), another "
                 "val_fraction, or one eval.linear.weight_decay.")
+    largest_label = max((int(s.targets.max()) for s in (train_set, test_set) if len(s)),
+                        default=None)
     for probe in (cfg.eval.knn, cfg.eval.linear, cfg.eval.nonlinear):
         classes = probe.settings.num_classes if probe is not None else None
         if classes is not None and largest_label is not None and largest_label >= classes:
@@ -296,11 +297,6 @@ def check_data(cfg: RunConfig, num_train: int, steps_per_epoch: int, world: int 
                 f"eval.{probe.kind}.num_classes={classes} but the data's labels go up to "
                 f"{largest_label}; use eval.{probe.kind}.num_classes >= {largest_label + 1}, "
                 "or leave it out (null) to count them.")
-
-
-def _largest_label(*sets: ImageArrays) -> int | None:
-    labels = [int(s.targets.max()) for s in sets if len(s.targets)]
-    return max(labels) if labels else None
 
 
 def check_run(cfg: RunConfig, datasets: dict[tuple, ImageArrays] | None = None) -> None:
@@ -320,8 +316,7 @@ def check_run(cfg: RunConfig, datasets: dict[tuple, ImageArrays] | None = None) 
     setup = prepare_run(cfg, torch.device("cpu"), datasets)
     check_layers(cfg, setup.backbone)
     steps = len(BatchLoader(setup.train_set, cfg.data.batch_size, drop_last=True))
-    check_data(cfg, len(setup.train_set), steps,
-               largest_label=_largest_label(setup.train_set, setup.test_set))
+    check_data(cfg, setup.train_set, setup.test_set, steps)
     build_method(cfg, setup.backbone, len(setup.train_set))
 
 
@@ -376,8 +371,7 @@ class Trainer:
         self.train_set, self.test_set, self.size = setup.train_set, setup.test_set, setup.size
         steps = len(BatchLoader(self.train_set, cfg.data.batch_size, rank=self.rank,
                                 world_size=self.world, drop_last=True))
-        check_data(cfg, len(self.train_set), steps, self.world,  # before the first step
-                   largest_label=_largest_label(self.train_set, self.test_set))
+        check_data(cfg, self.train_set, self.test_set, steps, self.world)  # before step 1
         self.backbone = setup.backbone
         if cfg.train.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
@@ -428,8 +422,9 @@ class Trainer:
         error: BaseException | None = None
         if self.rank == 0:
             try:
+                # the result's config is compared in the first check only (clear=False)
                 prepare_run_folder(self.out_dir, self.cfg.run.resume, self.cfg.run.overwrite,
-                                   clear=clear, config=self.cfg)
+                                   clear=clear, config=None if clear else self.cfg)
             except (RunFolderError, OSError) as exc:
                 error = exc
         if self.world > 1:

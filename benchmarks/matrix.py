@@ -398,25 +398,9 @@ class Matrix:
         result)."""
         changed = {}
         for run_id, cfg, _ in todo:
-            ckpt = Path(cfg.run.out_dir) / CHECKPOINT
-            result = ckpt.parent / RESULT
-            if cfg.run.resume and not ckpt.is_file() and result.is_file():
-                try:
-                    diff = result_config_diff(result, cfg)
-                except ValueError as exc:
-                    diff = [str(exc)]
-                if diff:
-                    changed[run_id] = diff
-            elif cfg.run.resume and ckpt.is_file():
-                try:
-                    state = load_checkpoint(ckpt)
-                except CheckpointError as exc:
-                    raise CheckpointError(
-                        f"run {run_id} cannot resume: {exc} To start that run again, delete "
-                        f"its folder {ckpt.parent}.") from None
-                diff = config_diff(state["config"], cfg)  # as the engine's resume checks
-                if diff:
-                    changed[run_id] = diff
+            diff = _started_with_another(run_id, cfg) if cfg.run.resume else []
+            if diff:
+                changed[run_id] = diff
         if changed and not self.replace_changed:
             lines = [f"{run_id}: {', '.join(diff[:6])}" for run_id, diff in changed.items()]
             raise RunConfigError(
@@ -499,7 +483,7 @@ class Matrix:
             except RunConfigError as exc:
                 raise RunConfigError(f"run {run_id}: {exc}") from None
         del datasets
-        warn_ineffective(todo)
+        warn_ineffective_runs(todo)
         self._save()  # the folder is this config's from now on
         print(f"{len(self.plan)} runs planned, {len(done & {p[0] for p in self.plan})} already "
               f"done (in {self.results_file}), {len(todo)} to run", flush=True)
@@ -606,7 +590,26 @@ class Matrix:
         atomic_write(self.results_file, json_text(saved, indent=1).encode())
 
 
-def warn_ineffective(todo: list[tuple[str, RunConfig, dict[str, Any]]]) -> None:
+def _started_with_another(run_id: str, cfg: RunConfig) -> list[str]:
+    """The keys in which the config that started ``cfg``'s run folder differs from ``cfg``: the
+    checkpoint's config (as the engine's resume checks), else the result's; [] for neither."""
+    folder = Path(cfg.run.out_dir)
+    if (folder / CHECKPOINT).is_file():
+        try:
+            state = load_checkpoint(folder / CHECKPOINT)
+        except CheckpointError as exc:
+            raise CheckpointError(f"run {run_id} cannot resume: {exc} To start that run again, "
+                                  f"delete its folder {folder}.") from None
+        return config_diff(state["config"], cfg)
+    if (folder / RESULT).is_file():
+        try:
+            return result_config_diff(folder / RESULT, cfg)
+        except ValueError as exc:
+            return [str(exc)]
+    return []
+
+
+def warn_ineffective_runs(todo: list[tuple[str, RunConfig, dict[str, Any]]]) -> None:
     """One :class:`~adapters.config.IneffectiveSettingWarning` per setting that cannot take
     effect, naming the planned runs it concerns (each run warns again when it starts)."""
     runs: dict[str, list[str]] = {}

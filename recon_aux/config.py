@@ -119,9 +119,7 @@ def _refusing_unknown_keywords(cls: type) -> type:
 
     @functools.wraps(init)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        unknown = sorted(set(kwargs) - set(cls.valid_keys()))
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {unknown}. {cls.valid_keys_text()}")
+        cls.refuse_unknown(kwargs)
         init(self, *args, **kwargs)
 
     cls.__init__ = __init__
@@ -250,8 +248,7 @@ class ReconAuxConfig:
         # Every assignment (the dataclass __init__'s, and later ones such as a weight schedule's
         # ``aux.config.weight = w``) passes the field's own type and range check; a later one
         # also the rules that relate two fields, and is refused when attach has fixed the field.
-        if name not in self.__dataclass_fields__:
-            raise ConfigError(f"unknown config key(s) {[name]}. {self.valid_keys_text()}")
+        self.refuse_unknown([name])
         if getattr(self, "_attached", False) and name not in self.LIVE:
             raise ConfigError(
                 f"{name} is fixed once attach() has built the objective from it; only "
@@ -274,9 +271,8 @@ class ReconAuxConfig:
 
     @classmethod
     def _check_field(cls, name: str, value: Any) -> Any:
-        field = cls.__dataclass_fields__.get(name)
-        if field is None:
-            raise ConfigError(f"unknown config key(s) {[name]}. {cls.valid_keys_text()}")
+        cls.refuse_unknown([name])
+        field = cls.__dataclass_fields__[name]
         value = _coerce(name, value, cls._hint(name))
         allowed = field.metadata.get("allowed")
         problem = allowed.problem(value) if allowed is not None else None
@@ -341,6 +337,14 @@ class ReconAuxConfig:
         return "Valid keys: " + ", ".join(cls.valid_keys()) + "."
 
     @classmethod
+    def refuse_unknown(cls, keys: Any) -> None:
+        """Raise a :class:`ConfigError` listing the valid keys unless every one of ``keys`` is
+        a field."""
+        unknown = sorted(set(keys) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}. {cls.valid_keys_text()}")
+
+    @classmethod
     def from_any(cls, config: ReconAuxConfig | Mapping | str | Path | None = None,
                  **overrides: Any) -> ReconAuxConfig:
         """Build from a config object, a dict, a YAML file path (safe_load) or None, then apply
@@ -371,9 +375,7 @@ class ReconAuxConfig:
                 f"config must be a ReconAuxConfig, a dict or a YAML path, got {type(config)}."
             )
         data.update(overrides)
-        unknown = sorted(set(data) - set(cls.valid_keys()))
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {unknown}. {cls.valid_keys_text()}")
+        cls.refuse_unknown(data)  # before cls(**data), where a key that is no str is a TypeError
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:

@@ -32,8 +32,7 @@ def to_float(arr) -> torch.Tensor:
 
 def run(size: int | None, train_x, test_x, args) -> dict[str, float]:
     torch.manual_seed(args.seed)
-    encoder = AlexNetCIFAR(width=0.5).requires_grad_(False)  # frozen on purpose: the head alone
-    warnings.filterwarnings("ignore", message=".*trains the head only", category=RuntimeWarning)
+    encoder = AlexNetCIFAR(width=0.5).requires_grad_(False)  # frozen: the head trains alone
     aux = recon_aux.attach(encoder, input_shape=(3, 32, 32), resize_to=size)
     opt = torch.optim.Adam(aux.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(args.seed)
@@ -68,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", default=None)
     args = p.parse_args(argv)
+    # the encoder is frozen on purpose: recon_aux's warning that only the head trains is expected
+    warnings.filterwarnings("ignore", message=".*trains the head only", category=RuntimeWarning)
     train = load_dataset("cifar10", data_root=args.data_root, train=True)
     test = load_dataset("cifar10", data_root=args.data_root, train=False)
     train_x = to_float(train.images[balanced_subset(train.targets, args.train_per_class, 0)])
