@@ -90,7 +90,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}.")
+        raise CheckpointError(f"no checkpoint at {path}; check the path (run.out_dir), or "
+                              "start the run without resuming.")
     data = path.read_bytes()
     if len(data) < len(MAGIC) and MAGIC.startswith(data):  # cut before its header was whole
         raise CheckpointError(f"{path} is empty or truncated ({len(data)} bytes): resume from "

@@ -599,7 +599,9 @@ class FeatureTap:
         unknown = [n for n in names if n not in modules or n == ""]
         if unknown:
             raise ValueError(f"the checkpoint's tapped layers {unknown} are not modules of "
-                             f"{type(model).__name__}.")
+                             f"{type(model).__name__}: load it into the model it was saved "
+                             "with, or attach with layer=... naming this model's layer and "
+                             "train the head anew.")
         for h in self._select_handles:
             h.remove()
         self._select_handles, self._recorder = [], None

@@ -358,7 +358,8 @@ class ReconAuxConfig:
         elif isinstance(config, (str, Path)):
             path = Path(config)
             if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist.")
+                raise ConfigError(f"config file {path} does not exist; give the path of a YAML "
+                                  "file, a dict or a ReconAuxConfig.")
             try:
                 with open(path) as f:
                     loaded = safe_load(f)

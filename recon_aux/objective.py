@@ -411,8 +411,9 @@ class ReconAux(nn.Module):
             # layer=None not chosen yet: keep the checkpoint's layer (the rule may have changed)
             self.tap.adopt(saved.split("+"))
         if saved not in (None, self.layer_name) and self.layer_name is not None:
-            raise ValueError(f"checkpoint was made with layer {state['layer_name']!r}, this "
-                             f"ReconAux taps {self.layer_name!r}.")
+            raise ValueError(f"checkpoint was made with layer {saved!r}, this ReconAux taps "
+                             f"{self.layer_name!r}; attach with layer={saved!r} (or "
+                             "layer=None) to load it.")
         for name, value in (state.get("layouts") or {}).items():
             if name in self.tap.layer_names:
                 self.tap.layouts.setdefault(name, Layout.from_list(value))

@@ -92,7 +92,8 @@ def _build_lpips(net: str, weights: str) -> nn.Module:
         convs = [k for k in missing if k.endswith(("weight", "bias"))]
         if convs or unexpected:
             raise RuntimeError(f"LPIPS backbone load from {source}: missing {convs}, "
-                               f"unexpected {unexpected}")
+                               f"unexpected {unexpected}: these are not torchvision's {net} "
+                               "weights; pass weights=PATH naming that file")
         metric.weights_source = source
     for p in metric.parameters():
         p.requires_grad_(False)

@@ -168,13 +168,16 @@ def _prefix(L: int, name: str, image, stem, prefix_tokens, grid) -> int:
     if prefix_tokens is not None:
         if prefix_tokens >= L:
             raise ValueError(f"prefix_tokens={prefix_tokens} but the tapped layer {name!r} "
-                             f"returned {L} tokens.")
+                             f"returned {L} tokens; pass the number of tokens before the patch "
+                             "tokens (fewer than all of them), or prefix_tokens=None to infer "
+                             "it.")
         return prefix_tokens
     if grid is not None:
         p = L - grid[0] * grid[1]
         if p < 0:
             raise ValueError(f"grid={tuple(grid)} has {grid[0] * grid[1]} cells but the tapped "
-                             f"layer {name!r} returned {L} tokens.")
+                             f"layer {name!r} returned {L} tokens; pass the patch grid (h, w) "
+                             "of that layer's tokens, or grid=None to infer it.")
         return p
     if stem is not None and 0 <= L - stem[0] * stem[1] <= MAX_PREFIX:
         return L - stem[0] * stem[1]
@@ -213,15 +216,19 @@ def to_map(x: Tensor, layout: Layout, name: str, image: Sequence[int], *,
     if layout.kind == "tokens":
         if x.dim() != 3:
             raise ValueError(f"the tapped layer {name!r} returned tokens before and now "
-                             f"{tuple(x.shape)}.")
+                             f"{tuple(x.shape)}; the head needs the same form every forward: "
+                             "tap a layer whose output keeps its form (layer=...).")
         n = int(x.shape[1]) - layout.prefix
         if n < 1:
             raise ValueError(f"the tapped layer {name!r} returned {x.shape[1]} tokens, no more "
-                             f"than its {layout.prefix} prefix tokens.")
+                             f"than its {layout.prefix} prefix tokens: no patch token is left "
+                             "to decode; pass a smaller prefix_tokens, or tap a layer that "
+                             "returns patch tokens (layer=...).")
         h, w = _grid(n, name, image, stem, grid)
         tokens = x[:, layout.prefix:, :]
         return tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
     if x.dim() != 4:
         raise ValueError(f"the tapped layer {name!r} returned a 4-D map before and now "
-                         f"{tuple(x.shape)}.")
+                         f"{tuple(x.shape)}; the head needs the same form every forward: tap a "
+                         "layer whose output keeps its form (layer=...).")
     return x.permute(0, 3, 1, 2) if layout.kind == "nhwc" else x

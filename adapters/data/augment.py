@@ -129,9 +129,12 @@ class BatchAugment:
             ``crop="none"`` without ``size``), in ``[0, 1]`` unless ``mean``/``std`` are set.
         """
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected a (N, 3, H, W) batch, got shape {tuple(images.shape)}")
+            raise ValueError(f"expected a (N, 3, H, W) batch, got shape {tuple(images.shape)}; "
+                             "stack RGB images channels first (x.permute(0, 3, 1, 2) for "
+                             "N x H x W x 3, x.expand(-1, 3, -1, -1) for grey)")
         if images.dtype != torch.uint8 and not images.is_floating_point():
-            raise TypeError(f"expected uint8 or float images, got {images.dtype}")
+            raise TypeError(f"expected uint8 (0-255) or float (0-1) images, got {images.dtype}; "
+                            "convert with x.to(torch.uint8) or x.float() / 255")
         with torch_threads(self.num_threads):
             return self._augment(images, generator)
 

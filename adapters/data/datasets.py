@@ -125,7 +125,8 @@ class ImageArrays:
         if len(self.targets) and (self.targets.min() < 0 or self.targets.max() >= n_cls):
             raise ValueError(
                 f"targets span [{self.targets.min()}, {self.targets.max()}] but there are "
-                f"{len(self.classes)} classes"
+                f"{len(self.classes)} classes; targets must be class indices 0..{n_cls - 1}: "
+                "list every class in classes, in the targets' order"
             )
 
     def __len__(self) -> int:

@@ -223,7 +223,8 @@ class AET(Method):
         mine = self.extra_state()
         if set(state) != set(mine):
             raise ValueError(f"AET checkpoint state has keys {sorted(state)}, expected "
-                             f"{sorted(mine)}; it was not written by this AET version.")
+                             f"{sorted(mine)}; it was not written by this AET version: resume "
+                             "with the code version that wrote it, or start the run again.")
         if state["rng_scheme"] != _RNG_SCHEME:
             raise ValueError(
                 f"the checkpoint draws AET transformations with seeding scheme "

@@ -170,3 +170,9 @@ def test_an_empty_or_cut_header_is_called_truncated(tmp_path, size):
     path.write_bytes(MAGIC[:size])
     with pytest.raises(CheckpointError, match=rf"is empty or truncated \({size} bytes\)"):
         load_checkpoint(path)
+
+
+def test_a_missing_checkpoint_says_where_it_looked_and_what_to_do(tmp_path):
+    with pytest.raises(CheckpointError, match=r"no checkpoint at .*nope.pt; check the path "
+                                              r"\(run.out_dir\), or start the run without"):
+        load_checkpoint(tmp_path / "nope.pt")

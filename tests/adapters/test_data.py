@@ -585,7 +585,8 @@ def test_image_arrays_validation() -> None:
         ImageArrays(img.astype(np.float32), np.zeros(2, np.int64), ["a"])
     with pytest.raises(ValueError, match="must match"):
         ImageArrays(img, np.zeros(3, np.int64), ["a"])
-    with pytest.raises(ValueError, match="classes"):
+    with pytest.raises(ValueError, match=r"span \[0, 1\] but there are 1 classes; targets must "
+                                         r"be class indices 0\.\.0: list every class"):
         ImageArrays(img, np.array([0, 1]), ["a"])
     sub = ImageArrays(img, np.array([0, 1]), ["a", "b"]).subset([1])
     assert len(sub) == 1 and sub.targets.tolist() == [1] and sub.num_classes == 2
@@ -711,8 +712,10 @@ def test_augment_bad_args() -> None:
         BatchAugment(hflip=1.5)
     with pytest.raises(ValueError, match="both mean and std"):
         BatchAugment(mean=(0.5, 0.5, 0.5))
-    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"batch, got shape \(3, 32, 32\); stack RGB images"):
         BatchAugment()(torch.zeros(3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(TypeError, match=r"got torch.int64; convert with x.to\(torch.uint8\)"):
+        BatchAugment()(torch.zeros(1, 3, 32, 32, dtype=torch.int64))
 
 
 # --------------------------------------------------------------------------------------------

@@ -237,6 +237,28 @@ def test_state_dict_round_trip_rebuilds_head(tiny_alexnet):
     opt2.load_state_dict(opt.state_dict())  # same group layout: optimizer state restores
 
 
+def test_state_dict_of_another_layer_names_the_layer_to_attach(tiny_alexnet):
+    """A state dict saved tapping one layer does not load into an objective tapping another,
+    nor into a model without that layer; the error says what to attach with."""
+    x = torch.rand(4, 3, 32, 32)
+    aux = recon_aux.attach(tiny_alexnet, layer="features.7", lpips_weight=0.0)
+    tiny_alexnet(x)
+    aux.loss(x)
+    sd = aux.state_dict()
+    aux.remove()
+    other = recon_aux.attach(tiny_alexnet, layer="features.10", lpips_weight=0.0)
+    with pytest.raises(ValueError, match="made with layer 'features.7', this ReconAux taps "
+                                         "'features.10'; attach with layer='features.7'"):
+        other.load_state_dict(sd)
+    other.remove()
+    conv_net = nn.Sequential(nn.Conv2d(3, 8, 3))
+    fresh = recon_aux.attach(conv_net, lpips_weight=0.0)
+    with pytest.raises(ValueError, match=r"\['features.7'\] are not modules of Sequential: load "
+                                         "it into the model it was saved with, or attach with "
+                                         "layer="):
+        fresh.load_state_dict(sd)
+
+
 def test_lpips_never_reaches_optimizer_or_parameters(tiny_alexnet):
     aux = recon_aux.attach(tiny_alexnet, input_shape=(3, 32, 32))
     assert aux.perceptual.lpips is not None

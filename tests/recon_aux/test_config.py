@@ -39,6 +39,12 @@ def test_config_errors(kwargs, match):
         ReconAuxConfig.from_any(None, **kwargs)
 
 
+def test_a_config_file_that_does_not_exist_says_what_else_is_accepted(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope.yaml does not exist; give the path of a YAML "
+                                          "file, a dict or a ReconAuxConfig"):
+        ReconAuxConfig.from_any(tmp_path / "nope.yaml")
+
+
 NAN, INF = float("nan"), float("inf")
 
 # Each refused value: (overrides, what the error must say). The message names field and value.

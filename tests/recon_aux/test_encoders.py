@@ -277,6 +277,38 @@ def test_ambiguous_token_count_names_the_fix():
         recon_aux.attach(model, grid=(2,))
 
 
+@pytest.mark.parametrize("kw, problem, fix", [
+    ({"prefix_tokens": 5}, "prefix_tokens=5 but the tapped layer 'block' returned 5 tokens",
+     "or prefix_tokens=None to infer it"),
+    ({"grid": (3, 3)}, "grid=(3, 3) has 9 cells but the tapped layer 'block' returned 5 tokens",
+     "or grid=None to infer it"),
+])
+def test_token_settings_that_do_not_fit_the_tokens_name_the_fix(kw, problem, fix):
+    model = LinearEmbedViT()  # 1 prefix + 2x2 patch tokens on 32 px
+    aux = recon_aux.attach(model, layer="block", lpips_weight=0.0, **kw)
+    model(images())
+    with pytest.raises(ValueError) as err:
+        aux.loss(images())
+    assert problem in str(err.value) and fix in str(err.value)
+
+
+def test_a_tapped_layer_that_changes_form_names_the_fix():
+    """Tokens at the first forward, a 4-D map at the next (and the other way round)."""
+    tokens, maps = (4, 5, 16), (4, 16, 2, 2)
+    for first, then in ((tokens, maps), (maps, tokens)):
+        model = nn.Sequential(nn.Conv2d(3, 16, 16, stride=16), nn.Identity())
+        outputs = iter([torch.rand(first, requires_grad=True),
+                        torch.rand(then, requires_grad=True)])
+        model[1].register_forward_hook(lambda *_, out=outputs: next(out))
+        aux = recon_aux.attach(model, layer="1", lpips_weight=0.0)
+        model(images())
+        aux.loss(images())
+        model(images())
+        with pytest.raises(ValueError, match="before and now .*the same form every forward: "
+                                             r"tap a layer whose output keeps its form"):
+            aux.loss(images())
+
+
 def test_non_square_grid_and_explicit_grid():
     model = timm_vit(img_size=(32, 48))
     aux = recon_aux.attach(model, lpips_weight=0.0)
