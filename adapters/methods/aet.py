@@ -5,13 +5,6 @@ Follows ``maple-research-lab/AET`` ``cifar/projective/``; the provenance (paper,
 commit, what is followed) is in ``docs/methods/aet.md``, and each deviation is a comment at the
 code it concerns.
 
-Shapes: ``views[0]`` ``(N, 3, H, W)`` in [0, 1] -> features ``(N, D)`` twice -> ``(N, 8)``.
-
-Example:
-    >>> from adapters.backbones import NIN
-    >>> method = AET(NIN(), num_samples=1000)
-    >>> method.regressor  # AET's Regressor.fc: the pooled last block of both images -> 8
-    Linear(in_features=384, out_features=8, bias=True)
 """
 
 from __future__ import annotations
@@ -83,6 +76,14 @@ class AETConfig(MethodConfig):
 class AET(Method):
     """AET-project: regress the projective transformation between an image and its warp.
 
+    Paper: Zhang, Qi, Wang, Luo, "AET vs. AED: Unsupervised Representation Learning by
+    Auto-Encoding Transformations rather than Data", CVPR 2019. Code followed:
+    ``maple-research-lab/AET`` ``cifar/projective/`` (``dataset.py``, ``main.py``,
+    ``NetworkInNetwork.py``; ``docs/methods/aet.md``).
+
+    Shapes: ``views[0]`` ``(N, 3, H, W)`` in [0, 1] and its warp -> features ``(N, D)`` each ->
+    ``(N, 8)`` predicted warp coefficients, regressed onto the drawn ones.
+
     Args:
         backbone: The encoder; ``backbone(x)`` must return ``(N, backbone.out_dim)`` features
             (``NIN``: the global-average-pooled last block, as AET).
@@ -96,6 +97,14 @@ class AET(Method):
             (``fill`` in [0, 1] units).
         last: Detached ``pred`` and ``target`` ``(N, 8)`` and ``transformed`` (``xt``) of the
             latest step, for diagnostics and pictures.
+        feature_layer: The backbone layer whose global average feeds the regressor (``None``:
+            ``backbone(x)``), as configured.
+
+    Example:
+        >>> from adapters.backbones import NIN
+        >>> method = AET(NIN(), num_samples=1000)
+        >>> method.regressor  # AET's Regressor.fc: the pooled last block of both images -> 8
+        Linear(in_features=384, out_features=8, bias=True)
     """
 
     name: ClassVar[str] = "aet"

@@ -135,6 +135,25 @@ class Method(nn.Module, ABC):
 
     Attributes:
         config: The validated hyperparameters (a ``Config`` instance).
+
+    Example (a toy method; a real one goes in ``adapters/methods/<name>.py`` and into
+    ``METHODS``):
+        >>> import torch
+        >>> from adapters.backbones import AlexNetCIFAR
+        >>> class Rotation(Method):  # predict which of 4 rotations an image went through
+        ...     name = "rotation"
+        ...     def __init__(self, backbone, num_samples, config=None, **overrides):
+        ...         super().__init__(backbone, num_samples, config, **overrides)
+        ...         self.head = torch.nn.Linear(backbone.out_dim, 4)
+        ...     def training_step(self, views, indices):
+        ...         k = indices % 4  # a fixed rotation per image, for the example
+        ...         x = torch.stack([im.rot90(int(r), (1, 2)) for im, r in zip(views[0], k)])
+        ...         loss = torch.nn.functional.cross_entropy(self.head(self.backbone(x)), k)
+        ...         return StepOutput(loss, recon_inputs=[x])  # +recon reconstructs x
+        >>> method = Rotation(AlexNetCIFAR(width=0.25), num_samples=100)
+        >>> out = method.training_step([torch.rand(8, 3, 32, 32)], torch.arange(8))
+        >>> out.loss.shape, out.recon_inputs[0].shape
+        (torch.Size([]), torch.Size([8, 3, 32, 32]))
     """
 
     name: ClassVar[str] = "method"

@@ -3,14 +3,6 @@
 Follows ``facebookresearch/deepcluster``; the provenance (paper, repository, commit, what is
 followed) is in ``docs/methods/deepcluster.md``, and each deviation is a comment at the code it
 concerns.
-
-Example:
-    >>> from adapters.backbones import AlexNetCIFAR
-    >>> method = DeepCluster(AlexNetCIFAR(width=0.25), num_samples=1000, k=100)
-    >>> method.top_layer  # fc7 (1024 at width 0.25) -> k
-    Linear(in_features=1024, out_features=100, bias=True)
-    >>> # engine: method.on_epoch_start(ctx); order = method.epoch_indices(ctx); then per batch
-    >>> # out = method.training_step([x], indices)  # x: (B, 3, 32, 32) in [0, 1]
 """
 
 from __future__ import annotations
@@ -128,6 +120,13 @@ def uniform_label_sampler(labels: Tensor | np.ndarray, size: int, seed: int) -> 
 class DeepCluster(Method):
     """DeepCluster: k-means pseudo-labels of fc7 features, re-computed every epoch.
 
+    Paper: Caron, Bojanowski, Joulin, Douze, "Deep Clustering for Unsupervised Learning of
+    Visual Features", ECCV 2018. Code followed: ``facebookresearch/deepcluster`` (``main.py``,
+    ``clustering.py``, ``util.py``; ``docs/methods/deepcluster.md``).
+
+    Shapes: ``training_step`` takes one view ``(B, 3, H, W)`` in [0, 1] and ``indices (B,)``;
+    ``top_layer`` maps ``backbone(x)`` ``(B, out_dim)`` to ``(B, k)`` logits.
+
     Args:
         backbone: The encoder; ``forward`` gives the features the top layer classifies (fc7
             after ReLU for the AlexNets) and must have an ``out_dim`` attribute.
@@ -144,6 +143,15 @@ class DeepCluster(Method):
         k: The number of clusters in force; ``layer``, ``pca_dim``, ``pca_epsilon``,
             ``kmeans_iters``, ``kmeans_backend``, ``top_layer_momentum`` and ``reassign`` are
             the other hyperparameters in force, as attributes too.
+
+    Example (the engine calls ``on_epoch_start(ctx)``, which clusters, then ``epoch_indices``
+    for the epoch's order, then ``training_step`` per batch):
+        >>> from adapters.backbones import AlexNetCIFAR
+        >>> method = DeepCluster(AlexNetCIFAR(width=0.25), num_samples=1000, k=100)
+        >>> method.top_layer  # fc7 (1024 at width 0.25) -> k
+        Linear(in_features=1024, out_features=100, bias=True)
+        >>> method.pseudo_labels[:3]  # -1 until the first clustering
+        tensor([-1, -1, -1])
     """
 
     name: ClassVar[str] = "deepcluster"

@@ -112,6 +112,10 @@ def label_update_steps(nopts: int, epochs: int, steps_per_epoch: int) -> list[in
 class SeLa(Method):
     """SeLa: multi-head classification against Sinkhorn-Knopp equipartitioned pseudo-labels.
 
+    Paper: Asano, Rupprecht, Vedaldi, "Self-labelling via simultaneous clustering and
+    representation learning", ICLR 2020. Code followed: ``yukimasano/self-label``
+    (``cifar.py``, ``sinkhornknopp.py``; ``docs/methods/sela.md``).
+
     Shapes: ``training_step`` takes one view ``(B, 3, H, W)`` and ``indices (B,)``; each head maps
     ``backbone(x)`` ``(B, out_dim)`` to ``(B, k)`` logits; ``labels`` is ``(hc, num_samples)``.
 

@@ -39,6 +39,14 @@ class SimCLR(Method):
     """Two augmented views, a projection MLP, and the NT-Xent (normalised temperature-scaled
     cross-entropy) loss between them; the other images of the batch are the negatives.
 
+    Paper: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of
+    Visual Representations", ICML 2020 (``google-research/simclr``). Code: lightly's
+    ``SimCLRProjectionHead`` and ``NTXentLoss`` (``lightly-ai/lightly``), used as they are
+    (``docs/methods/simclr.md``).
+
+    Shapes: ``training_step`` takes two views ``(B, 3, H, W)`` in [0, 1] of the same images;
+    each is projected ``(B, out_dim of the backbone) -> (B, out_dim)``.
+
     Args:
         backbone: The encoder (its ``out_dim`` sizes the projection head).
         num_samples: Size of the training set (unused by SimCLR; the engine passes it).
@@ -48,6 +56,15 @@ class SimCLR(Method):
     Attributes:
         projection_head: ``SimCLRProjectionHead(backbone.out_dim, hidden_dim, out_dim)``.
         criterion: ``NTXentLoss(temperature, gather_distributed)``.
+
+    Example:
+        >>> import torch
+        >>> from adapters.backbones import AlexNetCIFAR
+        >>> method = SimCLR(AlexNetCIFAR(width=0.25), num_samples=1000)
+        >>> x0, x1 = torch.rand(2, 8, 3, 32, 32)  # two views of 8 images
+        >>> out = method.training_step([x0, x1], torch.arange(8))
+        >>> out.loss.shape, len(out.recon_inputs)  # both views are reconstructed with +recon
+        (torch.Size([]), 2)
     """
 
     name: ClassVar[str] = "simclr"

@@ -34,9 +34,26 @@ class SupervisedConfig(MethodConfig):
 class Supervised(Method):
     """Linear classifier on the backbone, trained with the true labels.
 
+    The paper's *Supervised* rows (Hizioglu 2020, Table 1): an upper bound at the same scale.
+    Shapes: ``training_step`` takes one view ``(B, 3, H, W)`` in [0, 1] and ``indices (B,)``
+    (the labels are looked up by position); the classifier maps ``(B, out_dim)`` to
+    ``(B, num_classes)`` logits.
+
+    Args:
+        backbone: The encoder; ``backbone(x)`` returns ``(B, backbone.out_dim)`` features.
+        num_samples: Size of the training set (the length of ``labels``).
+        config: The hyperparameters (:class:`SupervisedConfig`), or a mapping of its keys.
+        **overrides: Hyperparameters that replace those of ``config``.
+
     Attributes:
         classifier: ``Linear(backbone.out_dim, num_classes)``.
         labels: Buffer (``num_samples``) of true labels, copied from the engine at start.
+
+    Example:
+        >>> from adapters.backbones import AlexNetCIFAR
+        >>> method = Supervised(AlexNetCIFAR(width=0.25), num_samples=1000, num_classes=10)
+        >>> method.classifier  # fc7 (1024 at width 0.25) -> the classes
+        Linear(in_features=1024, out_features=10, bias=True)
     """
 
     name: ClassVar[str] = "supervised"
@@ -52,6 +69,7 @@ class Supervised(Method):
         self.register_buffer("labels", torch.zeros(num_samples, dtype=torch.long))
 
     def on_train_start(self, ctx: EngineContext) -> None:
+        """Copy the training set's labels (``ctx.targets``), refusing more classes than outputs."""
         if int(ctx.targets.max()) >= self.classifier.out_features:
             raise ValueError(f"labels go up to {int(ctx.targets.max())}: set "
                              f"method.num_classes > {int(ctx.targets.max())}.")
