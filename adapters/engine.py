@@ -566,6 +566,20 @@ class Trainer:
                 raise RuntimeError(f"ranks disagree on the method's {name}: {gathered.tolist()}")
 
     def fit(self) -> dict[str, Any]:
+        """Train the remaining epochs (all of them, or those after the checkpoint with
+        ``run.resume``), evaluate, and write the run's files (rank 0).
+
+        Returns:
+            What ``result.json`` holds: ``method``, ``recon`` (the objective's config or None),
+            ``seed``, ``metrics`` (top-1 % per protocol and layer, e.g. ``knn_conv5``,
+            ``linear_conv5``, and ``final_method_loss``), ``evaluation`` (:attr:`eval_details`),
+            ``history`` (one row per epoch), ``config`` (the whole run config), ``tapped`` (the
+            objective's layer), ``wall_s``, ``machine``, ``train_images``, ``test_images``.
+
+        Raises:
+            StopTraining: ``run.stop_after_epoch`` reached (its checkpoint written, unless
+                ``run.save_checkpoints=false``).
+        """
         t0 = time.perf_counter()
         cfg = self.cfg
         if cfg.run.resume:
@@ -688,7 +702,19 @@ class Trainer:
         return metrics
 
     def save_reconstructions(self, path: Path, n: int = 16) -> None:
+        """Write a PNG of ``n`` test images (evenly spaced over the test set; top rows) above
+        their reconstructions by the current encoder and head (bottom rows) to ``path``.
+
+        Raises:
+            ValueError: The run has no objective (``recon: null``), or ``n`` is not even.
+        """
         from torchvision.utils import save_image
+
+        if self.aux is None:
+            raise ValueError("save_reconstructions needs the objective: this run has recon: "
+                             "null, so nothing reconstructs its images.")
+        if n < 2 or n % 2:
+            raise ValueError(f"n={n}: give an even number of images (two rows of n // 2).")
 
         pick = np.linspace(0, len(self.test_set) - 1, n).astype(np.int64)
         raw = torch.from_numpy(self.test_set.images[pick]).permute(0, 3, 1, 2)

@@ -80,6 +80,22 @@ class ReconstructionHead(nn.Module):
     are resized (``upsample`` mode) to the finest level's size and summed, and decoding continues
     from there as above. ``in_size`` is then the finest level's size.
 
+    Args:
+        in_channels: Channels of the tapped feature map, or one count per level (multi-level).
+        in_size: ``(h, w)`` of the feature map (the finest level's, multi-level).
+        out_size: ``(H, W)`` of the reconstruction by default.
+        out_channels: Channels of the reconstruction (3 for RGB).
+        width: Channels after the stem; ``None``: a quarter of the widest input, clamped to
+            ``[min_width, max_width]``.
+        min_width, max_width: The clamp of the default width; ``min_width`` is also the floor
+            of every later stage's (halving) width.
+        norm: ``"batch"``, ``"group"`` (GroupNorm, ``gcd(C, 8)`` groups) or ``"none"``, after
+            every conv but the last.
+        upsample: ``"nearest"`` or ``"bilinear"``, for each x2 stage and any final resize.
+        out_scale: 1, 2 or 4: the doublings (``log2``) done by the sub-pixel output conv.
+        output_range: ``(lo, hi)`` the sigmoid output is scaled to, before ``mean``/``std``.
+        mean, std: The pipeline's per-channel normalisation, applied last (both or neither).
+
     Attributes:
         in_channels, in_size: Feature map the head was built for (later calls may differ in
             spatial size; convolutions do not care and the output is resized to ``out_size``);
@@ -90,6 +106,8 @@ class ReconstructionHead(nn.Module):
         stages: Number of x2 doublings in all (conv stages plus the sub-pixel output).
         out_scale: Upsampling factor of the sub-pixel output conv.
         channels: Width after the stem and after each conv stage.
+        upsample: The upsampling mode, ``"nearest"`` or ``"bilinear"``.
+        output_range: ``(lo, hi)`` of the output before the normalisation.
         channels_last: Memory format of the decoding: True runs it in channels-last (NHWC),
             False in NCHW, None (default) channels-last for CUDA inputs whose convolutions run
             in reduced precision anyway (autocast, or cuDNN's TF32, torch's default) and NCHW

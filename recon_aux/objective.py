@@ -243,7 +243,9 @@ class ReconAux(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor) -> Tensor:
-        """Reconstructions of ``images`` by the current encoder and head, in eval mode.
+        """Reconstructions of ``images`` by the current encoder and head, in eval mode:
+        ``N x 3 x H x W`` in, the same shape out, in the images' encoding (``mean``/``std``,
+        ``input_range``).
 
         Runs one extra forward of the attached model (no grad, eval mode; training flags are
         restored afterwards). For pictures; nothing is captured or trained.
@@ -511,7 +513,9 @@ def attach(
     Returns:
         The :class:`ReconAux`; ``aux.loss(images)`` is line 2.
 
-    Example (a method's own loss stands in as ``logsumexp``; images in [0, 1]):
+    Example:
+        A method's own loss stands in as ``logsumexp``; images in [0, 1].
+
         >>> import torch, torchvision, recon_aux
         >>> encoder = torchvision.models.resnet18(num_classes=10)
         >>> optimizer = torch.optim.SGD(encoder.parameters(), lr=0.1)

@@ -146,7 +146,13 @@ class PerceptualLoss(nn.Module):
             :class:`~recon_aux.config.ReconAuxConfig`). The class default is the whole batch
             (``lpips_crop=None``); ``attach`` passes the config's (128).
         generator: The ``torch.Generator`` those draws come from (seeded by ``seed``).
-        lpips: The frozen ``lpips.LPIPS`` module, or None when ``lpips_weight == 0``.
+        range_tolerance: How far outside ``input_range`` (in its units) an image may stray
+            before :class:`RangeError`; ``check_inputs=False`` skips that check (and its
+            device read).
+        lpips: The frozen ``lpips.LPIPS`` module, or None when ``lpips_weight == 0``; its
+            backbone weights come from ``weights`` (``"auto"``: the search of
+            :mod:`recon_aux.weights`; a path; ``"random"`` for plumbing tests only), and
+            ``lpips.weights_source`` says where they were found.
 
     Example:
         >>> import torch
@@ -271,7 +277,8 @@ class PerceptualLoss(nn.Module):
 
     def components(self, reconstruction: Tensor, target: Tensor, *,
                    check: bool = True) -> dict[str, Tensor]:
-        """``{"l2", "lpips", "total"}`` as scalar float32 tensors (with grad).
+        """``{"l2", "lpips", "total"}`` as scalar float32 tensors (with grad), for
+        ``reconstruction`` and ``target`` of one shape ``N x 3 x H x W`` in the declared encoding.
 
         With ``check_inputs``, ``"span"`` holds both images' range on the device (see
         :meth:`check_span`), and one host sync checks it before returning; ``check=False``

@@ -136,8 +136,9 @@ class Method(nn.Module, ABC):
     Attributes:
         config: The validated hyperparameters (a ``Config`` instance).
 
-    Example (a toy method; a real one goes in ``adapters/methods/<name>.py`` and into
-    ``METHODS``):
+    Example:
+        A toy method; a real one goes in ``adapters/methods/<name>.py`` and into ``METHODS``.
+
         >>> import torch
         >>> from adapters.backbones import AlexNetCIFAR
         >>> class Rotation(Method):  # predict which of 4 rotations an image went through

@@ -144,8 +144,10 @@ class DeepCluster(Method):
             ``kmeans_iters``, ``kmeans_backend``, ``top_layer_momentum`` and ``reassign`` are
             the other hyperparameters in force, as attributes too.
 
-    Example (the engine calls ``on_epoch_start(ctx)``, which clusters, then ``epoch_indices``
-    for the epoch's order, then ``training_step`` per batch):
+    Example:
+        The engine calls ``on_epoch_start(ctx)``, which clusters, then ``epoch_indices`` for the
+        epoch's order, then ``training_step`` per batch.
+
         >>> from adapters.backbones import AlexNetCIFAR
         >>> method = DeepCluster(AlexNetCIFAR(width=0.25), num_samples=1000, k=100)
         >>> method.top_layer  # fc7 (1024 at width 0.25) -> k

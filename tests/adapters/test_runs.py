@@ -272,3 +272,13 @@ def test_naming_the_default_tap_trains_the_same_run_bit_for_bit(tiny_tree, tmp_p
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]
                    if isinstance(a[part][k], torch.Tensor))
     assert train(cfg(tiny_tree, tmp_path / "base", recon=None))["tapped"] is None
+
+
+def test_the_picture_needs_the_objective_and_an_even_count(tiny_tree, tmp_path):
+    base = engine.Trainer(cfg(tiny_tree, tmp_path / "base", recon=None))
+    with pytest.raises(ValueError, match="this run has recon: null, so nothing reconstructs"):
+        base.save_reconstructions(tmp_path / "base" / "p.png")
+    recon = engine.Trainer(cfg(tiny_tree, tmp_path / "recon"))
+    with pytest.raises(ValueError, match=r"n=3: give an even number of images"):
+        recon.save_reconstructions(tmp_path / "recon" / "p.png", n=3)
+    assert not (tmp_path / "recon" / "p.png").exists()
