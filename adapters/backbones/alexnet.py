@@ -240,6 +240,7 @@ class AlexNetCIFAR(_AlexNetBase):
         conv_channels: The five conv widths after scaling.
         input_size: 32; other sizes raise a ``ValueError``.
         last_conv: The conv of conv5.
+        width, fc_dim, sobel_input, with_fc: As built (``fc_dim`` 0 without fc).
 
     Args:
         width: Multiplier of every conv width (and of fc6/fc7 unless ``fc_dim`` is given).

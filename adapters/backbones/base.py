@@ -29,6 +29,16 @@ class Backbone(nn.Module):
         out_dim: Size of the representation returned by ``forward``.
         input_size: The input height and width the model is built for (CIFAR: 32, ImageNet: 224).
         in_channels: Number of input channels (3: RGB).
+
+    Example:
+        >>> import torch
+        >>> from adapters.backbones import AlexNetCIFAR
+        >>> net = AlexNetCIFAR(width=0.25)
+        >>> net.probe_points, net.output_layer, net.out_dim
+        (('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7'), 'fc7', 1024)
+        >>> maps = net.forward_features(torch.rand(2, 3, 32, 32), ["conv5", "fc7"])
+        >>> {name: tuple(m.shape) for name, m in maps.items()}
+        {'conv5': (2, 64, 4, 4), 'fc7': (2, 1024)}
     """
 
     probe_points: tuple[str, ...] = ()

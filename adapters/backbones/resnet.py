@@ -11,11 +11,21 @@ __all__ = ["BasicBlock", "ResNet18CIFAR"]
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN) shortcut, as torchvision's.
+    """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN) shortcut.
+
+    The basic block of He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition",
+    CVPR 2016, as torchvision's ``models/resnet.py`` ``BasicBlock`` (projection shortcut when
+    the shape changes). Shapes: ``(N, in_channels, h, w) -> (N, out_channels, h', w')`` with
+    ``h' = ceil(h / stride)``.
+
+    Args:
+        in_channels, out_channels: Channels in and out.
+        stride: Stride of ``conv1`` and of the shortcut.
 
     Attributes:
         conv1, bn1, conv2, bn2: The residual branch.
         shortcut: ``nn.Identity`` or a strided 1x1 conv + BN when the shape changes.
+        stride, out_channels: As given.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
@@ -41,6 +51,7 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
     def out_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """``(C, H, W)`` of the output for an input of ``shape`` ``(C_in, H, W)``."""
         _, h, w = shape
         return (self.out_channels, (h - 1) // self.stride + 1, (w - 1) // self.stride + 1)
 

@@ -16,10 +16,22 @@ __all__ = ["PatchEmbedding", "ViTCIFAR"]
 class PatchEmbedding(nn.Module):
     """Patches -> tokens: a strided conv, a learned class token in front, position embeddings.
 
-    As torchvision's ``VisionTransformer`` (``conv_proj``, ``class_token``,
+    The embedding of Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, as
+    torchvision's ``VisionTransformer`` (``conv_proj``, ``class_token``,
     ``encoder.pos_embedding``; init: class token 0, positions N(0, 0.02)).
 
     Shapes: ``(N, 3, H, W) -> (N, 1 + (H / patch) * (W / patch), dim)``.
+
+    Args:
+        image_size: Side of the square input images.
+        patch_size: Side of a patch (the conv's kernel and stride).
+        dim: Token width.
+
+    Attributes:
+        grid: Patches per side (``image_size // patch_size``).
+        proj: The patch conv, ``Conv2d(3, dim, patch_size, stride=patch_size)``.
+        class_token: ``(1, 1, dim)``, put in front of the patch tokens.
+        pos_embedding: ``(1, 1 + grid ** 2, dim)``, added to every token.
     """
 
     def __init__(self, image_size: int, patch_size: int, dim: int) -> None:

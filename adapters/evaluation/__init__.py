@@ -31,6 +31,7 @@ Example:
     ... # doctest: +SKIP
 """
 
+from ._training import Plateau
 from .batchnorm import recalibrate_batchnorm, recalibrated_batchnorm
 from .features import Features, extract_features, pool_features
 from .knn import knn_eval, weighted_knn
@@ -46,6 +47,7 @@ __all__ = [
     "linear_probe_eval",
     "nonlinear_probe",
     "nonlinear_probe_eval",
+    "Plateau",
     "pool_features",
     "recalibrate_batchnorm",
     "recalibrated_batchnorm",

@@ -70,7 +70,18 @@ class Plateau:
     When ``patience`` such epochs follow each other, the lr is multiplied by ``factor``
     (``torch.optim.lr_scheduler.ReduceLROnPlateau``'s rule); after ``drops`` reductions the next
     plateau ends training, and the fit reports ``levelled_off=True``. Reaching ``epochs`` first
-    reports ``levelled_off=False``.
+    reports ``levelled_off=False``. (Exported as ``adapters.evaluation.Plateau``.)
+
+    Attributes:
+        patience: Epochs in a row without improvement that make a plateau.
+        tol: Improvement (nats of mean training loss) that counts as one.
+        factor: The lr's multiplier at each plateau before the last.
+        drops: lr reductions before the plateau that stops training.
+
+    Example:
+        >>> from adapters.evaluation import Plateau
+        >>> Plateau(patience=5)  # linear_probe(..., lr_schedule="plateau", plateau=...)
+        Plateau(patience=5, tol=0.001, factor=0.1, drops=2)
     """
 
     patience: int = 3

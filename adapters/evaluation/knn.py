@@ -55,6 +55,10 @@ def weighted_knn(
 ) -> dict[str, Any]:
     """Weighted kNN accuracy of test features against a bank of train features.
 
+    The InstDisc / SeLa protocol (Wu et al., CVPR 2018; Asano et al., ICLR 2020), as
+    ``yukimasano/self-label`` ``cifar_utils.py`` ``kNN``, voting with lightly's ``knn_predict``
+    (the module docstring gives the protocol and its deviations).
+
     Both feature sets are L2-normalised; the test set is processed in chunks of ``chunk_size``
     rows so that memory stays at O(chunk_size x N_train) however large the test set is.
 

@@ -7,7 +7,7 @@ Two recipes, named by ``recipe=``:
   ``nn.Linear``; the same role as the ``BatchNorm1d(affine=False)`` of MAE's linear probe,
   He et al. 2022, ``facebookresearch/mae`` ``main_linprobe.py``), so the probe reads the same
   network whatever the scale of its features; SGD trains until the training loss has levelled
-  off (:class:`~adapters.evaluation._training.Plateau`: lr x 0.1 on a plateau, stop at the
+  off (:class:`~adapters.evaluation.Plateau`: lr x 0.1 on a plateau, stop at the
   third), and the result reports the final training loss and top-1 and whether it levelled off.
   Trained to convergence, a linear layer on ~1k standardised dims overfits 20k images (train
   60%, test 44% on an untrained AlexNet-CIFAR's conv5), so the weight decay is chosen from
@@ -66,8 +66,10 @@ RECIPES: dict[str, dict[str, Any]] = {
 class Standardize(nn.Module):
     """Frozen per-dimension z-scoring: ``(x - mean) / std`` with statistics given once.
 
-    Dimensions whose standard deviation is 0 (constant features, e.g. dead ReLUs) are divided by
-    1, so they map to 0 instead of NaN.
+    The role of the ``BatchNorm1d(affine=False)`` in front of MAE's linear probe (He et al.,
+    CVPR 2022, ``facebookresearch/mae`` ``main_linprobe.py``), with the statistics of all the
+    training features, fixed before the probe trains. Dimensions whose standard deviation is 0
+    (constant features, e.g. dead ReLUs) are divided by 1, so they map to 0 instead of NaN.
 
     Attributes:
         mean, std: Buffers of shape (D,).
@@ -91,6 +93,7 @@ class Standardize(nn.Module):
         return cls(x64.mean(0).to(x.dtype), x64.std(0).to(x.dtype))
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(N, D) -> (N, D)``, z-scored."""
         return (x - self.mean) / self.std
 
 

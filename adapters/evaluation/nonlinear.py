@@ -49,6 +49,9 @@ REFERENCE = (
 class NonLinearHead(nn.Sequential):
     """AET's ``MultLayerFC2`` classifier: Linear(no bias) -> BatchNorm1d -> ReLU -> Linear.
 
+    As ``maple-research-lab/AET`` ``cifar/affine/NonLinearClassifier.py`` (Zhang et al., CVPR
+    2019), the non-linear probe of AET's CIFAR-10 results.
+
     Args:
         in_features: Flattened feature size D (12,288 for NIN conv2 on 32 x 32 inputs).
         num_classes: Number of classes.
