@@ -302,7 +302,14 @@ class KnnSection(Section):
 @dataclass(frozen=True)
 class LinearSection(Section):
     """``eval.linear``: the keyword arguments of :func:`~adapters.evaluation.linear_probe_eval`
-    and :func:`~adapters.evaluation.linear_probe`, typed (None: the recipe's value)."""
+    and :func:`~adapters.evaluation.linear_probe`, typed (None: the recipe's value).
+
+    Each key is documented once, at those functions' arguments (``layer``, ``recipe``,
+    ``num_classes``, ``pool``, ``target_dim``, ``standardize``, ``epochs``, ``batch_size``,
+    ``lr``, ``momentum``, ``weight_decay``: one value or a list to choose from on held-out
+    training features, ``lr_schedule``, ``milestones``, ``gamma``, ``val_fraction``, ``seed``,
+    ``search``); the defaults are this class's fields.
+    """
 
     label: ClassVar[str] = "eval.linear"
     layer: str
@@ -339,7 +346,13 @@ class LinearSection(Section):
 class NonlinearSection(Section):
     """``eval.nonlinear``: the keyword arguments of
     :func:`~adapters.evaluation.nonlinear_probe_eval` and
-    :func:`~adapters.evaluation.nonlinear_probe`, typed."""
+    :func:`~adapters.evaluation.nonlinear_probe`, typed.
+
+    Each key is documented once, at those functions' arguments (``layer``, ``num_classes``,
+    ``pool``, ``hidden``, ``epochs``, ``batch_size``, ``lr``, ``momentum``, ``nesterov``,
+    ``weight_decay``, ``milestones``, ``gamma``, ``seed``); the defaults are this class's
+    fields (AET's recipe).
+    """
 
     label: ClassVar[str] = "eval.nonlinear"
     layer: str

@@ -9,6 +9,7 @@ every rank so that clustering and Sinkhorn see the whole training set.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -19,14 +20,17 @@ __all__ = ["init", "is_distributed", "rank", "world_size", "all_gather_cat", "br
 
 
 def is_distributed() -> bool:
+    """Whether a process group is up (a torchrun launch after :func:`init`)."""
     return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
+    """This process's rank (0 when not distributed)."""
     return dist.get_rank() if is_distributed() else 0
 
 
 def world_size() -> int:
+    """The number of processes (1 when not distributed)."""
     return dist.get_world_size() if is_distributed() else 1
 
 
@@ -64,8 +68,8 @@ def broadcast(t: Tensor, src: int = 0) -> Tensor:
     return out
 
 
-def all_reduce_mean_(tensors) -> None:
-    """Average tensors (e.g. gradients) over ranks, in place."""
+def all_reduce_mean_(tensors: Iterable[Tensor | None]) -> None:
+    """Average tensors (e.g. gradients) over ranks, in place (None entries are skipped)."""
     if not is_distributed():
         return
     for t in tensors:
@@ -75,6 +79,7 @@ def all_reduce_mean_(tensors) -> None:
 
 
 def barrier() -> None:
+    """Wait until every rank gets here (nothing when not distributed)."""
     if is_distributed():
         dist.barrier()
 

@@ -81,9 +81,12 @@ class Capture:
     entry: str = "forward"
 
     def received(self, images: Tensor) -> bool:
+        """Whether ``images`` is the very tensor this forward received."""
         return self.input_ref is not None and self.input_ref() is images
 
     def holds_values_of(self, images: Tensor) -> bool:
+        """Whether this forward's input (kept when the objective needs it) equals ``images`` in
+        shape, dtype and values (a copy of the batch, e.g. after ``.to(device)``)."""
         v = self.input_value
         return (v is not None and v.shape == images.shape and v.dtype == images.dtype
                 and torch.equal(v, images.detach().to(v.device)))
@@ -273,6 +276,7 @@ class FeatureTap:
 
     @property
     def layer_name(self) -> str | None:
+        """The tapped layer(s), ``"+"``-joined (``"layer3+layer4"``); None until chosen."""
         return "+".join(self.layer_names) if self.layer_names else None
 
     # -- passes ----------------------------------------------------------------------------------
@@ -584,9 +588,12 @@ class FeatureTap:
                 self._last_miss = f"The last captured forward was {_RELEASED[reason]}."
 
     def release(self, capture: Capture, reason: str = "backward") -> None:
+        """Drop ``capture`` (backward reached its feature map, or it was used); ``reason``, a
+        key of ``_RELEASED``, is what a later ``aux.loss`` on that forward reports."""
         self._forget(capture, reason)
 
     def release_all(self) -> None:
+        """Drop every pending capture (the optimizer stepped: their forwards are stale)."""
         for c in list(self.pending):
             self._forget(c, "step")
 

@@ -87,14 +87,16 @@ class ReconstructionHead(nn.Module):
         out_channels: Channels of the reconstruction (3 for RGB).
         width: Channels after the stem; ``None``: a quarter of the widest input, clamped to
             ``[min_width, max_width]``.
-        min_width, max_width: The clamp of the default width; ``min_width`` is also the floor
-            of every later stage's (halving) width.
+        min_width: The default width's lower clamp, and the floor of every later stage's
+            (halving) width.
+        max_width: The default width's upper clamp.
         norm: ``"batch"``, ``"group"`` (GroupNorm, ``gcd(C, 8)`` groups) or ``"none"``, after
             every conv but the last.
         upsample: ``"nearest"`` or ``"bilinear"``, for each x2 stage and any final resize.
         out_scale: 1, 2 or 4: the doublings (``log2``) done by the sub-pixel output conv.
         output_range: ``(lo, hi)`` the sigmoid output is scaled to, before ``mean``/``std``.
-        mean, std: The pipeline's per-channel normalisation, applied last (both or neither).
+        mean: The pipeline's per-channel mean, applied last (give ``std`` too, or neither).
+        std: The pipeline's per-channel std.
 
     Attributes:
         in_channels, in_size: Feature map the head was built for (later calls may differ in

@@ -94,10 +94,14 @@ class LayerChoiceError(ValueError):
 
 
 def is_attention(m: nn.Module) -> bool:
+    """True for ``nn.MultiheadAttention`` and any module whose class name ends in
+    ``Attention`` (timm's, torchvision's, lightly's): what makes a block a transformer block."""
     return isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")
 
 
 def is_container(m: nn.Module) -> bool:
+    """True for a module that only holds others (a ``ModuleList``/``ModuleDict`` without a
+    forward of its own, or anything that runs ``nn.Sequential.forward``)."""
     return (isinstance(m, (nn.ModuleList, nn.ModuleDict)) and "forward" not in type(m).__dict__) \
         or type(m).forward is nn.Sequential.forward
 
@@ -111,13 +115,19 @@ class Recorder:
 
     ``record`` only appends (cheap to trace under ``torch.compile``); the tables are built on
     first use.
+
+    Attributes:
+        events: ``(module name, its positional inputs, its output)`` in the order the modules
+            finished; :attr:`end`, :attr:`out`, :attr:`in_dim`, :attr:`calls` and
+            :attr:`first_in` are tables built from it.
     """
 
     def __init__(self) -> None:
         self.events: list[tuple[str, tuple, object]] = []
         self._tables: tuple | None = None
 
-    def record(self, name: str, args: tuple, output) -> None:
+    def record(self, name: str, args: tuple, output: object) -> None:
+        """Note that module ``name`` finished with ``output`` (a forward hook's arguments)."""
         self.events.append((name, args, output))
         self._tables = None
 
@@ -259,6 +269,8 @@ def _residual_branch_conv(name: str, rec: Recorder, modules: dict[str, nn.Module
 
 
 def is_norm(m: nn.Module) -> bool:
+    """True for a normalisation layer (LayerNorm, GroupNorm, BatchNorm, or a class named
+    ``*Norm*``, e.g. timm's ``LayerNorm2d`` or an ``RMSNorm``)."""
     return isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)) \
         or "Norm" in type(m).__name__
 

@@ -51,9 +51,14 @@ _BUILT: dict[tuple[str, str], nn.Module] = {}
 def build_lpips(net: str = "alex", weights: str = "auto") -> nn.Module:
     """An ``lpips.LPIPS`` metric (v0.1 linear layers) with ImageNet backbone weights found offline.
 
-    The network is frozen (``requires_grad=False``) and in eval mode. ``weights="random"`` leaves
-    the backbone at random init (plumbing tests only) and warns. Built once per process and
-    (net, weights); later calls return a copy.
+    LPIPS: Zhang, Isola, Efros, Shechtman, Wang, "The Unreasonable Effectiveness of Deep
+    Features as a Perceptual Metric", CVPR 2018; the ``lpips`` package of
+    ``richzhang/PerceptualSimilarity`` builds the network and ships the linear layers; the
+    backbone weights come from :func:`~recon_aux.weights.resolve_backbone_weights`.
+
+    The network is frozen (``requires_grad=False``) and in eval mode. ``weights="random"``
+    leaves the backbone at random init (plumbing tests only) and warns. Built once per process
+    and (net, weights); later calls return a copy.
     """
     if weights == "random":
         warnings.warn(

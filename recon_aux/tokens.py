@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,22 +54,29 @@ LAYOUTS = ("nchw", "nhwc")
 
 @dataclass(frozen=True)
 class Layout:
-    """How one tapped layer's output becomes a map: ``kind`` is "nchw", "nhwc" or "tokens";
-    ``prefix`` the number of leading tokens dropped (tokens only)."""
+    """How one tapped layer's output becomes a map (checkpointed with the head).
+
+    Attributes:
+        kind: ``"nchw"``, ``"nhwc"`` (permuted to channels first) or ``"tokens"`` (``N x L x D``,
+            reshaped onto the patch grid).
+        prefix: Leading tokens dropped (class, distillation, register tokens; tokens only).
+    """
 
     kind: str
     prefix: int = 0
 
     def to_list(self) -> list:
+        """``[kind, prefix]``, as a checkpoint stores it."""
         return [self.kind, self.prefix]
 
     @classmethod
     def from_list(cls, value: Sequence) -> Layout:
+        """The layout :meth:`to_list` stored."""
         return cls(str(value[0]), int(value[1]))
 
 
-def check_options(prefix_tokens, grid, layout) -> tuple[int | None, tuple[int, int] | None,
-                                                       str | None]:
+def check_options(prefix_tokens: Any, grid: Any, layout: Any
+                  ) -> tuple[int | None, tuple[int, int] | None, str | None]:
     """Validate ``attach``'s ``prefix_tokens``, ``grid`` and ``layout`` arguments."""
     if prefix_tokens is not None and (isinstance(prefix_tokens, bool)
                                       or not isinstance(prefix_tokens, int) or prefix_tokens < 0):
@@ -90,7 +98,7 @@ def _shape(x) -> str:
     return str(tuple(x.shape)) if torch.is_tensor(x) else type(x).__name__
 
 
-def as_tensor(output, name: str) -> Tensor:
+def as_tensor(output: Any, name: str) -> Tensor:
     """The tensor in a tapped layer's output (itself, or the one tensor of a tuple)."""
     if torch.is_tensor(output):
         return output

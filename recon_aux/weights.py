@@ -211,7 +211,8 @@ def _load_state_bytes(data: bytes, path: Path) -> dict:
     return state
 
 
-def load_weights_file(path: str | Path, net: str, sha256: str | None = None):
+def load_weights_file(path: str | Path, net: str, sha256: str | None = None
+                      ) -> dict[str, torch.Tensor]:
     """Load a torch file of backbone weights with ``weights_only=True``.
 
     The file's sha256 is checked first, before anything is unpickled: in full against ``sha256``
@@ -219,6 +220,15 @@ def load_weights_file(path: str | Path, net: str, sha256: str | None = None):
     (``alexnet-owt-7be5be79.pth``, torchvision's own check), else in full against a side file
     ``PATH.sha256`` (a side file that holds no full sha256 is an error, and so is a file with
     none of the three: nothing is loaded unverified).
+
+    Args:
+        path: A torchvision checkpoint of ``net`` or a state dict of its ``features`` convs.
+        net: ``"alex"`` or ``"vgg"``.
+        sha256: The file's full sha256 (64 hex digits), when known.
+
+    Returns:
+        The convs' weights, keyed ``"N.weight"``/``"N.bias"`` (``N``: the index in
+        torchvision's ``features``).
 
     Raises:
         WeightsError: the file is missing or unreadable, fails its checksum, has a bad side file,
@@ -391,7 +401,8 @@ def _download(net: str) -> dict:
     )
 
 
-def resolve_backbone_weights(net: str = "alex", weights: str | Path = "auto"):
+def resolve_backbone_weights(net: str = "alex", weights: str | Path = "auto"
+                             ) -> tuple[dict[str, torch.Tensor], str]:
     """Return ``(state_dict, source)`` for the LPIPS backbone ``net`` in {"alex", "vgg"}.
 
     Args:

@@ -19,7 +19,8 @@ class BasicBlock(nn.Module):
     ``h' = ceil(h / stride)``.
 
     Args:
-        in_channels, out_channels: Channels in and out.
+        in_channels: Channels in.
+        out_channels: Channels out.
         stride: Stride of ``conv1`` and of the shortcut.
 
     Attributes:

@@ -401,6 +401,16 @@ def kmeans_faiss(
     silences faiss' "please provide at least 39 x k points" warning. The final assignment is
     ``index.search(x, 1)`` against the final centroids. Computed on the CPU; ``assignments`` are
     returned on ``x.device``.
+
+    Args:
+        x: Points ``(N, D)`` (float; copied to float32 on the CPU for faiss).
+        k: Clusters, ``2 <= k <= N``.
+        niter: Lloyd iterations.
+        seed: faiss' seed for the initial centroids (masked to 31 bits).
+        init: Initial centroids ``(k, D)`` instead of faiss' random draw.
+
+    Returns:
+        A :class:`KMeansResult` as :func:`kmeans_torch`'s.
     """
     import faiss  # optional dependency, imported only when used
 

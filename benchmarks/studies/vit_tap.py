@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     data = load(args)
     header = (
-        f"ViT tap study (python -m benchmarks.studies.vit_tap): timm ViT 32 px, patch 4, width 96, depth 4, 3 heads, MLP 2x; objective alone "
+        "ViT tap study (python -m benchmarks.studies.vit_tap): timm ViT 32 px, patch 4, "
+        "width 96, depth 4, 3 heads, MLP 2x; objective alone "
         f"(L2 + LPIPS-alex), AdamW 1e-3, batch {args.batch_size}, {args.steps} steps, "
         f"RandomCrop(32, 4) + flip, on {len(data['train_u8'])} CIFAR-10 train images.\n"
         f"Reconstruction scored on {len(data['recon_x'])} test images (aux.reconstruct); "
