@@ -79,7 +79,7 @@ def test_non_finite_stops_with_epoch_and_step(tmp_path, shared_data):
 @pytest.mark.parametrize("overrides, match", [
     (["trian.epochs=1"], "unknown top-level section"),
     (["train.epoch=1"], r"unknown key\(s\) \['epoch'\] in section 'train'"),
-    (["train.lr_schedule=linear"], "lr_schedule"),
+    (["train.lr_schedule=linear"], "lr_schedule='linear' must be one of 'constant', 'cosine'"),
     (["recon.wieght=1"], "unknown config key"),
     (["train.epochs"], "is not key=value"),
     (["method.name=null"], "method.name is required"),

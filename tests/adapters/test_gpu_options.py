@@ -87,11 +87,15 @@ def test_channels_last_keeps_the_weights_in_that_format(tiny_tree, tmp_path):
     convs = [p for p in trainer.backbone.parameters() if p.ndim == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     result = trainer.fit()
-    assert np.isfinite(result["history"][0]["method_loss"])
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)  # still
     plain = train(cfg(tiny_tree, tmp_path / "plain", "train.epochs=1"))
-    # the same numbers up to rounding: kNN within one image of 8 test images
+    # the same training up to rounding (other kernels): the epoch's losses agree closely
+    for key in ("method_loss", "recon_loss"):
+        assert result["history"][0][key] == pytest.approx(plain["history"][0][key], rel=1e-3)
+    # and the same evaluation: kNN within one image of 8 test images
     for key, value in plain["metrics"].items():
-        assert abs(result["metrics"][key] - value) <= 100 / 8 + 1e-6, key
+        if key.startswith("knn_"):
+            assert abs(result["metrics"][key] - value) <= 100 / 8 + 1e-6, key
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")

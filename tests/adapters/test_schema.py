@@ -42,7 +42,9 @@ def test_section_checks_keys_types_ranges_and_choices():
 
 
 def test_unknown_key_is_also_a_type_error():
-    with pytest.raises(TypeError):
+    assert issubclass(UnknownKeyError, TypeError)  # as a dataclass's own unexpected keyword
+    with pytest.raises(UnknownKeyError, match=r"unknown hyperparameter\(s\) \['ncl'\] .*valid "
+                                              "ones: hc, k"):
         SeLaConfig.from_any({"ncl": 10})
 
 

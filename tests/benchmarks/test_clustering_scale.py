@@ -47,6 +47,7 @@ def test_limit_check_runs_at_the_fraction_of_the_fitted_limit(tmp_path, monkeypa
             "(fit 0.80GB) | f32 input 0.5s 11 it +0.60GB (fit 0.60GB)") in text
 
 
-def test_limit_check_refuses_a_fraction_outside_0_1():
+def test_limit_check_refuses_a_fraction_outside_0_1(capsys):
     with pytest.raises(SystemExit):
         clustering_scale.main(["--limit-check", "1.5"])
+    assert "argument --limit-check: must be in (0, 1]" in capsys.readouterr().err

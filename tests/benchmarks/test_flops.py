@@ -19,7 +19,7 @@ def test_lpips_layers_at_32_px_end_in_three_1x1_maps():
 
 
 @pytest.mark.slow  # six forward + backward passes of AlexNet-CIFAR
-def test_recon_variants_cost_more_than_base_and_half_batch_less_than_full(tmp_path):
+def test_recon_variants_cost_more_than_base_and_half_batch_less_than_full(tmp_path, capsys):
     model = flops.MODELS["alexnet_cifar"]
     base, l2, full, half = (flops.step_cost(model, flops.VARIANTS[v], batch=4) for v in
                             ("base", "+L2", "+L2+LPIPS-alex", "+L2+LPIPS-alex, half batch"))
@@ -34,6 +34,7 @@ def test_recon_variants_cost_more_than_base_and_half_batch_less_than_full(tmp_pa
     assert "| 32 px | 7x7" in text and "1 x 1 maps: share" in text
     with pytest.raises(SystemExit):  # ratios need the base
         flops.main(["--models", "alexnet_cifar", "--variants", "+L2"])
+    assert "--variants must include base" in capsys.readouterr().err
 
 
 class _Tiny(nn.Module):

@@ -56,7 +56,7 @@ def test_names_cannot_leave_the_results_folder(run_yaml, tmp_path, change, match
 
 @pytest.mark.parametrize("axes, match", [
     ({"lpips_fraction": [1.0, 2.0]}, "lpips_fraction=2.0 is more than the whole batch"),
-    ({"head_max_width": [0]}, "head_max_width"),
+    ({"head_max_width": [0]}, "head_max_width=0 must be >= 1"),
     ({"lpips_crop": [8]}, "lpips_crop=8 is smaller than the 31x31 pixels LPIPS-alex needs"),
 ])
 def test_ablate_cost_knob_values_are_checked_before_any_run(run_yaml, tmp_path, axes, match):

@@ -28,6 +28,7 @@ def test_compare_reports_both_searches_on_the_same_probes():
     assert lines[10].startswith("wall time, search + final fit: sequential ")
 
 
-def test_refusals():
+def test_refusals(capsys):
     with pytest.raises(SystemExit):
         probe_search.parse_args(["--device", "tpu"])
+    assert "argument --device: invalid choice: 'tpu'" in capsys.readouterr().err

