@@ -92,6 +92,22 @@ def test_last_conv_is_found_by_execution_order():
     assert aux.layer_name == "late"
 
 
+@pytest.mark.parametrize("first", [0, 1])
+def test_two_pending_views_pair_with_their_own_forward(tiny_alexnet, first):
+    """Two forwards of the same shape are pending; each ``aux.loss`` takes the one that
+    received its images, whatever the order of the calls (a pairing by shape alone, taking the
+    oldest or the newest pending capture, gets one of the two orders wrong)."""
+    aux = recon_aux.attach(tiny_alexnet, layer="features.7", lpips_weight=0.0)
+    seen = []
+    tiny_alexnet.features[7].register_forward_hook(lambda m, i, out: seen.append(out.detach()))
+    xs = [torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)]  # two tensors: paired by identity
+    tiny_alexnet(xs[0])
+    tiny_alexnet(xs[1])
+    assert not torch.equal(seen[0], seen[1])
+    for i in (first, 1 - first):
+        assert torch.equal(aux.tap.take(xs[i]).feature.detach(), seen[i])
+
+
 def test_two_views_per_step_and_normalised_copy(tiny_alexnet):
     model = tiny_alexnet
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

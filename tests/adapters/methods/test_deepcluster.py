@@ -206,14 +206,21 @@ def test_clustering_is_reproducible_and_extra_state_round_trips():
         c.method.load_extra_state({})
 
 
-def test_sampled_epoch_covers_only_non_empty_clusters():
+def test_sampled_epoch_balances_the_non_empty_clusters():
+    """The epoch's order draws every non-empty cluster about equally often (the uniform
+    sampler), whatever the clusters' sizes: not the images uniformly."""
     engine = _make(k=20)
     engine.run_epoch(0, steps=0)
     method = engine.method
     order = method.epoch_indices(engine.context(0))
     assert order.shape == (N_IMAGES,)
     labels = method.pseudo_labels.numpy()
-    assert set(labels[order]) == set(np.unique(labels))
+    present = np.unique(labels)
+    assert set(labels[order]) == set(present)
+    sizes, drawn = np.bincount(labels)[present], np.bincount(labels[order])[present]
+    per_cluster = N_IMAGES // len(present) + 1  # drawn from each, then cut to N_IMAGES
+    assert sizes.max() > per_cluster  # a large cluster: drawing images uniformly would show
+    assert drawn.max() <= per_cluster and drawn.min() >= per_cluster // 2
 
 
 @needs_faiss
