@@ -5,7 +5,8 @@ Usage: torchrun --nproc_per_node=2 tests/recon_aux/ddp_loop.py {before|after|wra
   after:   wrap first, attach to ddp.module
   wrapper: wrap first, attach to the DDP wrapper itself
   nosync:  sync_grads=False (the control: the head's weights then drift apart across ranks)
-Rank 0 prints one JSON line: whether head and encoder weights agree across ranks after training.
+Rank 0 prints one JSON line: whether head and encoder weights agree across ranks after training,
+whether the head moved, and whether its last gradient was the mean of the ranks' own.
 """
 
 from __future__ import annotations
@@ -36,14 +37,22 @@ def main(order: str, sync: bool) -> None:
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
         aux = recon_aux.attach(net.module if order == "after" else net, opt,
                                sync_grads=sync)
+    seen = {}  # the head's gradient as the step reads it: after recon_aux's sync pre-hook
+    opt.register_step_pre_hook(lambda *_, head=aux: seen.update(synced=torch.cat(
+        [p.grad.reshape(-1).clone() for p in head.parameters()])))
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own shard of data
-    for _ in range(3):
+    for step in range(3):
         x = torch.rand(6, 3, 32, 32, generator=g)
         loss = net(x).pow(2).mean()
         loss = loss + aux.loss(x)
+        if step == 0:
+            initial = [p.detach().clone() for p in aux.parameters()]
         opt.zero_grad()
         loss.backward()
+        local = torch.cat([p.grad.reshape(-1) for p in aux.parameters()])  # before the sync
         opt.step()
+    every = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, local)
 
     def agree(tensors) -> bool:
         flat = torch.cat([t.detach().reshape(-1) for t in tensors])
@@ -55,7 +64,11 @@ def main(order: str, sync: bool) -> None:
         "order": order, "layer": aux.layer_name, "loss_finite": bool(torch.isfinite(loss)),
         "head_agrees": agree(list(aux.parameters())),
         "encoder_agrees": agree(list(model.parameters())),
-        "head_steps": aux.steps, "head_trained": aux.head is not None,
+        "head_steps": aux.steps,
+        "head_moved": any(not torch.equal(a, b) for a, b in zip(initial, aux.parameters())),
+        "ranks_differ": not torch.equal(every[0], every[1]),
+        "head_grad_is_the_mean": bool(torch.allclose(seen["synced"], torch.stack(every).mean(0),
+                                                     rtol=1e-5, atol=1e-7)),
     }
     if rank == 0:
         print(json.dumps(result))

@@ -57,9 +57,11 @@ def _ddp(order: str, *extra: str) -> dict:
 @pytest.mark.parametrize("order", ["before", "after", "wrapper"])
 def test_ddp_attach_before_or_after_wrapping(order):
     result = _ddp(order)
-    assert result["loss_finite"] and result["head_trained"] and result["head_steps"] == 3
+    assert result["loss_finite"] and result["head_moved"] and result["head_steps"] == 3
     assert result["encoder_agrees"], "DDP did not keep the encoder in sync"
-    assert result["head_agrees"], "the head's gradients were not averaged over ranks"
+    assert result["ranks_differ"] and result["head_grad_is_the_mean"], \
+        "the head's gradients were not averaged over ranks"
+    assert result["head_agrees"]
     assert result["layer"].endswith("features.13")
 
 
@@ -69,6 +71,7 @@ def test_ddp_without_sync_the_head_drifts():
     # all-reduce the head's weights differ after a few steps.
     result = _ddp("before", "nosync")
     assert result["encoder_agrees"] and not result["head_agrees"]
+    assert not result["head_grad_is_the_mean"]  # each rank kept its own
 
 
 # -- precision and memory format ---------------------------------------------------------------
