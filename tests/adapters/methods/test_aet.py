@@ -66,6 +66,12 @@ def test_training_step_outputs_and_recon_pairing(nin3):
     assert method.regressor.weight.grad is not None and nin3.conv1[0][0].weight.grad is not None
     assert set(out.logs) == {"aet_mse"}
     assert method.last["pred"].shape == method.last["target"].shape == (8, 8)
+    # the capture aux.loss(x) takes is the forward on x (the first), not the one on the warp
+    seen = []
+    nin3.get_submodule("conv3.2.0").register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    method.training_step([x], torch.arange(8))
+    assert len(seen) == 2 and not torch.equal(seen[0], seen[1])
+    assert torch.equal(aux.tap.take(x).feature.detach(), seen[0])
     aux.remove()
 
 
