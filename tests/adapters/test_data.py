@@ -679,6 +679,28 @@ def test_resized_crop_matches_torchvision() -> None:
     torch.testing.assert_close(small, tvf.resize(big, [32, 32], antialias=True), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("scale, ratio", [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.2, 0.5), (1.0, 2.0))])
+def test_resized_crop_boxes_are_distributed_as_torchvision_draws_them(scale, ratio) -> None:
+    """The batched boxes follow ``RandomResizedCrop.get_params``: the same distribution of
+    area fraction and aspect ratio over many draws (a box ignoring ``scale`` or swapping the
+    ratio would move these)."""
+    from torchvision.transforms import v2
+
+    n = 4000
+    top, left, h, w = aug_mod._resized_crop_boxes(n, 32, 32, scale, ratio, _gen(0))
+    torch.manual_seed(0)
+    image = torch.zeros(3, 32, 32)
+    ref = torch.tensor([v2.RandomResizedCrop.get_params(image, list(scale), list(ratio))
+                        for _ in range(n)], dtype=torch.float32)
+    ours = {"area": h * w / 1024, "log_aspect": torch.log(w / h)}
+    theirs = {"area": ref[:, 2] * ref[:, 3] / 1024, "log_aspect": torch.log(ref[:, 3] / ref[:, 2])}
+    for key in ours:  # 4000 draws: the means' standard errors are below 0.01
+        assert abs(ours[key].mean() - theirs[key].mean()) < 0.03, key
+        assert abs(ours[key].std() - theirs[key].std()) < 0.03, key
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= 32).all() and (left + w <= 32).all()
+
+
 def test_color_ops_match_torchvision() -> None:
     x = torch.rand(6, 3, 10, 10, generator=_gen(0))
     for shift in (-0.1, 0.03, 0.5):
