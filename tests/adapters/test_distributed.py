@@ -39,6 +39,10 @@ def test_two_process_toy(tmp_path, shared_data):
     result = torchrun(_toy_config(tmp_path), tmp_path / "run", shared_data,
                       entry=[str(REPO / "tests" / "adapters" / "toy_method.py")])
     assert result["recon"] is True and "knn_conv5" in result["metrics"]
+    # each rank reads its own half of the 100 training images in batches of data.batch_size:
+    # 2 steps an epoch (a rank reading all of them would take 4)
+    history = json.loads((tmp_path / "run" / "result.json").read_text())["history"]
+    assert history[0]["step"] == 100 // 2 // 25
 
 
 @pytest.mark.slow
