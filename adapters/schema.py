@@ -89,6 +89,8 @@ class Section:
             where = f"{self.label}.{f.name}"
             value = check_value(getattr(self, f.name), hints[f.name], where)
             rule = f.metadata.get("check")
+            if rule is not None and isinstance(value, float) and not math.isfinite(value):
+                raise SchemaError(f"{where}={value!r} must be a finite number ({rule[1]}).")
             if rule is not None and value is not None and not rule[0](value):
                 raise SchemaError(f"{where}={value!r} must be {rule[1]}.")
             object.__setattr__(self, f.name, value)

@@ -338,6 +338,18 @@ class Matrix:
         if not isinstance(saved, dict) or not isinstance(saved.get("runs"), list):
             raise RunConfigError(f"{results_file} holds no 'runs' list: it is not a results "
                                  "file; restore it, or write to another folder with --out-dir.")
+        for i, run in enumerate(saved["runs"]):
+            # a run's id names its folder and picture: checked before any path is made of it
+            problem = ("is not a run (no config)" if not isinstance(run, dict)
+                       or not isinstance(run.get("config"), dict) else None)
+            if problem is None:
+                try:
+                    plain_name(run.get("id"), "id")
+                except RunConfigError as exc:
+                    problem = f"has a bad id: {exc}"
+            if problem:
+                raise RunConfigError(f"{results_file}: runs[{i}] {problem} Restore the file, "
+                                     "or write to another folder with --out-dir.")
         return saved
 
     def planned(self, run_id: str) -> bool:

@@ -70,11 +70,19 @@ def summary_rows(folder: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise SummaryError(f"{path} does not exist: run `recon-aux bench` for that matrix first, "
                            "or leave the folder out of the summary.")
-    data = json.loads(path.read_text())
-    if (data.get("made_by") or {}).get("kind") != "bench":
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SummaryError(f"{path} cannot be read as JSON ({exc}): restore it from git, or "
+                           "re-write it with `recon-aux bench CONFIG --report-only`.") from None
+    if not isinstance(data, dict) or (data.get("made_by") or {}).get("kind") != "bench":
+        made_by = data.get("made_by") if isinstance(data, dict) else type(data).__name__
         raise SummaryError(f"{path} was not written by `recon-aux bench` (made_by: "
-                           f"{data.get('made_by')}); only bench matrices are summarised.")
-    runs = data["runs"]
+                           f"{made_by}); only bench matrices are summarised.")
+    runs = data.get("runs")
+    if not isinstance(runs, list):
+        raise SummaryError(f"{path} has no list of runs: restore it from git, or re-run the "
+                           "matrix with `recon-aux bench`.")
     if not runs:
         return []
     metrics = _metrics(runs)

@@ -216,10 +216,12 @@ def load_weights_file(path: str | Path, net: str, sha256: str | None = None
     """Load a torch file of backbone weights with ``weights_only=True``.
 
     The file's sha256 is checked first, before anything is unpickled: in full against ``sha256``
-    when given (64 hex digits), else against the 8-hex prefix in a torchvision-style name
-    (``alexnet-owt-7be5be79.pth``, torchvision's own check), else in full against a side file
-    ``PATH.sha256`` (a side file that holds no full sha256 is an error, and so is a file with
-    none of the three: nothing is loaded unverified).
+    when given (64 hex digits), else against a full sha256 in the file name (``NAME-<64
+    hex>.pth``), else against the 8-hex prefix in the name of torchvision's own file of ``net``
+    (:data:`TORCHVISION_FILES`, e.g. ``alexnet-owt-7be5be79.pth``: torchvision's own check, for
+    that name only), else in full against a side file ``PATH.sha256`` (a side file that holds
+    no full sha256 is an error, and so is a file with none of these: nothing is loaded
+    unverified).
 
     Args:
         path: A torchvision checkpoint of ``net`` or a state dict of its ``features`` convs.
@@ -243,10 +245,14 @@ def load_weights_file(path: str | Path, net: str, sha256: str | None = None
         if not isinstance(expected, str) or not _SHA256_HEX.fullmatch(expected):
             raise ValueError(f"sha256={expected!r} is not a full sha256 (64 hex digits).")
     else:
+        # A hash in the file name: in full (64 hex digits) for any file; a prefix only for
+        # torchvision's own file of this net, which torchvision checks the same way.
         m = re.search(r"-([0-9a-f]{8,64})\.pth?$", path.name)
         side = path.with_name(path.name + ".sha256")
-        if m:
-            expected, what, prefix = m.group(1), "the hash prefix in its file name", True
+        if m and (len(m.group(1)) == 64 or path.name == TORCHVISION_FILES[net]):
+            prefix = len(m.group(1)) < 64
+            expected = m.group(1)
+            what = f"the {'hash prefix' if prefix else 'sha256'} in its file name"
         elif side.exists():
             expected, problem = _read_side_file(side)
             if expected is None:

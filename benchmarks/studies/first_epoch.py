@@ -201,12 +201,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         load_dataset(d.dataset, data_root=d.root, train=train, download=d.download)
     add(f"{'loading the data (both splits)':40s} {time.perf_counter() - t0:7.1f} s")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, rc in todo:
-            rc = rc.with_run(out_dir=str(Path(tmp) / name.replace(" ", "_")), progress=False,
-                             resume=False)
+        for i, (name, rc) in enumerate(todo):  # folders by position: names hold --extra text
+            rc = rc.with_run(out_dir=str(Path(tmp) / f"row{i}"), progress=False, resume=False)
             add(timed_row(name, rc, a.epochs))
         for name in a.profile:
-            rc = dict(todo)[name].with_run(out_dir=str(Path(tmp) / f"profile-{name}"),
+            row = [n for n, _ in todo].index(name)
+            rc = dict(todo)[name].with_run(out_dir=str(Path(tmp) / f"profile-row{row}"),
                                            progress=False, resume=False)
             line, table = profile_epoch(name, rc)
             add(line)

@@ -11,6 +11,7 @@ import pytest
 from adapters.config import RunConfigError, load_run_config
 from adapters.methods import METHODS, AETConfig, DeepClusterConfig, SeLaConfig, SimCLRConfig
 from adapters.schema import SchemaError, Section, UnknownKeyError, at_least, check_value, one_of
+from tests.helpers import REPO
 
 
 @dataclass(frozen=True)
@@ -212,3 +213,12 @@ def test_settings_that_cannot_take_effect_are_named(overrides, expected):
     found = cfg.ineffective()
     assert len(found) == len(expected)
     assert all(f.startswith(e) for f, e in zip(found, expected))
+
+
+@pytest.mark.parametrize("key, value", [("lr", ".inf"), ("momentum", ".inf"),
+                                        ("weight_decay", ".nan")])
+def test_a_number_with_a_range_must_be_finite(key, value):
+    """``.inf`` passed ``>= 0`` and failed only at the first step; NaN said ``>= 0`` too."""
+    with pytest.raises(RunConfigError, match=rf"train.{key}=(inf|nan) must be a finite number "
+                                             r"\(>= 0"):
+        load_run_config(REPO / "benchmarks/configs/smoke/sela.yaml", [f"train.{key}={value}"])

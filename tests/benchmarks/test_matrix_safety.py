@@ -164,6 +164,14 @@ def test_results_folder_of_another_config_is_refused(run_yaml, tmp_path, monkeyp
     (legacy / "results.json").write_text("{not json")
     with pytest.raises(RunConfigError, match="results.json is unreadable"):
         bench.run_bench(first, out=legacy, progress=False)
+    # a run id names a folder: one that climbs out of the results folder is refused on reading
+    (legacy / "results.json").write_text(json.dumps({"runs": [{"id": "../../x", "config": {}}]}))
+    with pytest.raises(RunConfigError, match=r"runs\[0\] has a bad id: id='../../x' is not a "
+                                             "plain name"):
+        bench.run_bench(first, out=legacy, progress=False)
+    (legacy / "results.json").write_text(json.dumps({"runs": [{"id": "a"}]}))
+    with pytest.raises(RunConfigError, match=r"runs\[0\] is not a run \(no config\)"):
+        bench.run_bench(first, out=legacy, progress=False)
 
 
 def test_every_planned_run_is_checked_before_the_first_trains(run_yaml, tmp_path, monkeypatch):

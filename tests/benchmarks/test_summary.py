@@ -63,6 +63,14 @@ def test_refuses_what_it_cannot_summarise(tmp_path):
         summary.summary_rows(ablation)
     with pytest.raises(summary.SummaryError, match="exactly one pair of marker lines"):
         summary.replace_block("no markers here", "table")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for text, match in (("{not json", "cannot be read as JSON"),
+                        ("[1, 2]", r"made_by: list\); only bench matrices"),
+                        ('{"made_by": {"kind": "bench"}}', "has no list of runs")):
+        (broken / "results.json").write_text(text)
+        with pytest.raises(summary.SummaryError, match=match):
+            summary.summary_rows(broken)
 
 
 def test_write_then_check_from_the_command_line(tmp_path, capsys):

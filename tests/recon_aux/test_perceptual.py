@@ -140,10 +140,19 @@ def test_weights_file_checksum(tmp_path):
         f"{i}.{p}" for i in W.CONV_INDICES["alex"] for p in ("weight", "bias")}
     with pytest.raises(WeightsError, match="does not match"):
         W.load_weights_file(good, "alex", sha256="0" * 64)
-    named = tmp_path / "alexnet-owt-deadbeef.pth"  # torchvision-style name with a wrong prefix
+    named = tmp_path / W.TORCHVISION_FILES["alex"]  # torchvision's own name: its prefix checked
     named.write_bytes(good.read_bytes())
     with pytest.raises(WeightsError, match="hash prefix in its file name"):
         W.load_weights_file(named, "alex")
+    lookalike = tmp_path / "alexnet-owt-deadbeef.pth"  # another name: 8 hex digits are no proof
+    lookalike.write_bytes(good.read_bytes())
+    with pytest.raises(WeightsError, match="has no checksum to verify before anything is "
+                                           "unpickled"):
+        W.load_weights_file(lookalike, "alex")
+    full = tmp_path / f"alex-{digest}.pth"  # a full sha256 in the name is a full check
+    full.write_bytes(good.read_bytes())
+    assert set(W.load_weights_file(full, "alex")) == set(W.load_weights_file(good, "alex",
+                                                                              sha256=digest))
     side = tmp_path / "mine.pth"
     side.write_bytes(good.read_bytes())
     (tmp_path / "mine.pth.sha256").write_text("1" * 64 + "\n")
