@@ -29,6 +29,7 @@ first step (:class:`~adapters.config.RunConfigError`). A full disk is a
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import io
 import math
@@ -46,6 +47,7 @@ from torch import Tensor, nn
 
 import recon_aux
 from recon_aux import NonFiniteLossError
+from recon_aux.weights import WeightsError, resolve_backbone_weights
 
 from . import distributed as D
 from . import files
@@ -313,11 +315,35 @@ def check_run(cfg: RunConfig, datasets: dict[tuple, ImageArrays] | None = None) 
     device = train_device(cfg.train.device)
     _precision(cfg.train.precision, device)
     check_compiler(cfg.train.compile, cfg.train.compile_backend, device)
+    check_lpips_weights(cfg)
     setup = prepare_run(cfg, torch.device("cpu"), datasets)
     check_layers(cfg, setup.backbone)
     steps = len(BatchLoader(setup.train_set, cfg.data.batch_size, drop_last=True))
     check_data(cfg, setup.train_set, setup.test_set, steps)
     build_method(cfg, setup.backbone, len(setup.train_set))
+
+
+def check_lpips_weights(cfg: RunConfig) -> None:
+    """Find and verify the LPIPS backbone weights the run's objective will use (once per
+    process and source), so that a missing or unverifiable file fails before the data loads,
+    not when the first +recon run of a matrix builds its loss.
+
+    Raises:
+        RunConfigError: The weights cannot be used; the message says where they were looked
+            for and how to get them.
+    """
+    c = cfg.recon.config if cfg.recon is not None else None
+    if c is None or c.lpips_weight == 0 or c.lpips_weights == "random":
+        return
+    try:
+        _verified_lpips_weights(c.net, c.lpips_weights)
+    except WeightsError as exc:
+        raise RunConfigError(f"recon.lpips_weights={c.lpips_weights!r}: {exc}") from None
+
+
+@functools.cache
+def _verified_lpips_weights(net: str, weights: str) -> None:
+    resolve_backbone_weights(net, weights)  # loaded, verified and dropped: attach loads them
 
 
 def warn_ineffective(cfg: RunConfig) -> None:
@@ -366,6 +392,7 @@ class Trainer:
         if self.rank == 0:
             warn_ineffective(cfg)
         method_class(cfg.method.name)  # an unknown method is refused before the data load
+        check_lpips_weights(cfg)  # and weights that cannot be found or verified
         setup = prepare_run(cfg, self.device)  # seeds, then data, then the backbone
         check_layers(cfg, setup.backbone)
         self.train_set, self.test_set, self.size = setup.train_set, setup.test_set, setup.size

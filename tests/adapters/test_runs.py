@@ -282,3 +282,20 @@ def test_the_picture_needs_the_objective_and_an_even_count(tiny_tree, tmp_path):
     with pytest.raises(ValueError, match=r"n=3: give an even number of images"):
         recon.save_reconstructions(tmp_path / "recon" / "p.png", n=3)
     assert not (tmp_path / "recon" / "p.png").exists()
+
+
+def test_lpips_weights_that_cannot_be_used_fail_before_the_data_loads(tiny_tree, tmp_path,
+                                                                      monkeypatch):
+    """A bench checks every planned run with check_run before the first trains, so a +recon
+    row whose LPIPS weights are missing fails before the base rows have trained."""
+    monkeypatch.setattr(engine, "load_dataset",
+                        lambda *a, **k: pytest.fail("loaded data for a refused config"))
+    missing = tmp_path / "nope.pth"
+    bad = cfg(tiny_tree, tmp_path / "run", recon={"lpips_weights": str(missing)})
+    for attempt in (lambda: engine.train(bad), lambda: engine.check_run(bad)):
+        with pytest.raises(RunConfigError, match=rf"recon.lpips_weights='{missing}': weights "
+                                                 rf"file {missing} does not exist"):
+            attempt()
+    # no LPIPS term, nothing to look for
+    engine.check_lpips_weights(cfg(tiny_tree, tmp_path / "l2", recon={
+        "lpips_weights": str(missing), "lpips_weight": 0.0}))
