@@ -239,7 +239,8 @@ class RunSettings(Section):
 
     Attributes:
         out_dir: Where the checkpoint, ``log.jsonl``, ``result.json`` and pictures go (default
-            ``runs/<config name>/<method>-<base|recon>-seed<seed>``).
+            ``runs/<config name>/<method>-<base|recon>-seed<seed>``). In a config file only a
+            folder below the working directory; any other from the command line (``--out-dir``).
         resume: Continue from ``out_dir``'s checkpoint.
         overwrite: Start again in an ``out_dir`` that holds a run (its checkpoint, log, results
             and pictures are deleted first); without it (or ``resume``) such a folder is refused.
@@ -639,6 +640,9 @@ class RunConfig:
                 parts[section] = build(data.get(section))
             except (SchemaError, ConfigError, ValueError, TypeError) as exc:
                 raise RunConfigError(str(exc)) from exc
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise RunConfigError(f"config name {name!r} is not a plain name: it names the run "
+                                 "folder runs/<name>/...; use a name without '/' or '..'.")
         return cls(name=name, **parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -800,7 +804,21 @@ def load_run_config(source: str | Path | Mapping[str, Any], overrides: Sequence[
         raw = read_yaml(source)
         raw.pop("name", None)
         stem = Path(source).stem
+        _check_file_out_dir(raw, source)
     return RunConfig.from_dict(apply_overrides(raw, overrides), name=name or stem)
+
+
+def _check_file_out_dir(raw: Mapping[str, Any], source: str | Path) -> None:
+    """A config file may name its run folder only below the working directory (a relative path
+    without ``..``): ``run.overwrite`` deletes a run's files there. Anywhere else is the
+    command line's to say (``--out-dir``, or the override ``run.out_dir=DIR``)."""
+    run = raw.get("run")
+    out_dir = run.get("out_dir") if isinstance(run, Mapping) else None
+    if isinstance(out_dir, str) and (Path(out_dir).is_absolute() or ".." in Path(out_dir).parts):
+        raise RunConfigError(
+            f"{source}: run.out_dir={out_dir!r} leaves the working directory; a config file may "
+            "name only a folder below it (e.g. runs/mine). Give any other folder on the command "
+            "line: --out-dir DIR (or the override run.out_dir=DIR).")
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

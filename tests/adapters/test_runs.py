@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from adapters import engine, files
 from adapters.checkpoint import MAGIC, load_checkpoint
@@ -299,3 +300,24 @@ def test_lpips_weights_that_cannot_be_used_fail_before_the_data_loads(tiny_tree,
     # no LPIPS term, nothing to look for
     engine.check_lpips_weights(cfg(tiny_tree, tmp_path / "l2", recon={
         "lpips_weights": str(missing), "lpips_weight": 0.0}))
+
+
+@pytest.mark.parametrize("out_dir", ["../elsewhere", "/tmp/elsewhere", "runs/../../x"])
+def test_a_config_file_names_its_run_folder_only_below_the_working_directory(tmp_path, out_dir):
+    """``run.overwrite`` deletes a run's files in ``run.out_dir``: a config file (which may come
+    from anyone) cannot point it outside; the command line can."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"method": {"name": "sela"}, "run": {"out_dir": out_dir}}))
+    with pytest.raises(RunConfigError, match=r"leaves the working directory; a config file may "
+                                             r"name only a folder below it.*--out-dir DIR"):
+        load_run_config(path)
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump({"method": {"name": "sela"}, "run": {"out_dir": "runs/x"}}))
+    assert load_run_config(plain, [f"run.out_dir={out_dir}"]).run.out_dir == out_dir
+    assert load_run_config(plain).run.out_dir == "runs/x"
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", ".."])
+def test_a_config_name_is_a_plain_name(name):
+    with pytest.raises(RunConfigError, match="is not a plain name: it names the run folder"):
+        load_run_config({"name": name, "method": {"name": "sela"}})
