@@ -173,7 +173,9 @@ class ReconAuxConfig:
         head_min_width: Floor for the channel count, which halves at every upsampling stage.
         head_norm: "batch", "group" or "none".
         head_upsample: "nearest" or "bilinear".
-        head_out_scale: 1, 2 or 4: doublings done by the head's sub-pixel output conv.
+        head_out_scale: 1, 2 or 4: doublings done by the head's sub-pixel output conv, at most
+            those the tapped map needs to reach the image's size (an error at the head's build
+            otherwise; the default 2 becomes 1 for a map already at the image's size).
         lr, weight_decay: Of the head's parameter group; None takes the optimizer's defaults.
         max_pending: Most captured forwards kept while waiting for ``aux.loss``; beyond it the
             oldest is released with a warning.

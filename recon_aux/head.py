@@ -93,7 +93,8 @@ class ReconstructionHead(nn.Module):
         norm: ``"batch"``, ``"group"`` (GroupNorm, ``gcd(C, 8)`` groups) or ``"none"``, after
             every conv but the last.
         upsample: ``"nearest"`` or ``"bilinear"``, for each x2 stage and any final resize.
-        out_scale: 1, 2 or 4: the doublings (``log2``) done by the sub-pixel output conv.
+        out_scale: 1, 2 or 4: the doublings (``log2``) done by the sub-pixel output conv; at
+            most the doublings the geometry needs (2, the default, is 1 when there are none).
         output_range: ``(lo, hi)`` the sigmoid output is scaled to, before ``mean``/``std``.
         mean: The pipeline's per-channel mean, applied last (give ``std`` too, or neither).
         std: The pipeline's per-channel std.
@@ -157,7 +158,14 @@ class ReconstructionHead(nn.Module):
         self.upsample = upsample
         self.stages = max(0, math.ceil(math.log2(max(H / h, W / w))))
         # The last log2(out_scale) doublings are a sub-pixel convolution (PixelShuffle): no conv
-        # runs at full resolution, where small-channel convs are slowest.
+        # runs at full resolution, where small-channel convs are slowest. The default 2 becomes
+        # 1 when there is nothing to double (a map at the image's size); a larger scale than
+        # the doublings needed is refused, not lowered.
+        if out_scale > max(2 ** self.stages, 2):
+            raise ValueError(
+                f"out_scale={out_scale} (head_out_scale) needs {int(math.log2(out_scale))} "
+                f"doublings from the {h}x{w} map to the {H}x{W} image, which takes "
+                f"{self.stages}; use head_out_scale={2 ** self.stages}.")
         self.out_scale = min(out_scale, 2 ** self.stages)
         conv_stages = self.stages - int(math.log2(self.out_scale))
         c0 = (width if width is not None

@@ -168,3 +168,14 @@ def test_tf32_reading_follows_the_legacy_and_the_new_settings(monkeypatch):
         assert cudnn_conv_tf32() is False
     finally:
         torch.backends.fp32_precision, cudnn.fp32_precision, cudnn.conv.fp32_precision = saved
+
+
+def test_an_out_scale_the_geometry_cannot_take_is_refused_not_lowered():
+    """4 asks for two sub-pixel doublings; a 16x16 map to 32x32 needs one. Lowering it silently
+    would record 4 for a head that ran 2."""
+    with pytest.raises(ValueError, match=r"out_scale=4 \(head_out_scale\) needs 2 doublings from "
+                                         r"the 16x16 map to the 32x32 image, which takes 1; use "
+                                         r"head_out_scale=2"):
+        ReconstructionHead(64, (16, 16), (32, 32), out_scale=4)
+    assert ReconstructionHead(64, (4, 4), (32, 32), out_scale=4).out_scale == 4
+    assert ReconstructionHead(64, (32, 32), (32, 32)).out_scale == 1  # the default adapts
