@@ -20,7 +20,8 @@ silent guess:
   ``s``). No such ``p``, or several (tiny grids: 5 tokens on a 32 px image are 1 + 2x2 or
   4 + 1x1), is an error that asks for ``prefix_tokens=`` or ``grid=``. The count is then fixed for
   the layer; each call's grid is ``grid=`` if it has ``L - p`` cells, else the stem's grid if it
-  has, else the patch grid of that call's images (so multi-crop views of other sizes work).
+  has, else the patch grid of that call's images (so multi-crop views of other sizes work); tokens
+  that form none of these are an error asking for ``grid=``, never reshaped into a guessed grid.
 - A 4-D output is ``layout=`` when given. Otherwise the shape decides: the pair of dimensions
   that can be the image's spatial grid (each at most the image side, with strides ``H/h`` and
   ``W/w`` within a factor 1.5 of each other) is the spatial one: dims 2-3 give ``"nchw"``, dims
@@ -36,7 +37,6 @@ Hugging Face blocks return); anything else is refused with the element shapes an
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -203,19 +203,19 @@ def _prefix(L: int, name: str, image, stem, prefix_tokens, grid) -> int:
 
 
 def _grid(n: int, name: str, image, stem, grid) -> tuple[int, int]:
+    # grid= is the grid of the images it was given for; views of another size (multi-crop)
+    # have another token count and take their own patch grid
     for g in (grid, stem):
         if g is not None and g[0] * g[1] == n:
             return int(g[0]), int(g[1])
     found = _patch_grids(n, image)
     if found:
         return found[0]
-    H, W = image
-    h = max(1, round(math.sqrt(n * H / W)))
-    for hh in (h, h - 1, h + 1):
-        if hh >= 1 and n % hh == 0:
-            return hh, n // hh
-    raise ValueError(f"the tapped layer {name!r} has {n} patch tokens, which form no grid for "
-                     f"{tuple(image)} images; pass grid=(h, w) to attach().")
+    # no guess: any factor pair of n would reshape the tokens into a grid they may not have
+    given = f" (grid={tuple(grid)} has {grid[0] * grid[1]} cells)" if grid is not None else ""
+    raise ValueError(f"the tapped layer {name!r} has {n} patch tokens{given}, which form no "
+                     f"patch grid of {tuple(image)} images (floor(H/s) x floor(W/s) for a patch "
+                     "size s); pass its grid=(h, w) to attach().")
 
 
 def to_map(x: Tensor, layout: Layout, name: str, image: Sequence[int], *,

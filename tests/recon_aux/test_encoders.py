@@ -292,6 +292,19 @@ def test_token_settings_that_do_not_fit_the_tokens_name_the_fix(kw, problem, fix
     assert problem in str(err.value) and fix in str(err.value)
 
 
+@pytest.mark.parametrize("grid", [None, (2, 2)])
+def test_tokens_that_form_no_patch_grid_are_refused_not_reshaped(grid):
+    """13 tokens, 1 of them declared prefix: 12 patch tokens form no patch grid of a 32 px image
+    (they were reshaped to 3x4, a grid the tokens do not have)."""
+    model = LinearEmbedViT(prefix=9)  # 9 + 2x2 tokens
+    aux = recon_aux.attach(model, layer="block", prefix_tokens=1, grid=grid, lpips_weight=0.0)
+    model(images())
+    given = r" \(grid=\(2, 2\) has 4 cells\)" if grid else ""
+    with pytest.raises(ValueError, match=rf"'block' has 12 patch tokens{given}, which form no "
+                                         r"patch grid of \(32, 32\) images.*pass its grid="):
+        aux.loss(images())
+
+
 def test_a_tapped_layer_that_changes_form_names_the_fix():
     """Tokens at the first forward, a 4-D map at the next (and the other way round)."""
     tokens, maps = (4, 5, 16), (4, 16, 2, 2)
