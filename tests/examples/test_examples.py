@@ -4,6 +4,7 @@ no ../shared are needed; with real data they take --data-root)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 
 import numpy as np
@@ -92,6 +93,23 @@ def test_lightning_example_trains_checkpoints_and_resumes(image_folder, tmp_path
     assert "after 4 steps" in capsys.readouterr().out
     rows = list(csv.DictReader(next(logs2.rglob("metrics.csv")).open()))
     assert sorted({int(r["step"]) for r in rows if r.get("train_loss")}) == [2, 3]
+    # the resume verified the side file written with the checkpoint; a changed file, a file
+    # without one, or a remote path is refused before any work, as one line
+    side = last.with_name(last.name + ".sha256")
+    assert side.read_text().strip() == hashlib.sha256(last.read_bytes()).hexdigest()
+    for name, data, keep_side, match in (
+            ("changed.ckpt", last.read_bytes() + b"x", True, "does not match"),
+            ("bare.ckpt", last.read_bytes(), False, "no bare.ckpt.sha256 beside it")):
+        bad = tmp_path / name
+        bad.write_bytes(data)
+        if keep_side:
+            bad.with_name(name + ".sha256").write_text(side.read_text())
+        with pytest.raises(SystemExit) as exit_:
+            example.main(tiny(image_folder, "--resume", str(bad)))
+        assert exit_.value.code == 2 and match in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        example.main(tiny(image_folder, "--resume", "https://example.com/last.ckpt"))
+    assert "give a local checkpoint file" in capsys.readouterr().err
     # the checkpoint loads strictly into a fresh module (head rebuilt from _extra_state)
     fresh.load_state_dict(ckpt["state_dict"])
     head_keys = [k for k in keys if k.startswith("aux.head.")]
