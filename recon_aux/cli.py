@@ -10,10 +10,12 @@ place where the library hands over to the harness, and it does so by name at run
 the checkout, puts it first on ``sys.path`` and calls ``benchmarks.cli.main(argv)``. It never
 imports the harness at module level, so ``import recon_aux`` never does either.
 
-The checkout is the nearest folder at or above the current directory that holds
-``benchmarks/cli.py`` next to ``adapters/``; failing that, the checkout that holds the imported
-``recon_aux`` package (an editable install, as ``make venv`` makes). Outside a checkout the
-harness commands print one line that says so and exit with status 2.
+The checkout is the one that holds the imported ``recon_aux`` package (an editable install, as
+``make venv`` makes), so the harness that runs is the one beside the library it imports, and a
+folder the command merely runs in cannot put its own code in its place. Failing that (the
+package installed from a wheel), it is the nearest folder at or above the current directory
+that holds ``benchmarks/cli.py`` next to ``adapters/``. Outside a checkout the harness commands
+print one line that says so and exit with status 2.
 """
 
 from __future__ import annotations
@@ -46,13 +48,14 @@ def find_checkout(start: Path | None = None, package_dir: Path | None = None) ->
     """The checkout whose harness to run, or None.
 
     Args:
-        start: Where to start looking upwards (default: the current directory).
+        start: Where to start looking upwards when the package is not in a checkout (default:
+            the current directory).
         package_dir: The imported ``recon_aux`` package's folder (default: this module's); its
-            parent is the checkout of an editable install.
+            parent is the checkout of an editable install, which comes first.
     """
     start = (start or Path.cwd()).resolve()
     package_dir = (package_dir or Path(__file__).parent).resolve()
-    for folder in (start, *start.parents, package_dir.parent):
+    for folder in (package_dir.parent, start, *start.parents):
         if (folder / "benchmarks" / "cli.py").is_file() and (folder / "adapters").is_dir():
             return folder
     return None

@@ -23,7 +23,7 @@ def test_unknown_command_and_no_command(capsys):
     assert cli.main([]) == 2 and "usage: recon-aux" in capsys.readouterr().out
 
 
-def test_finds_the_checkout_upwards_or_through_the_package(tmp_path):
+def test_finds_the_packages_own_checkout_first_then_upwards(tmp_path):
     checkout = tmp_path / "clone"
     (checkout / "benchmarks").mkdir(parents=True)
     (checkout / "benchmarks" / "cli.py").write_text("")
@@ -36,6 +36,9 @@ def test_finds_the_checkout_upwards_or_through_the_package(tmp_path):
     assert cli.find_checkout(elsewhere, package_dir=checkout / "recon_aux") == checkout
     assert cli.find_checkout(elsewhere, package_dir=elsewhere / "recon_aux") is None
     assert cli.find_checkout(REPO / "docs") == REPO
+    # the editable install's own checkout wins over one the command runs in: a folder cannot
+    # put its benchmarks/cli.py in place of the harness beside the imported library
+    assert cli.find_checkout(deep, package_dir=REPO / "recon_aux") == REPO
 
 
 def test_outside_a_checkout_one_line_and_exit_2(monkeypatch, capsys):
