@@ -80,7 +80,7 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _TRAIN_SPLITS = ("train",)
 _TEST_SPLITS = ("test", "val", "valid", "validation")
-_CACHE_FORMAT = 1  # bump when the cache layout or decoding changes
+_CACHE_FORMAT = 2  # bump when the cache layout, decoding or what is read changes (2: links)
 
 
 @dataclass
@@ -336,7 +336,15 @@ def _is_image_name(parts: Sequence[str]) -> bool:
 
 
 def _iter_image_files(root: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
+    # Folder links are followed, as torchvision's ImageFolder does (a linked class folder would
+    # otherwise vanish from the data); each real folder is read once, so a link loop ends.
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for fname in filenames:
             if _is_image_name((fname,)):
@@ -381,9 +389,14 @@ def _read_tree_tar(archive: Path, image_size: int | None) -> _Entries:
     try:
         with tarfile.open(archive, mode="r|*") as tar:
             for member in tar:
-                if not member.isfile():
-                    continue
                 parts = PurePosixPath(member.name).parts
+                if not member.isfile():
+                    if (member.issym() or member.islnk()) and parts and _is_image_name(parts):
+                        raise DatasetError(
+                            f"{archive}:{member.name} is a link, not an image file; the "
+                            "archive must hold the images themselves: pack it again following "
+                            "links (tar --dereference, -h).")
+                    continue
                 if not parts or not _is_image_name(parts):
                     continue
                 fobj = tar.extractfile(member)

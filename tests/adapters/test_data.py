@@ -219,6 +219,30 @@ def test_imagefolder_tar_and_dir(tmp_path: Path, tmp_cache: Path) -> None:
     assert not list((tmp_cache / "arrays").glob("*.tmp"))
 
 
+def test_linked_class_folders_are_read_and_linked_tar_members_refused(
+        tmp_path: Path, tmp_cache: Path) -> None:
+    """A class folder that is a link is read (as torchvision's ImageFolder does; it vanished
+    before), a link loop ends, and an archive whose image is a link says how to pack it."""
+    files = _split_files()
+    _make_tree(files, root=tmp_path / "store")
+    tree = tmp_path / "tree" / "toy"
+    for split in ("train", "test"):
+        (tree / split).mkdir(parents=True)
+        for cls in ("ant", "mole", "zebra"):
+            (tree / split / cls).symlink_to(tmp_path / "store" / "toy" / split / cls)
+    (tree / "train" / "ant" / "loop").symlink_to(tree / "train")  # a cycle through the links
+    train = load_dataset(tmp_path / "tree", train=True)
+    assert train.classes == ["ant", "mole", "zebra"] and len(train) == 9
+    archive = tmp_path / "linked.tar"
+    with tarfile.open(archive, "w") as tf:
+        info = tarfile.TarInfo("toy/train/ant/0000.png")
+        info.type, info.linkname = tarfile.SYMTYPE, "elsewhere.png"
+        tf.addfile(info)
+    with pytest.raises(DatasetError, match=r"0000.png is a link, not an image file; .*tar "
+                                           r"--dereference"):
+        load_dataset(archive, train=True)
+
+
 def test_imagefolder_relative_to_data_root(tmp_path: Path, tmp_cache: Path) -> None:
     _make_tree(_split_files(), tar=tmp_path / "toy.tar.gz")
     assert len(load_dataset("toy.tar.gz", data_root=tmp_path)) == 9
