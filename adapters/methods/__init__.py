@@ -48,6 +48,6 @@ def method_class(name: str) -> type[Method]:
     Raises:
         ValueError: Unknown name; the message lists the registered ones.
     """
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise ValueError(f"method {name!r} is unknown; methods: {', '.join(METHODS)}.")
     return METHODS[name]

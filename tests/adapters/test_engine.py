@@ -83,6 +83,7 @@ def test_non_finite_stops_with_epoch_and_step(tmp_path, shared_data):
     (["recon.wieght=1"], "unknown config key"),
     (["train.epochs"], "is not key=value"),
     (["method.name=null"], "method.name is required"),
+    (["method.name=[a,b]"], r"method \['a', 'b'\] is unknown; methods: deepcluster"),
 ])
 def test_config_errors(overrides, match):
     with pytest.raises((RunConfigError, ValueError), match=match):
