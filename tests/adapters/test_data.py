@@ -175,7 +175,8 @@ def test_cifar10_second_load_uses_cache(
 ) -> None:
     cache_file = ds_mod._tree_cache_file(cifar_root / CIFAR10_JPG_NAME, None)
     assert cache_file.is_file() and cache_file.suffix == ".npz"
-    assert not list(cache_file.parent.glob("*.tmp")), "temporary cache files left behind"
+    # (no temporary file left behind: checked in a private cache, test_imagefolder_tar_and_dir;
+    # this cache is shared with other test processes, which may be writing theirs right now)
 
     def no_decode(*args: object, **kwargs: object) -> None:
         raise AssertionError("the archive was decoded again instead of using the cache")

@@ -34,9 +34,12 @@ def test_cli_overrides_and_error_exit(tmp_path, capsys, shared_data, toy_method)
 
 
 @pytest.fixture
-def tiny_yaml(tiny_tree, tmp_path):
+def tiny_yaml(tiny_tree, tmp_path, monkeypatch):
+    """The tiny run config as a file; its run folder ``run`` is below the working directory
+    (the test's folder), as a config file's must be."""
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tiny_config(tiny_tree, tmp_path / "run")))
+    path.write_text(yaml.safe_dump(tiny_config(tiny_tree, "run")))
     return path
 
 

@@ -313,7 +313,7 @@ def test_first_epoch_writes_each_line_as_it_is_measured(tiny_tree, tmp_path, mon
     from tests.adapters.tiny import tiny_config
 
     run = tmp_path / "run.yaml"
-    run.write_text(yaml.safe_dump(tiny_config(tiny_tree, tmp_path / "unused")))
+    run.write_text(yaml.safe_dump(tiny_config(tiny_tree, "unused")))  # the study sets its own
     config = tmp_path / "bench.yaml"
     config.write_text(yaml.safe_dump({
         "title": "tiny", "seeds": [0], "metrics": ["knn_conv5"], "recon": {"weight": 1.0},
