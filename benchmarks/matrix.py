@@ -719,7 +719,7 @@ def write_report(out: Path, cfg: MatrixConfig, runs: list[dict[str, Any]],
     local = [*extra_local_pictures, *sorted(
         {f"pictures/{plain_name(r['id'], 'run id')}.png" for r in (*runs, *all_runs)
          if r.get("recon")})]
-    text = report.render_readme(cfg.title, runs, metrics, report.render_setup(all_runs),
+    text = report.render_readme(cfg.title, runs, metrics, report.render_setup(all_runs, runs),
                                 pictures=pictures, notes=cfg.notes + extra_notes,
                                 local_pictures=local)
     (out / "README.md").write_text(text)

@@ -345,21 +345,25 @@ ablation) is the clean comparison.
 """
 
 
-def render_setup(runs: list[dict[str, Any]]) -> str:
-    """The "How it was measured" lines: per method its backbone, data, schedule, augmentation and
-    evaluation; the seeds, machines and run time; what the evaluation did; the +recon block."""
+def render_setup(runs: list[dict[str, Any]],
+                 table_runs: list[dict[str, Any]] | None = None) -> str:
+    """The "How it was measured" lines: per row (a method, or a reference row with its recipe)
+    its backbone, data, schedule, augmentation and evaluation; the seeds, machines and run time;
+    what the evaluation did; the +recon block of the rows in the table (``table_runs``, default
+    ``runs``), each distinct one with the rows that used it."""
     lines = ["How it was measured:", ""]
     seen = set()
     for r in runs:
         c = r["config"]
-        key = (r["method"], c["backbone"].get("name"))
+        label = r.get("reference") or r["method"]  # a reference's label names its recipe
+        key = (label, c["backbone"].get("name"))
         if key in seen:
             continue
         seen.add(key)
         b = ", ".join(f"{k}={v}" for k, v in c["backbone"].items())
         d, t, e = c["data"], c["train"], c["eval"]
         lines.append(
-            f"- {r['method']}: backbone {b}; {c['data']['dataset']} {r['train_images']} train "
+            f"- {label}: backbone {b}; {c['data']['dataset']} {r['train_images']} train "
             f"images ({d['per_class']}/class) and {r['test_images']} test images; "
             f"{t['epochs']} epochs, batch {d['batch_size']}, SGD lr {t['lr']} "
             f"({t['lr_schedule']}), wd {t['weight_decay']}; augment "
@@ -369,9 +373,18 @@ def render_setup(runs: list[dict[str, Any]]) -> str:
     lines.append(f"- seeds {seeds}; machine: {machines}; "
                  f"total run time {sum(r['wall_s'] for r in runs) / 60:.1f} min.")
     lines.extend(evaluation_lines(runs))
-    recon = next((r["recon"] for r in runs if r["recon"]), None)
-    if recon:
-        lines.append(f"- +recon block: {json.dumps(recon)}")
+    blocks: dict[str, list[str]] = {}
+    for r in table_runs if table_runs is not None else runs:
+        if r["recon"]:
+            rows = blocks.setdefault(json.dumps(r["recon"]), [])
+            label = r.get("reference") or f"{r['method']} +recon"
+            if label not in rows:
+                rows.append(label)
+    if len(blocks) == 1:
+        lines.append(f"- +recon block: {next(iter(blocks))}")
+    elif blocks:
+        lines.append("- +recon blocks: " + "; ".join(f"{block} ({', '.join(rows)})"
+                                                    for block, rows in blocks.items()))
     tapped = tapped_layers([r for r in runs if r["config"].get("recon")])
     if tapped:
         lines.append(f"- tapped layer (recon.layer, or what layer=None chose): "
@@ -399,9 +412,19 @@ def evaluation_lines(runs: list[dict[str, Any]]) -> list[str]:
         lines = ["- BatchNorm statistics NOT recalibrated before evaluation (runs older than "
                  "the fair protocol, or eval.bn_recalibration_images: null)."]
     else:
-        lines = [f"- every network (random-init included) evaluated with its BatchNorm "
-                 f"statistics recalibrated on {' / '.join(map(str, images))} clean training "
-                 "images (no weight change)."]
+        untrained = any((r.get("reference") or "").startswith("random-init") for r in runs)
+        recalibrated = [n for n in images if n]
+        lines = [f"- every network{' (random-init included)' if untrained else ''} evaluated "
+                 f"with its BatchNorm statistics recalibrated on "
+                 f"{' / '.join(map(str, recalibrated))} clean training images (no weight "
+                 "change)."]
+        if 0 in images:
+            stale = sorted({r.get("reference") or r["method"] for r, d in zip(runs, details)
+                            if (d.get("bn_recalibration") or {}).get("bn_layers") != 0
+                            and not (d.get("bn_recalibration") or {}).get("images")})
+            lines[0] = (lines[0].replace("every network", "every network but "
+                                         f"{', '.join(stale)}", 1)
+                        + f" {', '.join(stale)}: NOT recalibrated.")
     if with_bn and len(with_bn) < len(details):
         lines[0] += " The networks without BatchNorm had nothing to recalibrate."
     probes = sorted({k for d in details for k in d if k != "bn_recalibration"})

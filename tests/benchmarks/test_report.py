@@ -139,3 +139,41 @@ def test_the_evaluation_line_tells_no_batchnorm_from_no_recalibration():
     mixed = report.evaluation_lines(runs(cnn, vit))[0]
     assert "recalibrated on 10000 clean training images" in mixed
     assert mixed.endswith("The networks without BatchNorm had nothing to recalibrate.")
+
+
+def _full_run(method, recon, seed, reference=None, lr=0.1, images=100):
+    cfg = {"backbone": {"name": "net"}, "data": {"dataset": "d", "per_class": 5, "batch_size": 8,
+                                                 "augment": None},
+           "train": {"epochs": 1, "lr": lr, "lr_schedule": "cosine", "weight_decay": 0.0},
+           "eval": {"knn": {"k": 5}}}
+    return {**_run(method, recon, seed, 1.0, reference), "config": cfg, "train_images": 50,
+            "test_images": 10, "machine": "cpu", "wall_s": 6.0,
+            "evaluation": {"bn_recalibration": {"images": images, "bn_layers": 3}}}
+
+
+def test_setup_describes_each_row_and_the_recon_block_of_the_table_rows():
+    """A reference row on another method's recipe gets its own line; the +recon block is the
+    table's (the ablation's default point), not whichever run was recorded first; several
+    blocks are each named with their rows."""
+    point = _full_run("m", {"weight": 1, "head_out_scale": 4}, 0)  # an ablation point, first
+    default = _full_run("m", {"weight": 1}, 0)
+    refs = [_full_run("recon-only", {"weight": 1}, 0, "recon-only (net)"),
+            _full_run("recon-only", {"weight": 1}, 0, "recon-only (net, n's recipe)", lr=0.5),
+            _full_run("random-init", None, 0, "random-init (net)")]
+    text = report.render_setup([point, default, *refs], [default, *refs])
+    assert "- recon-only (net): backbone name=net;" in text
+    assert "- recon-only (net, n's recipe): backbone name=net; d 50 train images (5/class) and " \
+           "10 test images; 1 epochs, batch 8, SGD lr 0.5 (cosine)" in text
+    assert '- +recon block: {"weight": 1}' in text and "head_out_scale" not in text
+    both = report.render_setup([point, default], [point, default])
+    assert ('- +recon blocks: {"weight": 1, "head_out_scale": 4} (m +recon); {"weight": 1} '
+            '(m +recon)') in both
+    assert "every network (random-init included) evaluated" in text
+    assert "every network evaluated" in both  # no random-init row: not claimed
+
+
+def test_setup_names_the_rows_that_were_not_recalibrated():
+    runs = [_full_run("m", None, 0), _full_run("n", None, 0, images=0)]
+    text = report.render_setup(runs)
+    assert ("every network but n evaluated with its BatchNorm statistics recalibrated on 100 "
+            "clean training images (no weight change). n: NOT recalibrated.") in text
