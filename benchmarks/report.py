@@ -187,9 +187,10 @@ def verdicts(runs: list[dict[str, Any]], metrics: Sequence[str],
     its std, see :func:`paired`):
 
     - "unclear" with fewer than two seeds, or when the base method does not clearly beat the
-      random-init network on any metric (there is then nothing learned to upgrade);
-    - "yes" when +recon is clearly better than the base method on most of the metrics and
-      clearly worse on none;
+      random-init network on any metric, or there is no random-init row to tell (there is then
+      nothing shown to be learned to upgrade);
+    - "yes" when +recon is clearly better than the base method on most of the table's metrics
+      (a metric without pairs counts as not better) and clearly worse on none;
     - "no" when it is clearly better on none (clearly worse, or no clear difference);
     - "unclear" otherwise (mixed).
 
@@ -208,10 +209,13 @@ def verdicts(runs: list[dict[str, Any]], metrics: Sequence[str],
         learned = [m for m in vs_random if vs_random[m]["verdict"] == "beats random init"]
         if min(p["n"] for p in up.values()) < 2:
             answer, reason = "unclear", "fewer than two seeds"
-        elif vs_random and not learned:
+        elif not vs_random:
+            answer, reason = "unclear", ("no random-init row to show that the base method "
+                                         "learned anything at this scale")
+        elif not learned:
             answer, reason = "unclear", ("the base method does not clearly beat the random-init "
                                          "network on any metric at this scale")
-        elif len(better) > len(up) / 2 and not worse:
+        elif len(better) > len(metrics) / 2 and not worse:  # most of the table's metrics
             answer, reason = "yes", f"+recon clearly better on {', '.join(better)}"
         elif not better:
             answer = "no"

@@ -177,3 +177,21 @@ def test_setup_names_the_rows_that_were_not_recalibrated():
     text = report.render_setup(runs)
     assert ("every network but n evaluated with its BatchNorm statistics recalibrated on 100 "
             "clean training images (no weight change). n: NOT recalibrated.") in text
+
+
+def test_a_verdict_needs_a_random_init_row_and_counts_every_metric_of_the_table():
+    """Without a random-init row nothing shows the base learned: "unclear", as the printed rule
+    says; "most" counts the table's metrics, a metric without pairs as not better."""
+    def run(recon, seed, a, b=None, reference=None):
+        metrics = {"a": a} if b is None else {"a": a, "b": b}
+        return {"method": "m" if not reference else reference, "recon": recon, "seed": seed,
+                "reference": reference, "metrics": metrics}
+
+    runs = [run(False, 0, 40.0, 40.0), run({"w": 1}, 0, 45.0), run(False, 1, 41.0, 41.0),
+            run({"w": 1}, 1, 46.0)]  # +recon lacks metric b
+    assert report.verdicts(runs, ["a"])["m"]["answer"] == "unclear"
+    assert "no random-init row" in report.verdicts(runs, ["a"])["m"]["reason"]
+    runs += [run(False, s, 30.0, 30.0, "random-init") for s in (0, 1)]
+    assert report.verdicts(runs, ["a"])["m"]["answer"] == "yes"
+    # clearly better on a, no pairs on b: one of two metrics is not "most"
+    assert report.verdicts(runs, ["a", "b"])["m"]["answer"] == "unclear"
