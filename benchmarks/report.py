@@ -132,13 +132,14 @@ def summarise(runs: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, A
     return out
 
 
-def format_cell(cell: dict | None) -> str:
-    """A ``{"mean", "std", "n"}`` cell as the tables print it: ``40.5 ± 0.7``, ``40.0 (n=1)``
-    for one run, ``-`` for none."""
+def format_cell(cell: dict | None, show_n: bool = False) -> str:
+    """A ``{"mean", "std", "n"}`` cell as the tables print it: ``40.5 ± 0.7`` (``40.5 ± 0.7
+    (n=3)`` with ``show_n``, for a table whose cells have different numbers of seeds),
+    ``40.0 (n=1)`` for one run, ``-`` for none."""
     if not cell or math.isnan(cell["mean"]):
         return "-"
     if cell["n"] > 1:
-        return f"{cell['mean']:.1f} ± {cell['std']:.1f}"
+        return f"{cell['mean']:.1f} ± {cell['std']:.1f}" + (f" (n={cell['n']})" if show_n else "")
     return f"{cell['mean']:.1f} (n=1)"
 
 
@@ -161,13 +162,16 @@ def render_table(runs: list[dict[str, Any]], metrics: Sequence[str]) -> str:
     labels = sorted(refs, key=lambda lab: (next((i for i, p in enumerate(REFERENCE_ORDER)
                                                  if lab.startswith(p)), 99), lab))
     methods = sorted({r["method"] for r in runs if not r.get("reference")})
+    # rows averaged over different numbers of seeds say so (a paired row uses only the seeds
+    # both of its rows have: its "x/n seeds up" gives its n)
+    show_n = len({c["n"] for row in s["rows"].values() for c in row.values() if c["n"] > 1}) > 1
     for label in labels:
-        cells = [format_cell(s["rows"][label].get(m)) for m in metrics]
+        cells = [format_cell(s["rows"][label].get(m), show_n) for m in metrics]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for method in methods:
         for label in (method, method + " +recon"):
             if label in s["rows"]:
-                cells = [format_cell(s["rows"][label].get(m)) for m in metrics]
+                cells = [format_cell(s["rows"][label].get(m), show_n) for m in metrics]
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
         for key, what in (("vs_random", "base − random-init"), ("paired", "+recon − base"),
                           ("vs_recon_only", "+recon − recon-only")):

@@ -66,12 +66,24 @@ def compare(a: Path, b: Path, row: str, row_b: str | None = None) -> str:
             for k in config_diff(first_a, first_b)]
     metrics = [m for m in runs_a[seeds[0]]["metrics"] if not m.startswith("final_")
                and all(m in runs_a[s]["metrics"] and m in runs_b[s]["metrics"] for s in seeds)]
+    for s in seeds[1:]:  # a key that differs at another seed only is named too
+        for k in config_diff(runs_a[s]["config"], runs_b[s]["config"]):
+            if not any(d.startswith(f"{k} (") for d in diff):
+                diff.append(f"{k} (differs at seed {s})")
     tapped = [", ".join(tapped_layers([runs[s] for s in seeds])) for runs in (runs_a, runs_b)]
     rows = row if row_b == row else f"A: {row}, B: {row_b}"
     lines = [f"{rows}, seeds {', '.join(map(str, seeds))}: A = {a}, B = {b}",
              "configs differ in: " + ("; ".join(diff) if diff else "nothing (same config)"),
-             f"tapped layer: A: {tapped[0]}, B: {tapped[1]}", "",
-             "| metric | A | B | A − B (paired) |", "|---|---|---|---|"]
+             f"tapped layer: A: {tapped[0]}, B: {tapped[1]}"]
+    alone = [f"{side} seeds {sorted(set(mine) - set(seeds))}"
+             for side, mine in (("A", runs_a), ("B", runs_b)) if set(mine) - set(seeds)]
+    if alone:
+        lines.append(f"left out, no partner in the other folder: {'; '.join(alone)}")
+    partial = sorted({m for runs in (runs_a, runs_b) for s in seeds for m in runs[s]["metrics"]
+                      if not m.startswith("final_")} - set(metrics))
+    if partial:
+        lines.append(f"left out, missing from some of these runs: {', '.join(partial)}")
+    lines += ["", "| metric | A | B | A − B (paired) |", "|---|---|---|---|"]
     for m in metrics:
         va = [runs_a[s]["metrics"][m] for s in seeds]
         vb = [runs_b[s]["metrics"][m] for s in seeds]

@@ -32,6 +32,8 @@ def test_paired_difference_over_the_common_seeds_and_what_differs(tmp_path, caps
     # the differing key is named with both values; run.* (where a run was written) is not
     assert "configs differ in: recon.layer (A: not set (the default), B: layer4.1.conv2)\n" in text
     assert "tapped layer: A: layer4, B: layer4.1.conv2\n" in text  # what the default chose
+    # what is left out is named: A's seed 2 has no partner in B
+    assert "left out, no partner in the other folder: A seeds [2]\n" in text
     # 45 - 44, 46 - 44.5 -> +1.25 ± 0.35; training statistics are not compared
     assert "| knn_pool | 45.5 ± 0.7 | 44.2 ± 0.4 | +1.2 ± 0.4 (2/2 seeds up; A better) |" in text
     assert "final_method_loss" not in text
@@ -78,3 +80,14 @@ def test_another_row_of_the_same_folder(tmp_path, capsys):
     assert "| knn_pool | 47.5 ± 0.7 | 45.5 ± 0.7 | +2.0 ± 0.0 (2/2 seeds up; A better) |" in text
     with pytest.raises(SystemExit, match="has no finished run nope-seed<k>; its rows are point"):
         compare_runs.main([str(a), str(a), "--row", "point", "--row-b", "nope"])
+
+
+def test_a_metric_missing_from_one_run_is_named_not_dropped_silently(tmp_path, capsys):
+    a = _folder(tmp_path / "a", None, [45.0, 46.0])
+    b = _folder(tmp_path / "b", None, [44.0, 44.5])
+    data = json.loads((b / "results.json").read_text())
+    data["runs"][0]["metrics"]["linear_pool"] = 50.0  # only B's seed 0 has it
+    (b / "results.json").write_text(json.dumps(data))
+    text = compare_runs.compare(a, b, "simclr-recon")
+    assert "left out, missing from some of these runs: linear_pool\n" in text
+    assert "| knn_pool |" in text and "| linear_pool |" not in text

@@ -195,3 +195,14 @@ def test_a_verdict_needs_a_random_init_row_and_counts_every_metric_of_the_table(
     assert report.verdicts(runs, ["a"])["m"]["answer"] == "yes"
     # clearly better on a, no pairs on b: one of two metrics is not "most"
     assert report.verdicts(runs, ["a", "b"])["m"]["answer"] == "unclear"
+
+
+def test_rows_over_different_seed_counts_say_how_many():
+    """A +recon row over 2 seeds beside a base over 3 shows each n; the paired row's "x/n"
+    tells that it used the 2 seeds both have."""
+    runs = [_run("m", False, s, v) for s, v in ((0, 50.0), (1, 50.0), (2, 40.0))]
+    runs += [_run("m", {"weight": 1}, s, v) for s, v in ((0, 49.0), (1, 49.2))]
+    lines = report.render_table(runs, ["knn"]).splitlines()
+    assert "| m | 46.7 ± 5.8 (n=3) |" in lines and "| m +recon | 49.1 ± 0.1 (n=2) |" in lines
+    assert any(line.startswith("| m: +recon − base (paired) | -0.9 ± 0.1 (0/2 seeds up")
+               for line in lines)
