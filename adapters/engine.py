@@ -47,7 +47,8 @@ from torch import Tensor, nn
 
 import recon_aux
 from recon_aux import NonFiniteLossError
-from recon_aux.weights import WeightsError, resolve_backbone_weights
+from recon_aux.perceptual import build_lpips
+from recon_aux.weights import WeightsError
 
 from . import distributed as D
 from . import files
@@ -343,7 +344,7 @@ def check_lpips_weights(cfg: RunConfig) -> None:
 
 @functools.cache
 def _verified_lpips_weights(net: str, weights: str) -> None:
-    resolve_backbone_weights(net, weights)  # loaded, verified and dropped: attach loads them
+    build_lpips(net, weights)  # built once per process: attach's later build reuses it
 
 
 def warn_ineffective(cfg: RunConfig) -> None:

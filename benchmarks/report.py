@@ -421,18 +421,14 @@ def evaluation_lines(runs: list[dict[str, Any]]) -> list[str]:
                  "the fair protocol, or eval.bn_recalibration_images: null)."]
     else:
         untrained = any((r.get("reference") or "").startswith("random-init") for r in runs)
-        recalibrated = [n for n in images if n]
-        lines = [f"- every network{' (random-init included)' if untrained else ''} evaluated "
-                 f"with its BatchNorm statistics recalibrated on "
-                 f"{' / '.join(map(str, recalibrated))} clean training images (no weight "
-                 "change)."]
-        if 0 in images:
-            stale = sorted({r.get("reference") or r["method"] for r, d in zip(runs, details)
-                            if (d.get("bn_recalibration") or {}).get("bn_layers") != 0
-                            and not (d.get("bn_recalibration") or {}).get("images")})
-            lines[0] = (lines[0].replace("every network", "every network but "
-                                         f"{', '.join(stale)}", 1)
-                        + f" {', '.join(stale)}: NOT recalibrated.")
+        stale = sorted({r.get("reference") or r["method"] for r, d in zip(runs, details)
+                        if (info := d.get("bn_recalibration") or {}).get("bn_layers") != 0
+                        and not info.get("images")})
+        but = f" but {', '.join(stale)}" if stale else ""
+        lines = [f"- every network{but}{' (random-init included)' if untrained else ''} "
+                 f"evaluated with its BatchNorm statistics recalibrated on "
+                 f"{' / '.join(str(n) for n in images if n)} clean training images (no weight "
+                 "change)." + (f" {', '.join(stale)}: NOT recalibrated." if stale else "")]
     if with_bn and len(with_bn) < len(details):
         lines[0] += " The networks without BatchNorm had nothing to recalibrate."
     probes = sorted({k for d in details for k in d if k != "bn_recalibration"})

@@ -19,8 +19,6 @@ checkpoint file run code when it is unpickled).
 
 from __future__ import annotations
 
-import hashlib
-import os
 import sys
 from pathlib import Path
 
@@ -33,7 +31,9 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
 import recon_aux
+from adapters.files import atomic_write
 from examples.common import NORMALIZE, backbone, fail, finish, parser, train_loader
+from recon_aux.weights import sha256_of
 
 
 class SimCLR(pl.LightningModule):
@@ -70,10 +70,7 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         super().save_checkpoint(checkpoint, path, storage_options)
-        side = Path(f"{path}.sha256")
-        tmp = side.with_name(side.name + ".tmp")
-        tmp.write_text(hashlib.sha256(Path(path).read_bytes()).hexdigest() + "\n")
-        os.replace(tmp, side)
+        atomic_write(f"{path}.sha256", f"{sha256_of(path)}\n".encode())
 
     def remove_checkpoint(self, path) -> None:
         super().remove_checkpoint(path)
@@ -91,8 +88,8 @@ def verified_checkpoint(path: str) -> str:
         fail(f"--resume {path}: no {side.name} beside it to verify it before unpickling; resume "
              f"from a checkpoint this example wrote, or, if you trust the file, write its "
              f"sha256: sha256sum {file.name} | cut -d' ' -f1 > {side.name}")
-    expected = side.read_text().split()[0] if side.read_text().split() else ""
-    if hashlib.sha256(file.read_bytes()).hexdigest() != expected.lower():
+    expected = (side.read_text().split() or [""])[0]
+    if sha256_of(file) != expected.lower():
         fail(f"--resume {path}: its sha256 does not match {side.name}: the file changed since "
              "it was written; resume from another checkpoint, or start again.")
     return path

@@ -62,14 +62,15 @@ def compare(a: Path, b: Path, row: str, row_b: str | None = None) -> str:
     first_a, first_b = runs_a[seeds[0]]["config"], runs_b[seeds[0]]["config"]
     fa, fb = flatten(first_a), flatten(first_b)
     unset = "not set (the default)"
-    diff = [f"{k} (A: {fa.get(k, unset)}, B: {fb.get(k, unset)})"
-            for k in config_diff(first_a, first_b)]
-    metrics = [m for m in runs_a[seeds[0]]["metrics"] if not m.startswith("final_")
-               and all(m in runs_a[s]["metrics"] and m in runs_b[s]["metrics"] for s in seeds)]
+    keys = config_diff(first_a, first_b)
+    diff = [f"{k} (A: {fa.get(k, unset)}, B: {fb.get(k, unset)})" for k in keys]
     for s in seeds[1:]:  # a key that differs at another seed only is named too
         for k in config_diff(runs_a[s]["config"], runs_b[s]["config"]):
-            if not any(d.startswith(f"{k} (") for d in diff):
+            if k not in keys:
+                keys.append(k)
                 diff.append(f"{k} (differs at seed {s})")
+    metrics = [m for m in runs_a[seeds[0]]["metrics"] if not m.startswith("final_")
+               and all(m in runs_a[s]["metrics"] and m in runs_b[s]["metrics"] for s in seeds)]
     tapped = [", ".join(tapped_layers([runs[s] for s in seeds])) for runs in (runs_a, runs_b)]
     rows = row if row_b == row else f"A: {row}, B: {row_b}"
     lines = [f"{rows}, seeds {', '.join(map(str, seeds))}: A = {a}, B = {b}",

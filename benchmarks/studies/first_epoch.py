@@ -204,10 +204,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         for i, (name, rc) in enumerate(todo):  # folders by position: names hold --extra text
             rc = rc.with_run(out_dir=str(Path(tmp) / f"row{i}"), progress=False, resume=False)
             add(timed_row(name, rc, a.epochs))
+        position = {name: i for i, (name, _) in enumerate(todo)}
         for name in a.profile:
-            row = [n for n, _ in todo].index(name)
-            rc = dict(todo)[name].with_run(out_dir=str(Path(tmp) / f"profile-row{row}"),
-                                           progress=False, resume=False)
+            i = position[name]
+            rc = todo[i][1].with_run(out_dir=str(Path(tmp) / f"profile-row{i}"), progress=False,
+                                     resume=False)
             line, table = profile_epoch(name, rc)
             add(line)
             print(table, flush=True)
