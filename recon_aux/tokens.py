@@ -218,14 +218,18 @@ def _grid(n: int, name: str, image, stem, grid) -> tuple[int, int]:
                      "size s); pass its grid=(h, w) to attach().")
 
 
+#: The fix for a tapped layer whose output changed form between forwards.
+_SAME_FORM = ("the head needs the same form every forward: tap a layer whose output keeps its "
+              "form (layer=...).")
+
+
 def to_map(x: Tensor, layout: Layout, name: str, image: Sequence[int], *,
            stem: Sequence[int] | None = None, grid: Sequence[int] | None = None) -> Tensor:
     """``x`` as an ``N x C x h x w`` map, by ``layout`` (see :func:`resolve_layout`)."""
     if layout.kind == "tokens":
         if x.dim() != 3:
             raise ValueError(f"the tapped layer {name!r} returned tokens before and now "
-                             f"{tuple(x.shape)}; the head needs the same form every forward: "
-                             "tap a layer whose output keeps its form (layer=...).")
+                             f"{tuple(x.shape)}; {_SAME_FORM}")
         n = int(x.shape[1]) - layout.prefix
         if n < 1:
             raise ValueError(f"the tapped layer {name!r} returned {x.shape[1]} tokens, no more "
@@ -237,6 +241,5 @@ def to_map(x: Tensor, layout: Layout, name: str, image: Sequence[int], *,
         return tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
     if x.dim() != 4:
         raise ValueError(f"the tapped layer {name!r} returned a 4-D map before and now "
-                         f"{tuple(x.shape)}; the head needs the same form every forward: tap a "
-                         "layer whose output keeps its form (layer=...).")
+                         f"{tuple(x.shape)}; {_SAME_FORM}")
     return x.permute(0, 3, 1, 2) if layout.kind == "nhwc" else x
